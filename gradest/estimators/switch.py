@@ -1,0 +1,62 @@
+"""Gate-as-proxy routing: standard MoE training, which back-propagates only through the gate (DESIGN §3).
+
+No routing gradient nabla_0 at all; these are the baselines every other estimator is compared with.
+"""
+
+from __future__ import annotations
+
+from gradest.estimators.base import (Estimator, Param, Routing, boolean, positive_integer, register,
+                                     unit_interval)
+
+
+@register
+class Switch(Estimator):
+    """Switch Transformer routing (Fedus, Zoph, Shazeer 2021, "Switch Transformers").
+
+    DESIGN row `switch`: D = argmax(z * u), u ~ U[1-eps, 1+eps] in training; y = p~_D e_D with p~ = softmax(z * u);
+    the router learns only through p~_D.
+    """
+
+    name = "switch"
+    family = "gate as proxy"
+    reference = "Fedus et al. 2021, Switch Transformers (arXiv:2101.03961)"
+    params = {"jitter_eps": Param(0.01, unit_interval, "multiplicative logit jitter eps: u ~ U[1-eps, 1+eps]")}
+
+    def noise_dim(self, n):
+        return n
+
+    def sample(self, logits, noise, kind):
+        return self.infer(logits * (1 - self.jitter_eps + 2 * self.jitter_eps * noise), kind)
+
+    def infer(self, logits, kind):
+        d = logits.detach().argmax(-1, keepdim=True)
+        return Routing(d.unsqueeze(-2), logits.softmax(-1).gather(-1, d).unsqueeze(-2))
+
+
+@register
+class TopK(Estimator):
+    """GShard-style top-k routing (Lepikhin et al. 2021, "GShard").
+
+    DESIGN row `topk`: the k largest logits, y = sum_{i in S} g_i e_i with g = softmax(z), optionally renormalised
+    over S; the router learns only through g.
+    """
+
+    name = "topk"
+    family = "gate as proxy"
+    reference = "Lepikhin et al. 2021, GShard (arXiv:2006.16668)"
+    supports_topk = True
+    params = {"k": Param(1, positive_integer, "experts per token"),
+              "renormalize": Param(False, boolean, "renormalise the k gates to sum to 1 (GShard, Mixtral)")}
+
+    def noise_dim(self, n):
+        return 0
+
+    def sample(self, logits, noise, kind):
+        gates, experts = logits.softmax(-1).topk(self.k, dim=-1)
+        if self.renormalize:
+            gates = gates / gates.sum(-1, keepdim=True)
+        return Routing(experts.unsqueeze(-2), gates.unsqueeze(-2))
+
+    def infer(self, logits, kind):
+        return self.sample(logits, None, kind)
+

@@ -1,0 +1,236 @@
+"""Measuring an estimator against the exact gradient (DESIGN §4).
+
+K gradient samples come from one backward pass: the parameters being differentiated are replicated K times (a
+leading sample dimension), so the K surrogate losses are independent functions of independent copies and the
+gradient of their sum holds every per-sample gradient. `gradient_samples_loop` is the naive baseline: K backward
+passes, one per sample, with the same noise, hence the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from gradest.errors import GradestError
+from gradest.estimators import Estimator, applicable, exact_for, get_estimator, REGISTRY
+from gradest.problems import Problem, ProblemConfig, make_problem
+
+WRT = ("logits", "router", "all")  # what the gradient is taken with respect to
+Z95 = 1.959963984540054
+
+
+def draw_noise(problem: Problem, estimator: Estimator, samples: int, seed: int) -> Tensor:
+    """All the randomness of K samples' routing, drawn up front so that any evaluation order sees the same."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(samples, problem.T, estimator.noise_dim(problem.n), generator=g, dtype=torch.float64)
+
+
+def replicate(problem: Problem, samples: int, wrt: str) -> dict[str, Tensor]:
+    """The problem's parameters, with those differentiated copied `samples` times along a new leading dim."""
+    if wrt not in WRT:
+        raise GradestError(f"unknown gradient target '{wrt}'; valid: {', '.join(WRT)}")
+    names = set(problem.params) if wrt == "all" else {problem.router_param}
+    return {name: p.detach().expand(samples, *p.shape).clone().requires_grad_() if name in names else p.detach()
+            for name, p in problem.params.items()}
+
+
+def gradient_samples(problem: Problem, estimator: Estimator, samples: int, wrt: str = "router", *,
+                     seed: int = 0, noise: Tensor | None = None) -> Tensor:
+    """K independent gradient samples (K, P) of the estimator, from one forward and one backward pass."""
+    if not isinstance(samples, int) or samples < 1:
+        raise GradestError(f"samples must be an integer >= 1, got {samples!r}")
+    if noise is None:
+        noise = draw_noise(problem, estimator, samples, seed)
+    params = replicate(problem, samples, wrt)
+    loss, z = problem.loss(params, estimator, noise=noise)
+    if wrt == "logits" and not z.is_leaf:
+        z.retain_grad()
+    loss.sum().backward()
+    if wrt == "logits":
+        return z.grad.reshape(samples, -1)
+    names = sorted(problem.params) if wrt == "all" else [problem.router_param]
+    return torch.cat([params[name].grad.reshape(samples, -1) for name in names], dim=1)
+
+
+def gradient_samples_loop(problem: Problem, estimator: Estimator, samples: int, wrt: str = "router", *,
+                          seed: int = 0, noise: Tensor | None = None) -> Tensor:
+    """The naive baseline: one backward pass per sample, with the noise `gradient_samples` would use."""
+    if noise is None:
+        noise = draw_noise(problem, estimator, samples, seed)
+    return torch.cat([gradient_samples(problem, estimator, 1, wrt, noise=noise[i:i + 1]) for i in range(samples)])
+
+
+def exact_gradient(problem: Problem, objective: dict | None = None, wrt: str = "router") -> Tensor:
+    """grad J by enumeration (P,), for an objective as `Estimator.objective()` returns (default: the problem's
+    top-k of softmax(z), no mask)."""
+    objective = objective or common_objective(problem)
+    return gradient_samples(problem, exact_for(objective), 1, wrt)[0]
+
+
+def common_objective(problem: Problem) -> dict:
+    """The default target of every row: E over sequential top-k of softmax(z), no sparsity mask (issue 2 §5)."""
+    return {"k": problem.k, "mask": "none", "r": 0.0, "temperature": 1.0}
+
+
+def objective_label(objective: dict) -> str:
+    parts = [f"k={objective['k']}"]
+    if objective["temperature"] != 1:
+        parts.append(f"temperature={objective['temperature']:g}")
+    if objective["mask"] != "none":
+        parts.append(f"mask={objective['mask']} r={objective['r']:g}")
+    return f"exact({', '.join(parts)})"
+
+
+# --------------------------------------------------------------------------------------------------- metrics
+METRICS = ("rel_bias", "bias_sq", "variance", "mse", "cos_mean", "cos_of_mean")
+
+
+def bias_variance(samples: Tensor, reference: Tensor, z: float = Z95) -> dict[str, float]:
+    """Bias, variance and cosine metrics of K gradient samples (K, P) against a reference gradient g* (P,), each
+    with a normal confidence interval from the jackknife standard error (every leave-one-out value in O(KP)).
+
+    bias_sq = ||mean - g*||^2 - V/K is the U-statistic mean over pairs j != l of (g_j - g*).(g_l - g*): unbiased
+    for the squared bias, so an unbiased estimator's interval covers 0. rel_bias = sqrt(max(bias_sq, 0)) / ||g*||.
+    """
+    samples, reference = samples.double(), reference.double()
+    K = samples.shape[0]
+    if K < 3:
+        raise GradestError(f"bias and variance need at least 3 samples, got {K}")
+    a = samples - reference
+    ref_sq = float(reference.pow(2).sum())
+    ref_norm = math.sqrt(ref_sq)
+    S = a.sum(0)
+    q = a.pow(2).sum(1)  # ||a_j||^2
+    sa = a @ S  # S.a_j
+    ag = a @ reference  # a_j.g*
+    cos_each = (samples @ reference) / (samples.norm(dim=1) * ref_norm).clamp_min(1e-300)
+
+    def stats(S_sq, Q, Sg, m, cos_sum):
+        """Metrics from sufficient statistics of m samples: ||S||^2, sum ||a||^2, S.g*, sum of cosines."""
+        bias_sq = (S_sq - Q) / (m * (m - 1))
+        variance = (Q - S_sq / m) / (m - 1)
+        mean_dot_g = Sg / m + ref_sq
+        mean_norm = (S_sq / m ** 2 + 2 * Sg / m + ref_sq).clamp_min(0).sqrt()
+        cos_of_mean = mean_dot_g / (mean_norm * ref_norm).clamp_min(1e-300)
+        return {"bias_sq": bias_sq, "variance": variance, "mse": bias_sq + variance,
+                "cos_mean": cos_sum / m, "cos_of_mean": cos_of_mean}
+
+    S_sq, Q, Sg = S.pow(2).sum(), q.sum(), S @ reference
+    full = stats(S_sq, Q, Sg, K, cos_each.sum())
+    loo = stats(S_sq - 2 * sa + q, Q - q, Sg - ag, K - 1, cos_each.sum() - cos_each)
+    out = {}
+    for name, value in full.items():
+        se = math.sqrt((K - 1) / K * float((loo[name] - loo[name].mean()).pow(2).sum()))
+        out[name], out[name + "_lo"], out[name + "_hi"] = float(value), float(value) - z * se, float(value) + z * se
+
+    def rel(b):
+        return math.sqrt(max(b, 0.0)) / ref_norm if ref_norm > 0 else math.nan
+
+    out["rel_bias"], out["rel_bias_lo"], out["rel_bias_hi"] = (rel(out["bias_sq"]), rel(out["bias_sq_lo"]),
+                                                                rel(out["bias_sq_hi"]))
+    out["ref_norm"] = ref_norm
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- compare
+@dataclass(frozen=True)
+class EstimatorSpec:
+    """An estimator name with hyper-parameters, as typed: `reinforce:baseline=mean`."""
+
+    name: str
+    hparams: tuple = ()
+
+    def build(self, k: int) -> Estimator:
+        cls = REGISTRY.get(self.name)
+        hparams = dict(self.hparams)
+        if cls is not None and cls.supports_topk:
+            hparams["k"] = k
+        return get_estimator(self.name, **hparams)
+
+
+def expand_estimators(names: list[str] | str, kind: str, k: int, settings: dict | None = None) -> list[Estimator]:
+    """The estimators to measure on a problem: `all` means every one that applies, with its variants; `settings`
+    (from `--set`) go to each estimator that declares them."""
+    settings = settings or {}
+    if names == "all" or names == ["all"]:
+        specs = [EstimatorSpec(name, tuple(v.items())) for name in applicable(kind, k) for v in REGISTRY[name].variants]
+    else:
+        specs = [parse_spec(s) if isinstance(s, str) else s for s in names]
+    out = []
+    for spec in specs:
+        cls = REGISTRY.get(spec.name)
+        if cls is None:
+            raise GradestError(f"unknown estimator '{spec.name}'; valid: {', '.join(REGISTRY)}, all")
+        extra = {key: value for key, value in settings.items() if key in cls.params}
+        estimator = EstimatorSpec(spec.name, tuple({**extra, **dict(spec.hparams)}.items())).build(k)
+        if k > 1 and not cls.supports_topk:
+            valid = ", ".join(applicable(kind, k))
+            raise GradestError(f"estimator '{spec.name}' does not support top-{k} routing; valid: {valid}")
+        out.append(estimator)
+    unused = [key for key in settings if not any(key in e.params for e in out)]
+    if unused:
+        raise GradestError(f"no chosen estimator has the hyper-parameter '{unused[0]}'; valid: "
+                           + ", ".join(sorted({key for e in out for key in e.params})))
+    return out
+
+
+def parse_spec(text: str) -> EstimatorSpec:
+    name, *pairs = text.strip().split(":")
+    cls = REGISTRY.get(name)
+    if cls is None:
+        raise GradestError(f"unknown estimator '{name}'; valid: {', '.join(REGISTRY)}, all")
+    return EstimatorSpec(name, tuple(parse_setting(pair, cls.params).items()))
+
+
+def parse_setting(text: str, params: dict) -> dict:
+    """`key=value` typed on the command line, with the value read as the parameter's default type."""
+    if "=" not in text:
+        raise GradestError(f"a setting must look like key=value, got '{text}'")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    return {key: params[key].parse(value.strip()) if key in params else value.strip()}
+
+
+def measure(problem: Problem, estimator: Estimator, samples: int, wrt: str = "router", seed: int = 0,
+            reference: Tensor | None = None) -> dict:
+    """One row: the estimator's metrics against the exact gradient of the objective it is measured against."""
+    estimator.check(problem.n, problem.kind)
+    objective = estimator.objective()
+    if reference is None:
+        reference = exact_gradient(problem, objective, wrt)
+    start = time.perf_counter()
+    grads = gradient_samples(problem, estimator, samples, wrt, seed=seed)
+    seconds = time.perf_counter() - start
+    branches = math.perm(problem.n, problem.k) if estimator.name == "exact" else 1
+    row = {"problem": problem.config.problem, "estimator": estimator.label, "target": objective_label(objective),
+           "wrt": wrt, "samples": samples, "experts": problem.n, "tokens": problem.T, "top_k": problem.k,
+           "sharpness": problem.config.sharpness, "seed": seed}
+    row.update(bias_variance(grads, reference))
+    row.update({"sec_per_sample": seconds / samples,
+                "experts_per_token": problem.k if estimator.sparse else problem.n,
+                "downstream_per_token": branches + (1 if estimator.needs_zero_output else 0)})
+    return row
+
+
+def compare(configs: list[ProblemConfig], estimators: list[str] | str = "all", samples: int = 2000,
+            wrt: str = "router", seed: int = 0, settings: dict | None = None, progress=None) -> pd.DataFrame:
+    """Every estimator on every problem configuration, one row each (DESIGN §4), as a DataFrame. Rows whose
+    estimator samples from the common objective share one exact reference."""
+    jobs = []
+    for config in configs:
+        problem = make_problem(config)
+        for estimator in expand_estimators(estimators, problem.kind, problem.k, settings):
+            estimator.check(problem.n, problem.kind)
+            jobs.append((problem, estimator))
+    rows, references = [], {}
+    for problem, estimator in (progress(jobs) if progress else jobs):
+        key = (id(problem), objective_label(estimator.objective()))
+        if key not in references:
+            references[key] = exact_gradient(problem, estimator.objective(), wrt)
+        rows.append(measure(problem, estimator, samples, wrt, seed, references[key]))
+    return pd.DataFrame(rows)
