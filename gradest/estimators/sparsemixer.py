@@ -19,6 +19,8 @@ class SparseMixerFamily(Estimator):
     params = {"jitter_eps": Param(0.1, nonnegative, "sparsity-mask width r (named as in the SparseMixer code)"),
               "mask": Param("reference", one_of(*MASKS), "sparsity mask: reference code, GRIN paper Eq. 2, or none")}
     temperature = 1.0
+    # `--estimators all` also measures each without its mask, to separate the mask's effect from the ODE step's
+    variants = ({}, {"mask": "none"})
 
     def objective(self):
         return {"k": self.k, "mask": self.mask, "r": self.jitter_eps if self.mask != "none" else 0.0,
