@@ -111,6 +111,8 @@ class Problem:
 
 def mix(expert_outputs: Tensor, routing: Routing) -> Tensor:
     """y (..., T, B, d) = sum_j gates_j e_{experts_j}: gather each branch's experts and weigh them."""
+    if routing.experts is None:  # dense: every expert, in order
+        return routing.gates @ expert_outputs
     batch = torch.broadcast_shapes(expert_outputs.shape[:-3], routing.experts.shape[:-3])
     e = expert_outputs.expand(*batch, *expert_outputs.shape[-3:]).unsqueeze(-3)  # (..., T, 1, n, d)
     chosen = torch.take_along_dim(e, routing.experts.expand(*batch, *routing.experts.shape[-3:]).unsqueeze(-1),

@@ -33,22 +33,22 @@ def test_declarations(name):
         cls(**variant)
 
 
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("k", [1, 2])
-def test_routing_shapes_and_forward_value(name, k):
+@pytest.mark.parametrize("name,k", [(name, k) for name in NAMES for k in (1, 2)
+                                    if k == 1 or REGISTRY[name].supports_topk])
+def test_routing_shapes(name, k):
     """Routing has (..., B, k) experts and gates; training draws distinct experts; gates are finite."""
     cls = REGISTRY[name]
-    if k > 1 and not cls.supports_topk:
-        pytest.skip("top-1 only")
     estimator = cls(k=k) if cls.supports_topk else cls()
     z = logits(2, 7, 5)
     routing = estimator.route(z)
     B = math.perm(5, k) if name == "exact" else 1
     width = k if estimator.sparse or name == "exact" else 5
-    assert routing.experts.shape == (2, 7, B, width) and routing.gates.shape == (2, 7, B, width)
-    assert torch.isfinite(routing.gates).all()
-    distinct = routing.experts.sort(-1).values.diff(dim=-1)
-    assert (distinct > 0).all()
+    assert routing.gates.shape == (2, 7, B, width) and torch.isfinite(routing.gates).all()
+    if estimator.sparse or name == "exact":
+        assert routing.experts.shape == (2, 7, B, width)
+        assert (routing.experts.sort(-1).values.diff(dim=-1) > 0).all()  # distinct experts
+    else:
+        assert routing.experts is None  # dense: all experts
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -84,26 +84,27 @@ class Routing:
     """What a routing rule decided for a batch of tokens.
 
     Each token has B branches (B = 1 for every sampling estimator; `exact` enumerates all expert tuples) and each
-    branch k experts. A dense estimator lists all n experts with their (straight-through) weights.
+    branch k experts. A dense estimator uses every expert: `experts` is None and `gates` has one weight per expert.
     """
 
-    experts: Tensor  # (..., B, k) long: the experts each branch uses, in the order they were chosen
-    gates: Tensor  # (..., B, k): the weight on each chosen expert's output; carries the estimator's backward
+    experts: Tensor | None  # (..., B, k) long: the experts each branch uses, in the order chosen; None: all n
+    gates: Tensor  # (..., B, k) or (..., B, n): the weight on each expert's output; carries the backward
     branch_prob: Tensor | None = None  # (..., B): probability of each branch, with gradient (exact only)
     log_prob: Tensor | None = None  # (...): log-probability of the sampled experts (score-function estimators)
 
 
-def sparsity_mask(z: Tensor, z_star: Tensor, kind: str, r: float) -> Tensor:
-    """Experts kept by SparseMixer's sparsity mask (DESIGN §2), relative to the largest logit still available.
+def sparsity_mask(z: Tensor, z_star: Tensor, kind: str, r: float) -> Tensor | None:
+    """Experts kept by SparseMixer's sparsity mask (DESIGN §2), relative to the largest logit still available;
+    None when nothing is masked.
 
     reference (SparseMixer code, PhiMoE): masked when z* - z_i > 2r max(|z_i|, z*);
     paper (GRIN Eq. 2): kept when z* - z_i <= r (|z_i| + |z*|).
     """
     if kind == "none":
-        return torch.ones_like(z, dtype=torch.bool)
+        return None
     gap = z_star - z
     if kind == "reference":
-        return ~(gap > 2 * r * torch.maximum(z.abs(), z_star))
+        return gap <= 2 * r * torch.maximum(z.abs(), z_star)
     return gap <= r * (z.abs() + z_star.abs())
 
 
@@ -124,13 +125,15 @@ def sequential_route(logits: Tensor, k: int, *, mask: str = "none", r: float = 0
     p^(j)_{D_j} (..., k) with autograd through the softmax, and whether each was the arg-max of its stage.
     """
     z = logits / temperature if temperature != 1 else logits
-    removed = torch.zeros_like(z, dtype=torch.bool)
+    removed = None  # experts already chosen (the first stage skips this bookkeeping: it is the hot path)
     chosen, gates, was_max = [], [], []
     for j in range(k):
-        z_j = z.masked_fill(removed, -math.inf)
+        z_j = z if removed is None else z.masked_fill(removed, -math.inf)
         z_star, top = z_j.detach().max(-1, keepdim=True)
-        keep = sparsity_mask(z.detach(), z_star, mask, r) & ~removed
-        p = z_j.masked_fill(~keep, -math.inf).softmax(-1)
+        keep = sparsity_mask(z.detach(), z_star, mask, r)
+        if removed is not None:
+            keep = ~removed if keep is None else keep & ~removed
+        p = (z_j if keep is None else z_j.masked_fill(~keep, -math.inf)).softmax(-1)
         if experts is not None:
             d = experts[..., j:j + 1]
         elif u is not None:
@@ -140,19 +143,14 @@ def sequential_route(logits: Tensor, k: int, *, mask: str = "none", r: float = 0
         chosen.append(d)
         gates.append(p.gather(-1, d))
         was_max.append(d == top)
-        removed = removed.scatter(-1, d, True)
+        if j + 1 < k:
+            removed = (torch.zeros_like(z, dtype=torch.bool) if removed is None else removed).scatter(-1, d, True)
     return torch.cat(chosen, -1), torch.cat(gates, -1), torch.cat(was_max, -1)
 
 
 def value_with_gradient(p: Tensor, value_scale, grad_scale: float) -> Tensor:
     """A tensor whose forward value is `value_scale * p` and whose gradient is `grad_scale` times p's."""
     return grad_scale * p - ((grad_scale - value_scale) * p).detach()
-
-
-def all_experts(logits: Tensor) -> Tensor:
-    """The expert list (..., 1, n) of a dense routing: every expert, in order."""
-    n = logits.shape[-1]
-    return torch.arange(n, device=logits.device).expand(*logits.shape[:-1], 1, n)
 
 
 # ---------------------------------------------------------------------------------------------------- estimator

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from gradest.estimators.base import (CATEGORICAL, GATED, Estimator, Param, Routing, all_experts, inverse_cdf,
-                                     positive, register)
+from gradest.estimators.base import CATEGORICAL, GATED, Estimator, Param, Routing, inverse_cdf, positive, register
 
 
 class StraightThroughFamily(Estimator):
@@ -24,7 +23,7 @@ class StraightThroughFamily(Estimator):
     def sample(self, logits, noise, kind):
         h = self.relaxed_onehot(logits, noise)
         weights = h * logits.softmax(-1) if kind == GATED else h
-        return Routing(all_experts(logits), weights.unsqueeze(-2))
+        return Routing(None, weights.unsqueeze(-2))
 
 
 def onehot_sample(logits, u):

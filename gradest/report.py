@@ -1,0 +1,277 @@
+"""What a run leaves on disk: tables, plots and the metadata to reproduce it (DESIGN §4).
+
+Every file is written atomically (a temporary file in the same directory, then `os.replace`), so an interrupted
+run leaves either the previous file or the new one, never half of one. Figures are drawn on matplotlib's Agg
+canvas without pyplot, so importing this module changes no global backend and leaks no figures.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+import gradest
+
+# The configuration a compare row belongs to: its problem and the ProblemConfig fields a row records.
+CONFIG_COLUMNS = ["problem", "experts", "tokens", "top_k", "sharpness"]
+SUMMARY_COLUMNS = ["problem", "estimator", "target", "samples", "rel_bias", "rel_bias_lo", "rel_bias_hi", "variance",
+                   "mse", "cos_mean", "cos_of_mean", "sec_per_sample", "experts_per_token"]
+NOTES = ("rel_bias is the noise-corrected relative bias sqrt(max(||mean - g*||^2 - V/K, 0)) / ||g*||, where V is "
+         "the variance (trace of the covariance) of the K samples; the 95% CI is a jackknife normal interval.")
+# On a log axis, values this far below a panel's largest are numerically zero (exact, topk): they are drawn at
+# the floor with an open marker instead of stretching the axis over 20 decades.
+LOG_FLOOR_RATIO = 1e-8
+
+
+# ------------------------------------------------------------------------------------------------ atomic writes
+def _atomic_write(path, write: Callable[[BinaryIO], None]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    try:
+        with handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        # NamedTemporaryFile creates the file 0600; give the result the permissions a plain open() would
+        os.chmod(handle.name, 0o666 & ~_umask())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    return _atomic_write(path, lambda handle: handle.write(data))
+
+
+def atomic_write_text(path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_savefig(fig: Figure, path, **kwargs) -> Path:
+    """Save `fig` to `path`, its format taken from the suffix (the temporary file's name has none)."""
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    return _atomic_write(path, lambda handle: fig.savefig(handle, format=fmt, **kwargs))
+
+
+# ----------------------------------------------------------------------------------------------------- metadata
+def git_state(directory=None) -> dict:
+    """The commit of the git checkout holding `directory` (default: the gradest package) and whether the checkout
+    differs from it; "unknown" when the package is not tracked by git (an installed wheel, no git at all)."""
+    directory = Path(directory or Path(gradest.__file__).parent)
+
+    def git(*args) -> str:
+        return subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        # a package installed inside some other repository (a venv in a checkout) is not tracked by it
+        if not git("ls-files", "--", "."):
+            raise ValueError("package not tracked")
+        dirty = bool(git("status", "--porcelain"))
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return {"commit": "unknown", "dirty": None}
+    return {"commit": commit, "dirty": dirty}
+
+
+def run_metadata(config: dict, seed, command: list[str] | None = None) -> dict:
+    """What is needed to reproduce a run: its configuration, seed, library versions, source commit, time and
+    command line (default: this process's)."""
+    return {
+        "config": config,
+        "seed": seed,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+                     "pandas": pd.__version__, "gradest": gradest.__version__},
+        "git": git_state(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(sys.argv if command is None else command),
+    }
+
+
+def write_json(path, data: dict) -> Path:
+    # default=str: paths and other plain values in a config dict are written as text, not refused
+    return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------------ tables
+def configuration_label(row) -> str:
+    return (f"{row['problem']}: n={row['experts']}, T={row['tokens']}, k={row['top_k']}, "
+            f"sharpness={row['sharpness']:g}")
+
+
+def by_configuration(df: pd.DataFrame):
+    """(label, rows) for each problem configuration, in the order compare() measured them."""
+    for _, rows in df.groupby(CONFIG_COLUMNS, sort=False):
+        yield configuration_label(rows.iloc[0]), rows
+
+
+def _interval(lo: float, hi: float) -> str:
+    return f"[{lo:.3g}, {hi:.3g}]"
+
+
+def readable_summary(rows: pd.DataFrame) -> pd.DataFrame:
+    """The columns a reader compares, with the bias interval as one cell; numbers are rounded when printed."""
+    return pd.DataFrame({
+        "estimator": rows["estimator"],
+        "target": rows["target"],
+        "rel_bias": rows["rel_bias"],
+        "95% CI": [_interval(lo, hi) for lo, hi in zip(rows["rel_bias_lo"], rows["rel_bias_hi"])],
+        "variance": rows["variance"],
+        "mse": rows["mse"],
+        "cos_mean": rows["cos_mean"],
+        "cos_of_mean": rows["cos_of_mean"],
+        "sec/sample": rows["sec_per_sample"],
+        "experts/token": rows["experts_per_token"],
+    })
+
+
+def summary_text(df: pd.DataFrame, tablefmt: str = "pipe", heading: str = "## ") -> str:
+    """One table per problem configuration: Markdown (`pipe`) for summary.md, `simple` for a terminal."""
+    return "\n\n".join(f"{heading}{label}\n\n"
+                       + readable_summary(rows).to_markdown(index=False, tablefmt=tablefmt, floatfmt=".3g")
+                       for label, rows in by_configuration(df))
+
+
+def compare_header(df: pd.DataFrame) -> str:
+    problems = ", ".join(dict.fromkeys(df["problem"]))
+    wrt = ", ".join(dict.fromkeys(df["wrt"]))
+    samples = ", ".join(str(s) for s in dict.fromkeys(df["samples"]))
+    return (f"# gradest compare\n\n"
+            f"- problems: {problems}\n"
+            f"- gradient with respect to: {wrt}\n"
+            f"- samples per estimator: K = {samples}\n"
+            f"- bias target: each row's `target` column, the exact gradient of the objective that estimator samples "
+            f"from (k experts, mask, temperature)\n"
+            f"- {NOTES}\n")
+
+
+# ------------------------------------------------------------------------------------------------------- plots
+def _panel_grid(count: int, panel_width: float, panel_height: float):
+    """A figure with `count` panels (at most 3 a row) on an Agg canvas, and its axes in reading order."""
+    cols = min(count, 3)
+    rows = math.ceil(count / cols)
+    fig = Figure(figsize=(panel_width * cols, panel_height * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    return fig, axes[:count]
+
+
+def _floor_for_log(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Values ready for a log axis, and which of them were numerically zero and raised to the floor."""
+    positive = values[np.isfinite(values) & (values > 0)]
+    floor = positive.max() * LOG_FLOOR_RATIO if positive.size else 1.0
+    at_floor = ~(values >= floor)
+    return np.where(at_floor, floor, values), at_floor
+
+
+def bias_variance_figure(df: pd.DataFrame) -> Figure:
+    """Relative bias against variance, log-log, one labelled point per estimator, one panel per configuration."""
+    groups = list(by_configuration(df))
+    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.8):
+        fig, axes = _panel_grid(len(groups), 5.5, 4.5)
+        colors = sns.color_palette("tab20", max(len(rows) for _, rows in groups))
+        for ax, (label, rows) in zip(axes, groups):
+            variance, variance_zero = _floor_for_log(rows["variance"].to_numpy(float))
+            bias, bias_zero = _floor_for_log(rows["rel_bias"].to_numpy(float))
+            for i, name in enumerate(rows["estimator"]):
+                zero = variance_zero[i] or bias_zero[i]
+                ax.scatter(variance[i], bias[i], s=40, color=colors[i], edgecolors=colors[i],
+                           facecolors="none" if zero else colors[i])
+                ax.annotate(name + (" (~0)" if zero else ""), (variance[i], bias[i]), xytext=(4, 3),
+                            textcoords="offset points", fontsize=7)
+            ax.set(xscale="log", yscale="log", xlabel="variance (trace of covariance)",
+                   ylabel="relative bias (noise-corrected)", title=label)
+        fig.suptitle("Relative bias vs variance (open markers: numerically zero, drawn at the axis floor)",
+                     fontsize=9)
+    return fig
+
+
+def bias_interval_figure(df: pd.DataFrame) -> Figure:
+    """Relative bias with its 95% jackknife interval, one horizontal bar per estimator, one panel per
+    configuration."""
+    groups = list(by_configuration(df))
+    most = max(len(rows) for _, rows in groups)
+    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.8):
+        fig, axes = _panel_grid(len(groups), 5.5, 1.2 + 0.3 * most)
+        for ax, (label, rows) in zip(axes, groups):
+            bias = rows["rel_bias"].to_numpy(float)
+            below = np.clip(bias - rows["rel_bias_lo"].to_numpy(float), 0, None)
+            above = np.clip(rows["rel_bias_hi"].to_numpy(float) - bias, 0, None)
+            positions = np.arange(len(rows))
+            ax.barh(positions, bias, xerr=[below, above], color=sns.color_palette()[0], capsize=3,
+                    error_kw={"elinewidth": 1})
+            ax.set_yticks(positions, rows["estimator"])
+            ax.invert_yaxis()  # first measured on top, as in the tables
+            ax.set(xlabel="relative bias, 95% CI", title=label)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------------ reports
+def write_compare_report(df: pd.DataFrame, out_dir, config: dict, command: list[str] | None = None) -> list[Path]:
+    """summary.csv (every column compare() gives), summary.md, bias_variance.png, rel_bias.png and config.json
+    (run_metadata of `config`, whose "seed" is recorded) in `out_dir`. Returns the paths written."""
+    missing = [column for column in SUMMARY_COLUMNS + CONFIG_COLUMNS + ["wrt"] if column not in df.columns]
+    if missing:
+        raise ValueError(f"compare results lack the columns {missing}")
+    out_dir = Path(out_dir)
+    markdown = compare_header(df) + "\n" + summary_text(df) + "\n"
+    written = [atomic_write_text(out_dir / "summary.csv", df.to_csv(index=False)),
+               atomic_write_text(out_dir / "summary.md", markdown)]
+    for name, draw in (("bias_variance.png", bias_variance_figure), ("rel_bias.png", bias_interval_figure)):
+        written.append(atomic_savefig(draw(df), out_dir / name, dpi=120))
+    written.append(write_json(out_dir / "config.json", run_metadata(config, config.get("seed"), command)))
+    return written
+
+
+def objective_figure(metrics: pd.DataFrame, estimator_label: str) -> Figure:
+    """The exact objective J along both training runs, and their losses under inference routing (dashed)."""
+    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.9):
+        fig = Figure(figsize=(7, 4.5), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        blue, orange = sns.color_palette()[:2]
+        ax.plot(metrics["step"], metrics["objective"], color=blue, label=f"J, trained with {estimator_label}")
+        ax.plot(metrics["step"], metrics["objective_exact_run"], color=orange, label="J, trained with exact gradient")
+        ax.plot(metrics["step"], metrics["inference_loss"], color=blue, ls="--", lw=1, alpha=0.7,
+                label=f"inference loss, {estimator_label}")
+        ax.plot(metrics["step"], metrics["inference_loss_exact_run"], color=orange, ls="--", lw=1, alpha=0.7,
+                label="inference loss, exact")
+        ax.set(xlabel="step", ylabel="loss", title="Exact objective J during training")
+        ax.legend(fontsize=8)
+    return fig
+
+
+def write_run_report(metrics: pd.DataFrame, out_dir, config: dict, estimator_label: str,
+                     command: list[str] | None = None) -> list[Path]:
+    """metrics.csv, objective.png and config.json (run_metadata of `config`) in `out_dir`."""
+    out_dir = Path(out_dir)
+    return [atomic_write_text(out_dir / "metrics.csv", metrics.to_csv(index=False)),
+            atomic_savefig(objective_figure(metrics, estimator_label), out_dir / "objective.png", dpi=120),
+            write_json(out_dir / "config.json", run_metadata(config, config.get("seed"), command))]
