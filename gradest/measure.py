@@ -26,8 +26,9 @@ Z95 = 1.959963984540054
 
 def draw_noise(problem: Problem, estimator: Estimator, samples: int, seed: int) -> Tensor:
     """All the randomness of K samples' routing, drawn up front so that any evaluation order sees the same."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(samples, problem.T, estimator.noise_dim(problem.n), generator=g, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)  # on the CPU, so that every device sees the same numbers
+    noise = torch.rand(samples, problem.T, estimator.noise_dim(problem.n), generator=g, dtype=torch.float64)
+    return noise.to(problem.device)
 
 
 def replicate(problem: Problem, samples: int, wrt: str) -> dict[str, Tensor]:
@@ -166,7 +167,8 @@ def expand_estimators(names: list[str] | str, kind: str, k: int, settings: dict 
         cls = REGISTRY.get(spec.name)
         if cls is None:
             raise GradestError(f"unknown estimator '{spec.name}'; valid: {', '.join(REGISTRY)}, all")
-        extra = {key: value for key, value in settings.items() if key in cls.params}
+        extra = {key: cls.params[key].parse(value) if isinstance(value, str) else value
+                 for key, value in settings.items() if key in cls.params}
         estimator = EstimatorSpec(spec.name, tuple({**extra, **dict(spec.hparams)}.items())).build(k)
         if k > 1 and not cls.supports_topk:
             valid = ", ".join(applicable(kind, k))
@@ -184,7 +186,10 @@ def parse_spec(text: str) -> EstimatorSpec:
     cls = REGISTRY.get(name)
     if cls is None:
         raise GradestError(f"unknown estimator '{name}'; valid: {', '.join(REGISTRY)}, all")
-    return EstimatorSpec(name, tuple(parse_setting(pair, cls.params).items()))
+    settings = {}
+    for pair in pairs:
+        settings.update(parse_setting(pair, cls.params))
+    return EstimatorSpec(name, tuple(settings.items()))
 
 
 def parse_setting(text: str, params: dict) -> dict:

@@ -75,6 +75,18 @@ class Problem:
         self.params: dict[str, Tensor] = {}
         self.build()
 
+    @property
+    def device(self) -> torch.device:
+        return self.params[self.router_param].device
+
+    def to(self, device) -> "Problem":
+        """Move data and parameters (float64 stays float64) to a device, e.g. "cuda"."""
+        for name, value in list(vars(self).items()):
+            if isinstance(value, Tensor):
+                setattr(self, name, value.to(device))
+        self.params = {name: value.to(device) for name, value in self.params.items()}
+        return self
+
     def randn(self, *shape, scale=1.0) -> Tensor:
         return scale * torch.randn(*shape, generator=self.generator, dtype=torch.float64)
 

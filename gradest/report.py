@@ -27,6 +27,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 import gradest
+from gradest.estimators import REGISTRY
 
 # The configuration a compare row belongs to: its problem and the ProblemConfig fields a row records.
 CONFIG_COLUMNS = ["problem", "experts", "tokens", "top_k", "sharpness"]
@@ -34,9 +35,9 @@ SUMMARY_COLUMNS = ["problem", "estimator", "target", "samples", "rel_bias", "rel
                    "mse", "cos_mean", "cos_of_mean", "sec_per_sample", "experts_per_token"]
 NOTES = ("rel_bias is the noise-corrected relative bias sqrt(max(||mean - g*||^2 - V/K, 0)) / ||g*||, where V is "
          "the variance (trace of the covariance) of the K samples; the 95% CI is a jackknife normal interval.")
-# On a log axis, values this far below a panel's largest are numerically zero (exact, topk): they are drawn at
-# the floor with an open marker instead of stretching the axis over 20 decades.
-LOG_FLOOR_RATIO = 1e-8
+# Values this far below a panel's largest are rounding noise (exact's bias, topk's variance), i.e. zero.
+NUMERICALLY_ZERO = 1e-8
+FAMILY_MARKERS = ("o", "s", "^", "D", "P", "X", "v", "*")
 
 
 # ------------------------------------------------------------------------------------------------ atomic writes
@@ -184,32 +185,52 @@ def _panel_grid(count: int, panel_width: float, panel_height: float):
 
 
 def _floor_for_log(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Values ready for a log axis, and which of them were numerically zero and raised to the floor."""
+    """Values ready for a log axis, and which of them are (numerically) zero: those are raised to a floor just
+    below the smallest nonzero value, so that exact or noise-corrected zeros don't stretch the axis."""
     positive = values[np.isfinite(values) & (values > 0)]
-    floor = positive.max() * LOG_FLOOR_RATIO if positive.size else 1.0
+    nonzero = positive[positive > positive.max() * NUMERICALLY_ZERO] if positive.size else positive
+    floor = nonzero.min() / 3 if nonzero.size else 1.0
     at_floor = ~(values >= floor)
     return np.where(at_floor, floor, values), at_floor
 
 
+def estimator_styles(labels) -> dict[str, dict]:
+    """A colour per estimator and a marker per family, the same in every panel, so one legend serves them all."""
+    labels = list(dict.fromkeys(labels))
+    colors = sns.color_palette("tab20", len(labels))
+    families = list(dict.fromkeys(_family(label) for label in labels))
+    return {label: {"color": colors[i], "marker": FAMILY_MARKERS[families.index(_family(label)) % len(FAMILY_MARKERS)]}
+            for i, label in enumerate(labels)}
+
+
+def _family(label: str) -> str:
+    cls = REGISTRY.get(label.split("(")[0])
+    return cls.family if cls else label
+
+
 def bias_variance_figure(df: pd.DataFrame) -> Figure:
-    """Relative bias against variance, log-log, one labelled point per estimator, one panel per configuration."""
+    """Relative bias against variance, log-log, one point per estimator (named in the legend), one panel per
+    configuration. Zeros (exact, deterministic or unbiased estimators) are open markers at the axis floor."""
     groups = list(by_configuration(df))
+    styles = estimator_styles(df["estimator"])
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.8):
-        fig, axes = _panel_grid(len(groups), 5.5, 4.5)
-        colors = sns.color_palette("tab20", max(len(rows) for _, rows in groups))
+        fig, axes = _panel_grid(len(groups), 4.5, 4.0)
         for ax, (label, rows) in zip(axes, groups):
             variance, variance_zero = _floor_for_log(rows["variance"].to_numpy(float))
             bias, bias_zero = _floor_for_log(rows["rel_bias"].to_numpy(float))
             for i, name in enumerate(rows["estimator"]):
-                zero = variance_zero[i] or bias_zero[i]
-                ax.scatter(variance[i], bias[i], s=40, color=colors[i], edgecolors=colors[i],
-                           facecolors="none" if zero else colors[i])
-                ax.annotate(name + (" (~0)" if zero else ""), (variance[i], bias[i]), xytext=(4, 3),
-                            textcoords="offset points", fontsize=7)
+                style = styles[name]
+                ax.scatter(variance[i], bias[i], s=45, marker=style["marker"], label=name,
+                           edgecolors=style["color"],
+                           facecolors="none" if variance_zero[i] or bias_zero[i] else style["color"])
             ax.set(xscale="log", yscale="log", xlabel="variance (trace of covariance)",
                    ylabel="relative bias (noise-corrected)", title=label)
-        fig.suptitle("Relative bias vs variance (open markers: numerically zero, drawn at the axis floor)",
-                     fontsize=9)
+        handles = {}
+        for ax in axes:  # one legend entry per estimator, whichever panels it appears in
+            for handle, name in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(name, handle)
+        fig.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize=7)
+        fig.suptitle("Relative bias vs variance (open markers: zero, drawn at the axis floor)", fontsize=9)
     return fig
 
 
@@ -217,6 +238,7 @@ def bias_interval_figure(df: pd.DataFrame) -> Figure:
     """Relative bias with its 95% jackknife interval, one horizontal bar per estimator, one panel per
     configuration."""
     groups = list(by_configuration(df))
+    styles = estimator_styles(df["estimator"])
     most = max(len(rows) for _, rows in groups)
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.8):
         fig, axes = _panel_grid(len(groups), 5.5, 1.2 + 0.3 * most)
@@ -225,7 +247,8 @@ def bias_interval_figure(df: pd.DataFrame) -> Figure:
             below = np.clip(bias - rows["rel_bias_lo"].to_numpy(float), 0, None)
             above = np.clip(rows["rel_bias_hi"].to_numpy(float) - bias, 0, None)
             positions = np.arange(len(rows))
-            ax.barh(positions, bias, xerr=[below, above], color=sns.color_palette()[0], capsize=3,
+            ax.barh(positions, bias, xerr=[below, above], color=[styles[name]["color"] for name in rows["estimator"]],
+                    capsize=3,
                     error_kw={"elinewidth": 1})
             ax.set_yticks(positions, rows["estimator"])
             ax.invert_yaxis()  # first measured on top, as in the tables

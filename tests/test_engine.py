@@ -117,3 +117,18 @@ def test_compare_rows_and_targets():
     assert (exact.rel_bias < 1e-10).all() and (exact.variance.abs() < 1e-20).all()
     assert set(df[df.estimator.str.startswith("st")].experts_per_token) == {3, 2}  # dense: all experts
     assert set(df[df.estimator == "sparsemixer"].experts_per_token) == {1}
+
+
+def test_estimator_specs_and_settings():
+    """`name:key=value` specs and `--set` settings reach the estimators that declare them, typed by default."""
+    from gradest.errors import GradestError
+    from gradest.measure import parse_spec
+    assert parse_spec("reinforce:baseline=mean:k=2").hparams == (("baseline", "mean"), ("k", 2))
+    chosen = expand_estimators(["sparsemixer:mask=paper", "st", "reinforce"], "gated", 1,
+                               {"jitter_eps": "0.2", "tau": 2})
+    assert [e.label for e in chosen] == ["sparsemixer(jitter_eps=0.2, mask=paper)", "st(tau=2)", "reinforce"]
+    assert chosen[0].jitter_eps == 0.2 and isinstance(chosen[0].jitter_eps, float)
+    with pytest.raises(GradestError, match="no chosen estimator has the hyper-parameter 'nosuch'"):
+        expand_estimators(["st"], "gated", 1, {"nosuch": 1})
+    with pytest.raises(GradestError, match="does not support top-2"):
+        expand_estimators(["st"], "gated", 2)

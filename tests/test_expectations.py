@@ -33,7 +33,7 @@ NEAR = 1e-9  # relative agreement required where there is no sampling noise
 K = 40_000  # gradient samples per comparison
 Z_CI = float(norm.ppf(1 - ALPHA / 2))  # the metrics engine's intervals at the same level (not its 95% default)
 SEED = 7
-REINFORCE_REL_BIAS_HI = 0.05  # reinforce's 99.9% interval must exclude a bias this large
+REINFORCE_REL_BIAS_HI = 0.2  # reinforce's interval must exclude a bias this large (switch's is about 0.65-0.8)
 
 # Small problems. The seeds are chosen so that DESIGN §2's reference mask (r = 0.1) keeps two or three experts on
 # some tokens and one on others (test_masked_problems_exercise_both_branches checks this): with one expert left
@@ -366,9 +366,14 @@ EXACT_OBJECTIVES = [dict(k=1, mask="none", r=0.0, temperature=1.0), dict(k=1, ma
                     temperature=1.0)]
 
 
-@pytest.mark.parametrize("objective", EXACT_OBJECTIVES,
-                         ids=lambda o: f"k{o['k']}-{o['mask']}-t{o['temperature']:g}")
-@pytest.mark.parametrize("name", list(PROBLEMS))
+# On poly a masked top-2 objective is constant (y = v_D1 + v_D2 is symmetric and each token keeps two experts at
+# most), so its gradient is identically zero: that case would be vacuous.
+EXACT_CASES = [(name, objective) for name in PROBLEMS for objective in EXACT_OBJECTIVES
+               if not (name == "poly" and objective["k"] == 2 and objective["mask"] != "none")]
+
+
+@pytest.mark.parametrize("name,objective", EXACT_CASES,
+                         ids=[f"{n}-k{o['k']}-{o['mask']}-t{o['temperature']:g}" for n, o in EXACT_CASES])
 def test_exact_gradient_matches_our_enumeration(name, objective):
     """gradest.measure.exact_gradient (wrt logits) equals our own enumeration of DESIGN §2's objective to 1e-10,
     and for top-1 DESIGN's nabla_1 + nabla_0 decomposition equals it too."""
@@ -478,7 +483,8 @@ def test_topk_is_the_deterministic_gate_path(name, hparams, problem_name):
     expected = topk_backward(model, hparams.get("k", 1), hparams.get("renormalize", False))
     samples = samples_of(model.problem, name, samples=100, **hparams)
     if hparams.get("k", 1) == 1 and hparams.get("renormalize"):
-        assert float(samples.abs().max()) == 0 and float(expected.abs().max()) == 0  # a renormalised single gate is 1
+        # a renormalised single gate is the constant 1: no router gradient, up to rounding
+        assert float(samples.abs().max()) < 1e-12 and float(expected.abs().max()) < 1e-12
     else:
         assert_mean_matches(samples, expected)
 
@@ -493,7 +499,8 @@ UNBIASED_CASES = cover([(name, variant) for name in ["reinforce", "exact"] for v
 def test_unbiased_estimator_mean_is_the_exact_gradient(name, hparams, problem_name):
     """reinforce (every baseline) and exact: the MC mean equals our enumeration of the exact gradient."""
     model = Model(build(problem_name))
-    assert_mean_matches(samples_of(model.problem, name, **hparams), exact_enumeration(model))
+    samples = samples_of(model.problem, name, samples=100 if name == "exact" else K, **hparams)
+    assert_mean_matches(samples, exact_enumeration(model))
 
 
 TOP2_UNBIASED_CASES = cover([("reinforce", {"k": 2, **variant}) for variant in REGISTRY["reinforce"].variants]
@@ -506,7 +513,8 @@ TOP2_UNBIASED_CASES = cover([("reinforce", {"k": 2, **variant}) for variant in R
 def test_top2_unbiased_estimator_mean_is_the_exact_gradient(name, hparams, problem_name):
     """Top-2 reinforce (every baseline) and exact: the MC mean equals our enumeration over ordered pairs."""
     model = Model(build(problem_name, k=2))
-    assert_mean_matches(samples_of(model.problem, name, **hparams), exact_enumeration(model, k=2))
+    samples = samples_of(model.problem, name, samples=100 if name == "exact" else K, **hparams)
+    assert_mean_matches(samples, exact_enumeration(model, k=2))
 
 
 def test_every_registered_estimator_is_covered():

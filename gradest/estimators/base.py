@@ -171,7 +171,9 @@ class Estimator:
       applies_to                problem kinds it is defined for (GATED, CATEGORICAL);
       supports_topk             whether k >= 2 is allowed;
       params                    hyper-parameters with defaults and constraints (validated generically);
-      variants                  hyper-parameter settings that `--estimators all` measures as separate rows.
+      variants                  hyper-parameter settings that `--estimators all` measures as separate rows;
+      omega                     whether an MoE layer holding it scales its output by a learnable omega by default
+                                (DESIGN §3: omega is the layer's option, usable with any estimator).
     """
 
     name: ClassVar[str]
@@ -182,6 +184,7 @@ class Estimator:
     supports_topk: ClassVar[bool] = False
     params: ClassVar[dict[str, Param]] = {}
     variants: ClassVar[tuple[dict, ...]] = ({},)
+    omega: ClassVar[bool] = False
 
     def __init__(self, **hparams):
         for key in hparams:

@@ -42,6 +42,7 @@ class FirstOrder(SparseMixerFamily):
     f(a) - f(0) ~ f'(a).a, so the router gradient is the gate path doubled: 2 f'(y).e_D grad p_D."""
 
     name = "first-order"
+    omega = True  # an ablation of SparseMixer, so it keeps SparseMixer's omega
     reference = "Liu et al. 2023, Sparse Backpropagation for MoE Training (arXiv:2310.00811), Euler"
     supports_topk = True
     params = {**TOPK, **SparseMixerFamily.params}
@@ -61,6 +62,7 @@ class SparseMixer(SparseMixerFamily):
     mid-point f'(a/2) elsewhere, which is exact for quadratic f. Top-1 only."""
 
     name = "sparsemixer"
+    omega = True  # the SparseMixer paper scales the MoE output by a learnable omega
     reference = "Liu et al. 2023, Sparse Backpropagation for MoE Training (arXiv:2310.00811), mid-point"
 
     def noise_dim(self, n):

@@ -1,0 +1,240 @@
+"""The `gradest` command: list the estimators, compare them against the exact gradient, train with one.
+
+Every error a user can cause (a GradestError from the library, or a bad option value click rejects) is printed
+as one line `error: <message>` on stderr with exit code 2; a traceback means a bug in gradest.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import re
+import sys
+import time
+from pathlib import Path
+
+import click
+from tabulate import tabulate
+from tqdm import tqdm
+
+from gradest.errors import GradestError
+from gradest.estimators import CATEGORICAL, GATED, REGISTRY
+from gradest.measure import WRT, compare as compare_estimators, expand_estimators, parse_setting
+from gradest.problems import PROBLEMS, ProblemConfig, make_problem
+from gradest.report import summary_text, write_compare_report, write_run_report
+from gradest.synthetic import train_synthetic
+
+# Problem-specific defaults that differ from ProblemConfig's: ReinMax's polynomial programming is binary.
+PROBLEM_DEFAULTS = {"poly": {"experts": 2}}
+DEFAULT_SAMPLES = 2000  # the no-argument `gradest compare` (3 problems, every estimator) takes a few seconds
+# every hyper-parameter any estimator declares, so that a `--set` value is typed before the estimators are chosen
+# (estimators sharing a name share its type: jitter_eps is a float, mask a string, everywhere)
+ALL_PARAMS = {key: param for cls in REGISTRY.values() for key, param in cls.params.items()}
+
+
+# -------------------------------------------------------------------------------------------- one-line errors
+def one_line(message: str) -> str:
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+class OneLineErrorGroup(click.Group):
+    """A command group whose user errors are one line `error: ...` on stderr, exit code 2 (click's usage errors
+    keep their own code, which is 2). Overriding `main` covers the console script and CliRunner alike."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        args = list(sys.argv[1:] if args is None else args)
+        # the command line as typed, for config.json (under a test runner sys.argv is the runner's)
+        extra.setdefault("obj", {"command": [prog_name or "gradest", *args]})
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = result if isinstance(result, int) else 0  # an int is the code of --help or ctx.exit()
+        except click.exceptions.NoArgsIsHelpError as error:
+            error.show()  # `gradest` alone: the help text, as click shows it
+            code = error.exit_code
+        except click.ClickException as error:
+            click.echo(f"error: {one_line(error.format_message())}", err=True)
+            code = error.exit_code
+        except GradestError as error:
+            click.echo(f"error: {one_line(error)}", err=True)
+            code = 2
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            code = 1
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+# ------------------------------------------------------------------------------------------------ option types
+class CommaList(click.ParamType):
+    """`2,4,8` read as a list, each item converted (and checked) by `item_type`."""
+
+    def __init__(self, item_type: click.ParamType, item_name: str | None = None):
+        self.item_type = item_type
+        item_name = item_name or item_type.name.upper()
+        self.name = f"{item_name}[,{item_name}..]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        items = [item.strip() for item in str(value).split(",")]
+        if not all(items):
+            self.fail(f"'{value}' has an empty item; write values separated by commas, e.g. 2,4", param, ctx)
+        return [self.item_type.convert(item, param, ctx) for item in items]
+
+
+def config_options(lists: bool):
+    """The options shared by `compare` and `run` that define the problem, the seed, `--set` and `--out`.
+    `compare` takes comma lists for experts, top-k and sharpness (it measures their cartesian product); `run`
+    takes one value each."""
+
+    def kind(item_type):
+        return CommaList(item_type) if lists else item_type
+
+    several = " (comma list: every combination is measured)" if lists else ""
+    options = [
+        click.option("--experts", type=kind(click.INT), default=None,
+                     help=f"experts n (poly: categories per latent) [default 2 for poly, {ProblemConfig.experts} otherwise]{several}"),
+        click.option("--tokens", type=click.INT, default=None,
+                     help=f"tokens T (poly: latents m) [default {ProblemConfig.tokens}]"),
+        click.option("--dim", type=click.INT, default=None, help=f"input dimension [default {ProblemConfig.dim}]"),
+        click.option("--top-k", "top_k", type=kind(click.INT), default=None,
+                     help=f"experts per token k [default 1]{several}"),
+        click.option("--sharpness", type=kind(click.FLOAT), default=None,
+                     help=f"scale of the initial router logits [default {ProblemConfig.sharpness:g}]{several}"),
+        click.option("--seed", type=click.INT, default=0, show_default=True,
+                     help="seeds the problem (data, teacher, initial parameters) and the routing noise"),
+        click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+                     help="hyper-parameter for every chosen estimator that has it, e.g. --set tau=0.5 (repeatable)"),
+        click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="directory to write the report into"),
+    ]
+
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def parse_settings(texts: tuple[str, ...]) -> dict:
+    """`--set key=value` pairs, each value typed as the estimators' parameter of that name."""
+    settings = {}
+    for text in texts:
+        setting = parse_setting(text, ALL_PARAMS)
+        if "k" in setting:
+            raise GradestError("set the experts per token with --top-k, not --set k=...")
+        settings.update(setting)
+    return settings
+
+
+def problem_configs(problems: list[str], seed: int, varying: dict, fixed: dict) -> list[ProblemConfig]:
+    """The ProblemConfig of every problem and combination of the `varying` lists, with the `fixed` values; an
+    option not given (None) keeps the problem's default (PROBLEM_DEFAULTS, else ProblemConfig's)."""
+    varying = {name: values for name, values in varying.items() if values is not None}
+    fixed = {name: value for name, value in fixed.items() if value is not None}
+    return [ProblemConfig(problem=problem, seed=seed,
+                          **{**PROBLEM_DEFAULTS.get(problem, {}), **fixed, **dict(zip(varying, combination))})
+            for problem in problems for combination in itertools.product(*varying.values())]
+
+
+def progress_bar(items, description: str = ""):
+    # disable=None: no bar when stderr is not a terminal, so logs and pipes stay clean
+    return tqdm(items, desc=description, file=sys.stderr, disable=None, leave=False, dynamic_ncols=True)
+
+
+def command_line() -> list[str]:
+    return click.get_current_context().find_root().obj["command"]
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+@click.group(cls=OneLineErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Gradient estimators for mixture-of-experts routing, measured against the exact gradient."""
+
+
+@main.command("list")
+def list_estimators():
+    """Every estimator: what it is, where it applies, its hyper-parameters and its reference."""
+    rows = []
+    for name, cls in REGISTRY.items():
+        rows.append({
+            "name": name,
+            "family": cls.family,
+            "experts": "sparse" if cls.sparse else "dense",
+            "applies to": ", ".join(kind for kind in (GATED, CATEGORICAL) if kind in cls.applies_to),
+            "top-k": "yes" if cls.supports_topk else "no",
+            "hyper-parameters": ", ".join(f"{key}={param.default}" for key, param in cls.params.items()) or "-",
+            "reference": cls.reference,
+        })
+    click.echo(tabulate(rows, headers="keys", tablefmt="simple"))
+
+
+@main.command()
+@click.option("--problem", "problems", type=CommaList(click.STRING, "PROBLEM"), default=",".join(PROBLEMS), show_default=True,
+              help=f"problems to measure on, comma-separated; valid: {', '.join(PROBLEMS)}")
+@click.option("--estimators", default="all", show_default=True,
+              help="'all' (every estimator that applies, with its variants) or a comma list of NAME[:KEY=VALUE..], "
+                   "e.g. st:tau=0.5,reinforce:baseline=mean")
+@click.option("--samples", type=click.IntRange(min=3), default=DEFAULT_SAMPLES, show_default=True,
+              help="gradient samples K per estimator")
+@click.option("--wrt", type=click.Choice(WRT), default="router", show_default=True,
+              help="what the gradient is taken with respect to")
+@config_options(lists=True)
+def compare(problems, estimators, samples, wrt, experts, tokens, dim, top_k, sharpness, seed, settings, out):
+    """Bias, variance and cost of every estimator against the exact gradient; writes a report into --out."""
+    hparams = parse_settings(settings)
+    configs = problem_configs(problems, seed, varying={"experts": experts, "top_k": top_k, "sharpness": sharpness},
+                              fixed={"tokens": tokens, "dim": dim})
+    chosen = "all" if estimators.strip() == "all" else estimators.split(",")
+    results = compare_estimators(configs, chosen, samples=samples, wrt=wrt, seed=seed, settings=hparams,
+                                 progress=functools.partial(progress_bar, description="estimators"))
+    out = out or Path("runs/compare")
+    write_compare_report(results, out, {
+        "command": "compare", "problems": [config.to_dict() for config in configs], "estimators": estimators,
+        "settings": hparams, "samples": samples, "wrt": wrt, "seed": seed, "out": str(out)}, command_line())
+    click.echo(summary_text(results, tablefmt="simple", heading=""))
+    click.echo(f"\nreport written to {out}/ (summary.csv, summary.md, bias_variance.png, rel_bias.png, config.json)")
+
+
+@main.command()
+@click.option("--estimator", "estimator_spec", required=True, metavar="NAME[:KEY=VALUE..]",
+              help="the estimator to train with, e.g. sparsemixer or reinforce:baseline=mean")
+@click.option("--problem", default="moe-regression", show_default=True, help=f"valid: {', '.join(PROBLEMS)}")
+@click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True, help="Adam steps")
+@click.option("--lr", type=click.FLOAT, default=0.05, show_default=True, help="Adam learning rate")
+@config_options(lists=False)
+def run(estimator_spec, problem, steps, lr, experts, tokens, dim, top_k, sharpness, seed, settings, out):
+    """Train a problem with one estimator and with the exact gradient; writes metrics and a plot into --out
+    [default runs/<estimator>-<problem>-seed<seed>]."""
+    hparams = parse_settings(settings)
+    (config,) = problem_configs([problem], seed, varying={}, fixed={
+        "experts": experts, "tokens": tokens, "dim": dim, "top_k": top_k, "sharpness": sharpness})
+    problem_instance = make_problem(config)
+    (estimator,) = expand_estimators([estimator_spec], problem_instance.kind, problem_instance.k, hparams)
+    out = out or Path("runs") / f"{file_name(estimator.label)}-{problem}-seed{seed}"
+    start = time.perf_counter()
+    metrics = train_synthetic(config, estimator, steps=steps, lr=lr, seed=seed, progress=progress_bar)
+    seconds = time.perf_counter() - start
+    write_run_report(metrics, out, {"command": "run", "problem": config.to_dict(), "estimator": estimator.label,
+                                    "hparams": estimator.hparams, "steps": steps, "lr": lr, "seed": seed,
+                                    "out": str(out)}, estimator.label, command_line())
+    final = metrics.iloc[-1]
+    click.echo(f"{estimator.label} on {problem}, {steps} steps (lr {lr:g}), seed {seed}\n"
+               f"  objective J: {metrics['objective'].iloc[0]:.4g} -> {final['objective']:.4g} "
+               f"(exact-gradient run: {final['objective_exact_run']:.4g})\n"
+               f"  inference loss: {final['inference_loss']:.4g} (exact-gradient run: "
+               f"{final['inference_loss_exact_run']:.4g})\n"
+               f"  wall time: {seconds:.1f} s for both runs\n"
+               f"written to {out}/ (metrics.csv, objective.png, config.json)")
+
+
+def file_name(label: str) -> str:
+    """An estimator label as a directory name: `sparsemixer-v2*` -> `sparsemixer-v2-star`,
+    `reinforce(baseline=mean)` -> `reinforce_baseline=mean`."""
+    return re.sub(r"[^\w.=-]+", "_", label.replace("*", "-star")).strip("_")
+
+
+if __name__ == "__main__":
+    main()
