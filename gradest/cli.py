@@ -6,6 +6,7 @@ as one line `error: <message>` on stderr with exit code 2; a traceback means a b
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import re
@@ -14,22 +15,21 @@ import time
 from pathlib import Path
 
 import click
+import torch
 from tabulate import tabulate
 from tqdm import tqdm
 
+from gradest import __version__
 from gradest.errors import GradestError
 from gradest.estimators import CATEGORICAL, GATED, REGISTRY
 from gradest.measure import WRT, compare as compare_estimators, expand_estimators, parse_setting
-from gradest.problems import PROBLEMS, ProblemConfig, make_problem
+from gradest.problems import PROBLEMS, ProblemConfig
 from gradest.report import summary_text, write_compare_report, write_run_report
 from gradest.synthetic import train_synthetic
 
 # Problem-specific defaults that differ from ProblemConfig's: ReinMax's polynomial programming is binary.
 PROBLEM_DEFAULTS = {"poly": {"experts": 2}}
 DEFAULT_SAMPLES = 2000  # the no-argument `gradest compare` (3 problems, every estimator) takes a few seconds
-# every hyper-parameter any estimator declares, so that a `--set` value is typed before the estimators are chosen
-# (estimators sharing a name share its type: jitter_eps is a float, mask a string, everywhere)
-ALL_PARAMS = {key: param for cls in REGISTRY.values() for key, param in cls.params.items()}
 
 
 # -------------------------------------------------------------------------------------------- one-line errors
@@ -94,7 +94,8 @@ def config_options(lists: bool):
     several = " (comma list: every combination is measured)" if lists else ""
     options = [
         click.option("--experts", type=kind(click.INT), default=None,
-                     help=f"experts n (poly: categories per latent) [default 2 for poly, {ProblemConfig.experts} otherwise]{several}"),
+                     help=f"experts n (poly: categories per latent) [default 2 for poly, "
+                          f"{ProblemConfig.experts} otherwise]{several}"),
         click.option("--tokens", type=click.INT, default=None,
                      help=f"tokens T (poly: latents m) [default {ProblemConfig.tokens}]"),
         click.option("--dim", type=click.INT, default=None, help=f"input dimension [default {ProblemConfig.dim}]"),
@@ -119,10 +120,11 @@ def config_options(lists: bool):
 
 
 def parse_settings(texts: tuple[str, ...]) -> dict:
-    """`--set key=value` pairs, each value typed as the estimators' parameter of that name."""
+    """`--set key=value` pairs. Values stay text: expand_estimators reads each one as the type of the parameter
+    of that name in every estimator that has it."""
     settings = {}
     for text in texts:
-        setting = parse_setting(text, ALL_PARAMS)
+        setting = parse_setting(text, params={})
         if "k" in setting:
             raise GradestError("set the experts per token with --top-k, not --set k=...")
         settings.update(setting)
@@ -144,14 +146,30 @@ def progress_bar(items, description: str = ""):
     return tqdm(items, desc=description, file=sys.stderr, disable=None, leave=False, dynamic_ncols=True)
 
 
+@contextlib.contextmanager
+def report_errors(out: Path):
+    """A report that cannot be written (permissions, a file in the way, a full disk) is an error of the
+    environment, not a bug: one line, exit code 1."""
+    try:
+        yield
+    except OSError as error:
+        raise click.ClickException(f"cannot write the report into {out}/: {error.strerror or error}") from error
+
+
 def command_line() -> list[str]:
     return click.get_current_context().find_root().obj["command"]
 
 
 # ---------------------------------------------------------------------------------------------------- commands
 @click.group(cls=OneLineErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
-def main():
+@click.version_option(__version__, prog_name="gradest")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads [default: torch's]. The synthetic problems are small: on a CPU shared with "
+                   "other processes, --threads 1 can be many times faster.")
+def main(threads):
     """Gradient estimators for mixture-of-experts routing, measured against the exact gradient."""
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 @main.command("list")
@@ -172,8 +190,8 @@ def list_estimators():
 
 
 @main.command()
-@click.option("--problem", "problems", type=CommaList(click.STRING, "PROBLEM"), default=",".join(PROBLEMS), show_default=True,
-              help=f"problems to measure on, comma-separated; valid: {', '.join(PROBLEMS)}")
+@click.option("--problem", "problems", type=CommaList(click.STRING, "PROBLEM"), default=",".join(PROBLEMS),
+              show_default=True, help=f"problems to measure on, comma-separated; valid: {', '.join(PROBLEMS)}")
 @click.option("--estimators", default="all", show_default=True,
               help="'all' (every estimator that applies, with its variants) or a comma list of NAME[:KEY=VALUE..], "
                    "e.g. st:tau=0.5,reinforce:baseline=mean")
@@ -191,9 +209,10 @@ def compare(problems, estimators, samples, wrt, experts, tokens, dim, top_k, sha
     results = compare_estimators(configs, chosen, samples=samples, wrt=wrt, seed=seed, settings=hparams,
                                  progress=functools.partial(progress_bar, description="estimators"))
     out = out or Path("runs/compare")
-    write_compare_report(results, out, {
-        "command": "compare", "problems": [config.to_dict() for config in configs], "estimators": estimators,
-        "settings": hparams, "samples": samples, "wrt": wrt, "seed": seed, "out": str(out)}, command_line())
+    with report_errors(out):
+        write_compare_report(results, out, {
+            "command": "compare", "problems": [config.to_dict() for config in configs], "estimators": estimators,
+            "settings": hparams, "samples": samples, "wrt": wrt, "seed": seed, "out": str(out)}, command_line())
     click.echo(summary_text(results, tablefmt="simple", heading=""))
     click.echo(f"\nreport written to {out}/ (summary.csv, summary.md, bias_variance.png, rel_bias.png, config.json)")
 
@@ -211,15 +230,15 @@ def run(estimator_spec, problem, steps, lr, experts, tokens, dim, top_k, sharpne
     hparams = parse_settings(settings)
     (config,) = problem_configs([problem], seed, varying={}, fixed={
         "experts": experts, "tokens": tokens, "dim": dim, "top_k": top_k, "sharpness": sharpness})
-    problem_instance = make_problem(config)
-    (estimator,) = expand_estimators([estimator_spec], problem_instance.kind, problem_instance.k, hparams)
+    (estimator,) = expand_estimators([estimator_spec], PROBLEMS[config.problem].kind, config.top_k, hparams)
     out = out or Path("runs") / f"{file_name(estimator.label)}-{problem}-seed{seed}"
     start = time.perf_counter()
     metrics = train_synthetic(config, estimator, steps=steps, lr=lr, seed=seed, progress=progress_bar)
     seconds = time.perf_counter() - start
-    write_run_report(metrics, out, {"command": "run", "problem": config.to_dict(), "estimator": estimator.label,
-                                    "hparams": estimator.hparams, "steps": steps, "lr": lr, "seed": seed,
-                                    "out": str(out)}, estimator.label, command_line())
+    with report_errors(out):
+        write_run_report(metrics, out, {"command": "run", "problem": config.to_dict(), "estimator": estimator.label,
+                                        "hparams": estimator.hparams, "steps": steps, "lr": lr, "seed": seed,
+                                        "out": str(out)}, estimator.label, command_line())
     final = metrics.iloc[-1]
     click.echo(f"{estimator.label} on {problem}, {steps} steps (lr {lr:g}), seed {seed}\n"
                f"  objective J: {metrics['objective'].iloc[0]:.4g} -> {final['objective']:.4g} "

@@ -41,12 +41,25 @@ def replicate(problem: Problem, samples: int, wrt: str) -> dict[str, Tensor]:
 
 
 def gradient_samples(problem: Problem, estimator: Estimator, samples: int, wrt: str = "router", *,
-                     seed: int = 0, noise: Tensor | None = None) -> Tensor:
-    """K independent gradient samples (K, P) of the estimator, from one forward and one backward pass."""
+                     seed: int = 0, noise: Tensor | None = None, max_elements: int = 2 ** 24) -> Tensor:
+    """K independent gradient samples (K, P) of the estimator, from one forward and one backward pass.
+
+    Memory is bounded by doing at most `max_elements` (about, per activation tensor) at once: K is split into
+    as few chunks as that allows, with the noise drawn up front, so chunking never changes the numbers. An
+    estimator that draws no noise (exact, topk) is deterministic: one sample is computed and repeated.
+    """
     if not isinstance(samples, int) or samples < 1:
         raise GradestError(f"samples must be an integer >= 1, got {samples!r}")
     if noise is None:
         noise = draw_noise(problem, estimator, samples, seed)
+    if estimator.noise_dim(problem.n) == 0:
+        return one_backward(problem, estimator, 1, wrt, noise[:1]).expand(samples, -1)
+    width = max(problem.n, problem.config.dim, problem.config.out_dim, problem.config.classes)
+    chunk = max(1, max_elements // (problem.T * problem.n * width))
+    return torch.cat([one_backward(problem, estimator, len(part), wrt, part) for part in noise.split(chunk)])
+
+
+def one_backward(problem: Problem, estimator: Estimator, samples: int, wrt: str, noise: Tensor) -> Tensor:
     params = replicate(problem, samples, wrt)
     loss, z = problem.loss(params, estimator, noise=noise)
     if wrt == "logits" and not z.is_leaf:
@@ -114,7 +127,7 @@ def bias_variance(samples: Tensor, reference: Tensor, z: float = Z95) -> dict[st
     def stats(S_sq, Q, Sg, m, cos_sum):
         """Metrics from sufficient statistics of m samples: ||S||^2, sum ||a||^2, S.g*, sum of cosines."""
         bias_sq = (S_sq - Q) / (m * (m - 1))
-        variance = (Q - S_sq / m) / (m - 1)
+        variance = ((Q - S_sq / m) / (m - 1)).clamp_min(0)  # rounding can leave -1e-17 for a constant
         mean_dot_g = Sg / m + ref_sq
         mean_norm = (S_sq / m ** 2 + 2 * Sg / m + ref_sq).clamp_min(0).sqrt()
         cos_of_mean = mean_dot_g / (mean_norm * ref_norm).clamp_min(1e-300)
@@ -177,7 +190,7 @@ def expand_estimators(names: list[str] | str, kind: str, k: int, settings: dict 
     unused = [key for key in settings if not any(key in e.params for e in out)]
     if unused:
         raise GradestError(f"no chosen estimator has the hyper-parameter '{unused[0]}'; valid: "
-                           + ", ".join(sorted({key for e in out for key in e.params})))
+                           + ", ".join(sorted({key for e in out for key in e.params if key != "k"})))
     return out
 
 
@@ -211,12 +224,13 @@ def measure(problem: Problem, estimator: Estimator, samples: int, wrt: str = "ro
     start = time.perf_counter()
     grads = gradient_samples(problem, estimator, samples, wrt, seed=seed)
     seconds = time.perf_counter() - start
+    computed = 1 if estimator.noise_dim(problem.n) == 0 else samples  # deterministic: one sample computed
     branches = math.perm(problem.n, problem.k) if estimator.name == "exact" else 1
+    config = {key: value for key, value in problem.config.to_dict().items() if key not in ("problem", "seed")}
     row = {"problem": problem.config.problem, "estimator": estimator.label, "target": objective_label(objective),
-           "wrt": wrt, "samples": samples, "experts": problem.n, "tokens": problem.T, "top_k": problem.k,
-           "sharpness": problem.config.sharpness, "seed": seed}
+           "wrt": wrt, "samples": samples, **config, "seed": seed}
     row.update(bias_variance(grads, reference))
-    row.update({"sec_per_sample": seconds / samples,
+    row.update({"sec_per_sample": seconds / computed,
                 "experts_per_token": problem.k if estimator.sparse else problem.n,
                 "downstream_per_token": branches + (1 if estimator.needs_zero_output else 0)})
     return row

@@ -125,10 +125,11 @@ def mix(expert_outputs: Tensor, routing: Routing) -> Tensor:
     """y (..., T, B, d) = sum_j gates_j e_{experts_j}: gather each branch's experts and weigh them."""
     if routing.experts is None:  # dense: every expert, in order
         return routing.gates @ expert_outputs
-    batch = torch.broadcast_shapes(expert_outputs.shape[:-3], routing.experts.shape[:-3])
-    e = expert_outputs.expand(*batch, *expert_outputs.shape[-3:]).unsqueeze(-3)  # (..., T, 1, n, d)
-    chosen = torch.take_along_dim(e, routing.experts.expand(*batch, *routing.experts.shape[-3:]).unsqueeze(-1),
-                                  dim=-2)  # (..., T, B, k, d)
+    e = expert_outputs.unsqueeze(-3)  # (..., T, 1, n, d)
+    index = routing.experts.unsqueeze(-1)  # (..., T, B, k, 1), or fewer leading dims (broadcast)
+    ndim = max(e.dim(), index.dim())
+    chosen = torch.take_along_dim(e.reshape((1,) * (ndim - e.dim()) + e.shape),
+                                  index.reshape((1,) * (ndim - index.dim()) + index.shape), dim=-2)
     return (routing.gates.unsqueeze(-1) * chosen).sum(-2)
 
 

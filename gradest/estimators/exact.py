@@ -38,12 +38,13 @@ class Exact(Estimator):
 
     def sample(self, logits, noise, kind):
         n = logits.shape[-1]
-        tuples = torch.tensor(list(itertools.permutations(range(n), self.k)), device=logits.device)
-        experts = tuples.expand(*logits.shape[:-1], *tuples.shape)
+        # the same tuples for every token: (B, k), broadcast against the gates (..., B, k)
+        experts = torch.tensor(list(itertools.permutations(range(n), self.k)), device=logits.device)
         obj = self.objective()
-        branch_logits = logits.unsqueeze(-2).expand(*logits.shape[:-1], len(tuples), n)
-        _, gates, _ = sequential_route(branch_logits, self.k, mask=obj["mask"], r=obj["r"],
-                                       temperature=obj["temperature"], experts=experts)
+        # logits (..., 1, n) broadcast against the branches: stage 1's softmax is computed once, not per branch
+        _, gates, _ = sequential_route(logits.unsqueeze(-2), self.k, mask=obj["mask"], r=obj["r"],
+                                       temperature=obj["temperature"],
+                                       experts=experts.expand(*logits.shape[:-1], *experts.shape))
         branch_prob = gates.prod(-1)
         if kind == CATEGORICAL:
             gates = torch.ones_like(gates)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from gradest.estimators.base import CATEGORICAL, GATED, Estimator, Param, Routing, inverse_cdf, positive, register
+from gradest.estimators.base import (CATEGORICAL, GATED, Estimator, Param, Routing, inverse_cdf, positive, register,
+                                     softmax)
 
 
 class StraightThroughFamily(Estimator):
@@ -22,12 +23,12 @@ class StraightThroughFamily(Estimator):
 
     def sample(self, logits, noise, kind):
         h = self.relaxed_onehot(logits, noise)
-        weights = h * logits.softmax(-1) if kind == GATED else h
+        weights = h * softmax(logits) if kind == GATED else h
         return Routing(None, weights.unsqueeze(-2))
 
 
 def onehot_sample(logits, u):
-    return torch.zeros_like(logits).scatter(-1, inverse_cdf(logits.detach().softmax(-1), u), 1.0)
+    return torch.zeros_like(logits).scatter(-1, inverse_cdf(softmax(logits.detach()), u), 1.0)
 
 
 @register
@@ -42,7 +43,7 @@ class StraightThrough(StraightThroughFamily):
         return 1
 
     def relaxed_onehot(self, logits, noise):
-        soft = (logits / self.tau).softmax(-1)
+        soft = softmax(logits / self.tau)
         return onehot_sample(logits, noise) + soft - soft.detach()
 
 
@@ -60,7 +61,7 @@ class GumbelStraightThrough(StraightThroughFamily):
     def relaxed_onehot(self, logits, noise):
         tiny = torch.finfo(noise.dtype).tiny
         perturbed = logits - torch.log(-torch.log(noise.clamp_min(tiny)))
-        soft = (perturbed / self.tau).softmax(-1)
+        soft = softmax(perturbed / self.tau)
         hard = torch.zeros_like(logits).scatter(-1, perturbed.detach().argmax(-1, keepdim=True), 1.0)
         return hard + soft - soft.detach()
 
@@ -77,8 +78,8 @@ class ReinMaxOneHot(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         logits, hard = ctx.saved_tensors
-        pi = 0.5 * (hard + (logits / ctx.tau).softmax(-1))
-        p = logits.softmax(-1)
+        pi = 0.5 * (hard + softmax(logits / ctx.tau))
+        p = softmax(logits)
 
         def jvp(q):
             return q * g - q * (q * g).sum(-1, keepdim=True)

@@ -5,7 +5,7 @@ No routing gradient nabla_0 at all; these are the baselines every other estimato
 
 from __future__ import annotations
 
-from gradest.estimators.base import (Estimator, Param, Routing, boolean, positive_integer, register,
+from gradest.estimators.base import (Estimator, Param, Routing, boolean, positive_integer, register, softmax,
                                      unit_interval)
 
 
@@ -30,7 +30,7 @@ class Switch(Estimator):
 
     def infer(self, logits, kind):
         d = logits.detach().argmax(-1, keepdim=True)
-        return Routing(d.unsqueeze(-2), logits.softmax(-1).gather(-1, d).unsqueeze(-2))
+        return Routing(d.unsqueeze(-2), softmax(logits).gather(-1, d).unsqueeze(-2))
 
 
 @register
@@ -52,7 +52,7 @@ class TopK(Estimator):
         return 0
 
     def sample(self, logits, noise, kind):
-        gates, experts = logits.softmax(-1).topk(self.k, dim=-1)
+        gates, experts = softmax(logits).topk(self.k, dim=-1)
         if self.renormalize:
             gates = gates / gates.sum(-1, keepdim=True)
         return Routing(experts.unsqueeze(-2), gates.unsqueeze(-2))
