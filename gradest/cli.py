@@ -184,6 +184,7 @@ def list_estimators():
             "applies to": ", ".join(kind for kind in (GATED, CATEGORICAL) if kind in cls.applies_to),
             "top-k": "yes" if cls.supports_topk else "no",
             "hyper-parameters": ", ".join(f"{key}={param.default}" for key, param in cls.params.items()) or "-",
+            "omega": "on" if cls.omega else "off",  # the MoE layer's learnable output scale, by default
             "reference": cls.reference,
         })
     click.echo(tabulate(rows, headers="keys", tablefmt="simple"))
