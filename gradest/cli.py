@@ -7,6 +7,7 @@ as one line `error: <message>` on stderr with exit code 2; a traceback means a b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import re
@@ -22,10 +23,14 @@ from tqdm import tqdm
 from gradest import __version__
 from gradest.errors import GradestError
 from gradest.estimators import CATEGORICAL, GATED, REGISTRY
+from gradest.estimators.base import parse_as
 from gradest.measure import WRT, compare as compare_estimators, expand_estimators, parse_setting
+from gradest.model import SwitchConfig
 from gradest.problems import PROBLEMS, ProblemConfig
-from gradest.report import summary_text, write_compare_report, write_run_report
-from gradest.synthetic import train_synthetic
+from gradest.report import (atomic_savefig, summary_text, training_figure, training_summary, write_compare_report,
+                            write_run_report)
+from gradest.synthetic import SYNTHETIC_LR, SYNTHETIC_STEPS, train_synthetic
+from gradest.train import DTYPES, TASKS, Trainer, TrainConfig
 
 # Problem-specific defaults that differ from ProblemConfig's: ReinMax's polynomial programming is binary.
 PROBLEM_DEFAULTS = {"poly": {"experts": 2}}
@@ -219,15 +224,78 @@ def compare(problems, estimators, samples, wrt, experts, tokens, dim, top_k, sha
 
 
 @main.command()
-@click.option("--estimator", "estimator_spec", required=True, metavar="NAME[:KEY=VALUE..]",
-              help="the estimator to train with, e.g. sparsemixer or reinforce:baseline=mean")
-@click.option("--problem", default="moe-regression", show_default=True, help=f"valid: {', '.join(PROBLEMS)}")
-@click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True, help="Adam steps")
-@click.option("--lr", type=click.FLOAT, default=0.05, show_default=True, help="Adam learning rate")
+@click.option("--estimator", "estimator_spec", metavar="NAME[:KEY=VALUE..]",
+              help="the estimator to train with, e.g. sparsemixer or reinforce:baseline=mean (required unless "
+                   "--resume)")
+@click.option("--task", type=click.Choice(TASKS), default="lm", show_default=True,
+              help="lm: Switch LM on tiny-shakespeare; mt: Switch encoder-decoder on Multi30k En-De (BLEU)")
+@click.option("--problem", default=None, help=f"train a synthetic problem instead of a Switch Transformer; valid: "
+                                              f"{', '.join(PROBLEMS)}")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help=f"optimiser steps [default {TrainConfig.steps} for a Switch Transformer, "
+                   f"{SYNTHETIC_STEPS} for a synthetic problem]")
+@click.option("--lr", type=click.FLOAT, default=None,
+              help=f"peak learning rate [default {TrainConfig.lr:g} (AdamW, Switch), {SYNTHETIC_LR:g} (Adam, "
+                   f"synthetic)]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=TrainConfig.batch_size, show_default=True,
+              help="sequences per step (Switch Transformer)")
+@click.option("--omega/--no-omega", default=None,
+              help="scale each MoE layer's output by a learnable omega [default: the estimator's, see gradest list]")
+@click.option("--device", default=TrainConfig.device, show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default=TrainConfig.dtype, show_default=True,
+              help="bfloat16 trains under autocast; the router stays float32")
+@click.option("--model", "model_settings", multiple=True, metavar="KEY=VALUE",
+              help="Switch Transformer setting, e.g. --model n_layer=6 --model d_model=256 (see SwitchConfig)")
+@click.option("--resume", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="continue the run whose checkpoint is in this directory (to --steps if given)")
 @config_options(lists=False)
-def run(estimator_spec, problem, steps, lr, experts, tokens, dim, top_k, sharpness, seed, settings, out):
-    """Train a problem with one estimator and with the exact gradient; writes metrics and a plot into --out
-    [default runs/<estimator>-<problem>-seed<seed>]."""
+def run(estimator_spec, task, problem, steps, lr, batch_size, omega, device, dtype, model_settings, resume, experts,
+        tokens, dim, top_k, sharpness, seed, settings, out):
+    """Train with one estimator: a Switch Transformer (default: a character LM on tiny-shakespeare, a few minutes
+    on 2 CPU cores), or with --problem a synthetic problem next to the exact gradient. Writes metrics, plots,
+    config.json and (Switch) a checkpoint into --out."""
+    if problem is not None:
+        if estimator_spec is None:
+            raise GradestError("--estimator is required; valid: " + ", ".join(REGISTRY))
+        return run_synthetic(estimator_spec, problem, steps or SYNTHETIC_STEPS, lr or SYNTHETIC_LR, experts, tokens,
+                             dim, top_k, sharpness, seed, settings, out)
+    for name, value in (("--tokens", tokens), ("--dim", dim), ("--sharpness", sharpness)):
+        if value is not None:
+            raise GradestError(f"{name} applies to synthetic problems only; add --problem, valid: "
+                               + ", ".join(PROBLEMS))
+    if resume is not None:
+        trainer = Trainer.resume(resume, steps)
+        out = resume
+    else:
+        if estimator_spec is None:
+            raise GradestError("--estimator is required (or --resume DIR); valid: " + ", ".join(REGISTRY))
+        config = TrainConfig(task=task, estimator=estimator_spec, hparams=parse_settings(settings),
+                             experts=experts or TrainConfig.experts, top_k=top_k or 1, omega=omega,
+                             steps=steps or TrainConfig.steps, batch_size=batch_size, lr=lr or TrainConfig.lr,
+                             seed=seed, device=device, dtype=dtype, model=parse_model_settings(model_settings))
+        estimator = config.build_estimator()
+        out = out or Path("runs") / f"{file_name(estimator.label)}-{task}-n{config.experts}-k{config.top_k}-seed{seed}"
+        trainer = Trainer(config, out)
+    with report_errors(out):
+        metrics = trainer.run(progress=lambda steps: progress_bar(steps, trainer.estimator.label),
+                              command=command_line())
+        atomic_savefig(training_figure(metrics, trainer.estimator.label), out / "loss.png", dpi=120)
+    click.echo(training_summary(trainer, metrics, out))
+
+
+def parse_model_settings(texts) -> dict:
+    """`--model key=value`, each value read as the type of SwitchConfig's field."""
+    defaults = {f.name: f.default for f in dataclasses.fields(SwitchConfig)}
+    settings = {}
+    for text in texts:
+        ((key, value),) = parse_setting(text, params={}).items()
+        if key not in defaults:
+            raise GradestError(f"unknown model setting '{key}'; valid: {', '.join(defaults)}")
+        settings[key] = parse_as(value, defaults[key])
+    return settings
+
+
+def run_synthetic(estimator_spec, problem, steps, lr, experts, tokens, dim, top_k, sharpness, seed, settings, out):
     hparams = parse_settings(settings)
     (config,) = problem_configs([problem], seed, varying={}, fixed={
         "experts": experts, "tokens": tokens, "dim": dim, "top_k": top_k, "sharpness": sharpness})

@@ -295,3 +295,48 @@ def write_run_report(metrics: pd.DataFrame, out_dir, config: dict, estimator_lab
     return [atomic_write_text(out_dir / "metrics.csv", metrics.to_csv(index=False)),
             atomic_savefig(objective_figure(metrics, estimator_label), out_dir / "objective.png", dpi=120),
             write_json(out_dir / "config.json", run_metadata(config, config.get("seed"), command))]
+
+
+# ---------------------------------------------------------------------------------------------- Switch training
+def training_figure(metrics: pd.DataFrame, estimator_label: str) -> Figure:
+    """Training loss (light, and its moving average) and validation loss against step; routing statistics."""
+    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.9):
+        fig = Figure(figsize=(11, 4.2), layout="constrained")
+        FigureCanvasAgg(fig)
+        loss_ax, routing_ax = fig.subplots(1, 2, width_ratios=(3, 2))
+        blue, orange, green = sns.color_palette()[:3]
+        window = max(1, len(metrics) // 50)
+        loss_ax.plot(metrics["step"], metrics["train_loss"], color=blue, alpha=0.25, lw=0.8)
+        loss_ax.plot(metrics["step"], metrics["train_loss"].rolling(window, min_periods=1).mean(), color=blue,
+                     label="train loss")
+        if "val_loss" in metrics:
+            val = metrics.dropna(subset=["val_loss"])
+            loss_ax.plot(val["step"], val["val_loss"], "o-", color=orange, label="validation loss")
+        loss_ax.set(xlabel="step", ylabel="cross-entropy (nats per token)", title=f"Switch, {estimator_label}")
+        loss_ax.legend()
+        if "argmax_fraction" in metrics:
+            routing_ax.plot(metrics["step"], metrics["argmax_fraction"], color=green,
+                            label="fraction routed to the arg-max")
+            routing_ax.plot(metrics["step"], metrics["max_load"] / metrics["max_load"].max(), color=orange,
+                            label="busiest expert's load (scaled)")
+            routing_ax.set(xlabel="step", ylim=(0, 1.05), title="routing")
+            routing_ax.legend(fontsize=8)
+        else:
+            routing_ax.set_axis_off()
+    return fig
+
+
+def training_summary(trainer, metrics: pd.DataFrame, out_dir) -> str:
+    """What a person wants to read after `gradest run`: final losses, BLEU, speed, sizes, where files are."""
+    final, model = metrics.iloc[-1], trainer.model
+    lines = [f"{trainer.estimator.label} on {trainer.config.task}, {trainer.config.experts} experts, "
+             f"top-{trainer.config.top_k}, {int(final['step'])} steps, seed {trainer.config.seed}",
+             f"  train loss {final['train_loss']:.4f}, validation loss {final['val_loss']:.4f} "
+             f"(perplexity {final['val_ppl']:.3f})"]
+    if "bleu_test" in final:
+        lines.append(f"  BLEU (greedy): val {final['bleu_val']:.2f}, test_2016 {final['bleu_test']:.2f}")
+    lines += [f"  {metrics['tokens_per_s'].median():.0f} tokens/s (median step), {final['seconds']:.0f} s training",
+              f"  parameters: {model.num_parameters() / 1e6:.2f} M, active per token "
+              f"{model.num_parameters(active=True) / 1e6:.2f} M",
+              f"written to {out_dir}/ (metrics.csv, loss.png, config.json, checkpoint.pt)"]
+    return "\n".join(lines)

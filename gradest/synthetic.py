@@ -21,11 +21,15 @@ from gradest.estimators import Estimator, get_estimator
 from gradest.measure import draw_noise
 from gradest.problems import Problem, ProblemConfig, make_problem
 
+SYNTHETIC_STEPS = 300  # `gradest run --problem P` defaults
+SYNTHETIC_LR = 0.05
+
 # progress(items, description) -> the same items, e.g. wrapped in a progress bar
 Progress = Callable[[Iterable, str], Iterable]
 
 
-def train_synthetic(config: ProblemConfig, estimator: Estimator, steps: int = 300, lr: float = 0.05, seed: int = 0,
+def train_synthetic(config: ProblemConfig, estimator: Estimator, steps: int = SYNTHETIC_STEPS,
+                    lr: float = SYNTHETIC_LR, seed: int = 0,
                     progress: Progress | None = None) -> pd.DataFrame:
     """Train the problem's parameters with `estimator` and, from the same start, with the exact gradient.
 

@@ -3,6 +3,6 @@ import torch
 
 
 @pytest.fixture(autouse=True)
-def _float64_and_seed():
+def _seed():
     torch.manual_seed(0)
     yield

@@ -138,7 +138,7 @@ def test_console_script_error_is_one_line():
 
 
 # ----------------------------------------------------------------------------------------------------------- run
-RUN_SMALL = ["--tokens", 8, "--steps", 15]
+RUN_SMALL = ["--problem", "moe-regression", "--tokens", 8, "--steps", 15]
 
 
 def run_metrics(out, *args):
@@ -173,7 +173,8 @@ def test_run_with_the_exact_gradient_lowers_the_objective(tmp_path):
 
 def test_run_default_directory_names_estimator_problem_and_seed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = invoke("run", "--estimator", "sparsemixer-v2*", "--tokens", 4, "--steps", 2)
+    result = invoke("run", "--estimator", "sparsemixer-v2*", "--problem", "moe-regression", "--tokens", 4,
+                    "--steps", 2)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "runs" / "sparsemixer-v2-star-moe-regression-seed0" / "metrics.csv").exists()
 
@@ -187,7 +188,7 @@ def test_run_default_directory_names_estimator_problem_and_seed(tmp_path, monkey
     (["--estimator", "st", "--set", "tau=0"], ["tau"]),
 ], ids=lambda value: " ".join(map(str, value)) if isinstance(value, list) else None)
 def test_run_errors_are_one_line(tmp_path, args, words):
-    result = invoke("run", *args, "--out", tmp_path / "out")
+    result = invoke("run", "--problem", "moe-regression", *args, "--out", tmp_path / "out")
     assert_one_line_error(result, *words)
     assert not (tmp_path / "out").exists()
 

@@ -59,23 +59,24 @@ class Param:
 
     def parse(self, text: str):
         """Read a value typed on the command line, with the default's type."""
-        if isinstance(self.default, bool):
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            return text
-        for kind in (int, float):
-            if isinstance(self.default, kind):
-                try:
-                    return kind(text)
-                except ValueError:
-                    try:
-                        value = float(text)  # "2.0" for an int parameter, or "nan": the constraint words it
-                    except ValueError:
-                        return text
-                    return int(value) if value.is_integer() else value
-        return text
+        return parse_as(text, self.default)
+
+
+def parse_as(text: str, default):
+    """A command-line value read as the type of `default` (any number, or a boolean, when the default is None);
+    text that does not parse is returned as it is, for the constraint check to name."""
+    words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+    if isinstance(default, bool):
+        return words.get(text.lower(), text)
+    if isinstance(default, (int, float)) or default is None:
+        try:
+            value = float(text)
+        except ValueError:
+            return words.get(text.lower(), text) if default is None else text
+        if isinstance(default, float) or not value.is_integer():
+            return value
+        return int(value)
+    return text
 
 
 # ------------------------------------------------------------------------------------------------------ routing
@@ -254,7 +255,9 @@ class Estimator:
               noise: Tensor | None = None) -> Routing:
         """Route tokens with logits (..., n). `noise` (..., noise_dim) fixes the randomness; drawn if None."""
         self.check(logits.shape[-1], kind)
-        if not torch.isfinite(logits).all():
+        # On an accelerator this check would stall every layer of every step on a host sync; there the trainer's
+        # check of the loss catches a NaN instead.
+        if logits.device.type == "cpu" and not torch.isfinite(logits).all():
             raise GradestError("router logits contain NaN or inf; valid: finite numbers")
         if not training:
             return self.infer(logits, kind)

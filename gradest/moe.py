@@ -1,0 +1,233 @@
+"""The Switch Transformer's mixture-of-experts feed-forward layer, routed by any gradest estimator (DESIGN §5).
+
+    y = omega ⊙ sum_j g_j E_{D_j}(x),   E_i(x) = W_out_i GELU(W_in_i x),   (D, g) = estimator.route(W_router x)
+
+The estimator decides which experts each token uses and returns gates that carry its backward, so this layer only
+computes experts and mixes; it never needs to know which estimator it holds. Sparse estimators (switch, topk,
+the SparseMixer family, reinforce) run only the chosen experts: the (token, choice) pairs are sorted by expert and
+each expert runs once on its contiguous block. Dense estimators (st, gumbel-st, reinmax) need every expert's
+output on every token. Each forward pass leaves `self.aux` (`MoEAux`): the load-balancing and z losses for the
+trainer to add, the log-probability of the sampled routing for score-function estimators, and routing stats.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gradest.errors import GradestError
+from gradest.estimators import GATED, Estimator, Routing, applicable
+from gradest.estimators.base import nonnegative, positive, positive_integer, unit_interval
+
+
+@dataclass
+class MoEAux:
+    """What one forward pass leaves for the trainer."""
+
+    balance_loss: Tensor  # scalar: balance_coef * n * sum_i f_i P_i (Switch Transformer)
+    z_loss: Tensor  # scalar: z_loss_coef * mean_t logsumexp(z_t)^2 (ST-MoE); 0 when the coefficient is 0
+    log_prob: Tensor | None  # x.shape[:-1]: log-probability of the sampled experts (score-function estimators)
+    # Python numbers, for logging: tokens_per_expert (n ints: token-choices routed to each expert, before capacity;
+    # for a dense estimator the expert its forward value uses, onehot(D)), argmax_fraction (fraction of the
+    # token-choices that inference routing would make too: among the token's k largest logits), router_entropy
+    # (mean over tokens of the entropy of softmax(logits)), dropped_fraction (token-choices beyond capacity)
+    stats: dict
+
+
+class MoE(nn.Module):
+    """Switch MoE feed-forward layer: (..., d_model) -> (..., d_model); sets `self.aux` to an `MoEAux`.
+
+    Parameters, by name (a model that scales residual-output projections at init, like GPT-2, scales `w_out`):
+      router.weight (n, d_model)        bias-free router, always evaluated in float32 or wider;
+      w_in (n, d_model, d_ff), b_in (n, d_ff)       experts' input projections (biases only with bias=True);
+      w_out (n, d_ff, d_model), b_out (n, d_model)  experts' output projections;
+      omega (d_model)                   learnable output scale, only when omega is on.
+
+    `experts` is n; `k` is the estimator's experts per token. Options: `omega` (None: the estimator's default,
+    `estimator.omega`); `balance_coef` alpha of the load-balancing loss; `z_loss_coef` of the router z-loss;
+    `capacity_factor` (None: no token dropping): each expert takes at most ceil(capacity_factor * tokens * k / n)
+    token-choices, in token order, and the rest contribute 0 (the residual connection around the layer carries
+    those tokens); `expert_dropout` on the experts' hidden activations in training. Attribute `zero_output`:
+    while True the layer outputs 0 (for REINFORCE's f(0) baseline pass).
+    """
+
+    def __init__(self, d_model: int, d_ff: int, experts: int, estimator: Estimator, *, omega: bool | None = None,
+                 balance_coef: float = 0.01, z_loss_coef: float = 0.0, capacity_factor: float | None = None,
+                 expert_dropout: float = 0.0, bias: bool = False):
+        super().__init__()
+        for name, value, constraint in (("d_model", d_model, positive_integer), ("d_ff", d_ff, positive_integer),
+                                        ("experts", experts, positive_integer),
+                                        ("balance_coef", balance_coef, nonnegative),
+                                        ("z_loss_coef", z_loss_coef, nonnegative),
+                                        ("expert_dropout", expert_dropout, unit_interval)):
+            if not constraint(value):
+                raise GradestError(f"MoE {name} must be {constraint.text}, got {value!r}")
+        if capacity_factor is not None and not positive(capacity_factor):
+            raise GradestError(f"MoE capacity_factor must be {positive.text} or None (no dropping), "
+                               f"got {capacity_factor!r}")
+        estimator.check(experts, GATED)
+        self.d_model, self.d_ff, self.experts, self.k = d_model, d_ff, experts, estimator.k
+        self.estimator = estimator
+        self.balance_coef, self.z_loss_coef = balance_coef, z_loss_coef
+        self.capacity_factor, self.expert_dropout = capacity_factor, expert_dropout
+
+        self.router = nn.Linear(d_model, experts, bias=False)
+        self.w_in = nn.Parameter(torch.empty(experts, d_model, d_ff))
+        self.w_out = nn.Parameter(torch.empty(experts, d_ff, d_model))
+        self.b_in = nn.Parameter(torch.empty(experts, d_ff)) if bias else None
+        self.b_out = nn.Parameter(torch.empty(experts, d_model)) if bias else None
+        use_omega = estimator.omega if omega is None else omega
+        self.omega = nn.Parameter(torch.empty(d_model)) if use_omega else None
+        self.reset_parameters()
+        self.aux: MoEAux | None = None
+        # REINFORCE's zero-output baseline f(0) is the loss of an extra pass with every MoE output set to 0: such a
+        # pass routes nothing, draws no noise and leaves `aux` to the pass being trained
+        self.zero_output = False
+
+        # fail at construction, not at the first training step, if the estimator enumerates branches (exact)
+        probe = torch.zeros(1, experts)
+        self.check_routing(estimator.route(probe, noise=torch.full((1, estimator.noise_dim(experts)), 0.5)))
+
+    def reset_parameters(self) -> None:
+        """GPT-2's initialisation: weights N(0, 0.02), biases 0, omega 1."""
+        for weight in (self.router.weight, self.w_in, self.w_out):
+            nn.init.normal_(weight, std=0.02)
+        for b in (self.b_in, self.b_out):
+            if b is not None:
+                nn.init.zeros_(b)
+        if self.omega is not None:
+            nn.init.ones_(self.omega)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_ff={self.d_ff}, experts={self.experts}, k={self.k}, "
+                f"estimator={self.estimator.label}, omega={self.omega is not None}, "
+                f"capacity_factor={self.capacity_factor}")
+
+    def check_routing(self, routing: Routing) -> None:
+        if routing.branch_prob is not None:
+            names = ", ".join(name for name in applicable(GATED, self.k) if name != self.estimator.name)
+            raise GradestError(
+                f"estimator '{self.estimator.name}' cannot be used inside an MoE layer: it enumerates every expert "
+                f"tuple as a weighted branch and needs one downstream pass per branch; measure it on a synthetic "
+                f"problem (gradest compare) and train the layer with one of: {names}")
+
+    # ------------------------------------------------------------------------------------------------- pieces
+    def router_logits(self, tokens: Tensor) -> Tensor:
+        """z = W_router x in float32 (float64 stays float64), also under autocast: routing decisions and the
+        router's softmax are sensitive to rounding (Switch Transformer §2.4, selective precision)."""
+        dtype = torch.promote_types(tokens.dtype, torch.float32)
+        with torch.autocast(tokens.device.type, enabled=False):
+            return F.linear(tokens.to(dtype), self.router.weight.to(dtype))
+
+    def expert_ffn(self, x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out: Tensor,
+                   b_out: Tensor | None) -> Tensor:
+        """One expert on rows x (rows, d_model) -> (rows, d_model), given its weights; given every expert's
+        weights (leading dim n), every expert on every row -> (n, rows, d_model)."""
+        h = x @ w_in
+        if b_in is not None:
+            h = h + b_in.unsqueeze(-2).to(h.dtype)  # .to: under autocast h is bf16, and stays so
+        h = F.gelu(h)
+        if self.training and self.expert_dropout > 0:
+            h = F.dropout(h, self.expert_dropout)
+        y = h @ w_out
+        if b_out is not None:
+            y = y + b_out.unsqueeze(-2).to(y.dtype)
+        return y
+
+    def expert_weights(self) -> list[tuple]:
+        """(w_in, b_in, w_out, b_out) of each expert, split by one unbind per parameter. Indexing w_in[i] once
+        per expert instead would make autograd zero-fill and add a full-size (n, ...) gradient per expert
+        (select's backward): memory traffic quadratic in n, already 5% of the step at n = 8 on the CPU."""
+        per_param = [[None] * self.experts if p is None else p.unbind(0)
+                     for p in (self.w_in, self.b_in, self.w_out, self.b_out)]
+        return list(zip(*per_param))
+
+    def capacity(self, tokens: int) -> int | None:
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * tokens * self.k / self.experts)
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        if self.zero_output:
+            return torch.zeros_like(x)
+        tokens = x.reshape(-1, self.d_model)
+        T = tokens.shape[0]
+        logits = self.router_logits(tokens)
+        routing = self.estimator.route(logits, training=self.training)
+        self.check_routing(routing)
+        gates = routing.gates[:, 0]  # one branch per token: (T, k), or (T, n) for a dense estimator
+        # the experts each token's forward value uses; a dense estimator's gates are onehot(D) * p_D in value
+        choice = gates.detach().argmax(-1, keepdim=True) if routing.experts is None else routing.experts[:, 0]
+        pair_expert = choice.reshape(-1)  # pair t * k + j: token t's j-th choice
+        counts = torch.bincount(pair_expert, minlength=self.experts)
+
+        # the log-softmax serves the balance loss (P_i), the z-loss (logsumexp) and the entropy stat
+        lse = logits.logsumexp(-1, keepdim=True)
+        log_p = logits - lse
+        p = log_p.exp()
+        with torch.no_grad():
+            top = logits.topk(choice.shape[-1], dim=-1).indices
+            argmax_hits = (choice.unsqueeze(-1) == top.unsqueeze(-2)).any(-1).sum()
+            entropy = -(p * log_p).sum(-1).mean()
+            # one host transfer for everything the dispatch and the stats need (a GPU sync costs the same for n+2)
+            *loads, argmax_hits, entropy = torch.cat([counts.double(), argmax_hits.double().view(1),
+                                                      entropy.double().view(1)]).tolist()
+        tokens_per_expert = [int(c) for c in loads]
+
+        capacity = self.capacity(T)
+        rows_per_expert = tokens_per_expert if capacity is None else [min(c, capacity) for c in tokens_per_expert]
+        if routing.experts is None:
+            kept = None if capacity is None else self.dispatch_order(pair_expert, counts, capacity)
+            y = self.dense_mix(tokens, gates, kept)
+        else:
+            y = self.sparse_mix(tokens, gates, self.dispatch_order(pair_expert, counts, capacity), rows_per_expert)
+        if self.omega is not None:
+            y = y * self.omega.to(y.dtype)
+
+        pairs = pair_expert.numel()
+        balance = self.balance_coef * self.experts * (counts.to(p.dtype) / pairs * p.mean(0)).sum() \
+            if self.balance_coef else logits.new_zeros(())
+        z_loss = self.z_loss_coef * lse.square().mean() if self.z_loss_coef else logits.new_zeros(())
+        stats = {"tokens_per_expert": tokens_per_expert, "argmax_fraction": argmax_hits / pairs,
+                 "router_entropy": entropy, "dropped_fraction": (pairs - sum(rows_per_expert)) / pairs}
+        log_prob = routing.log_prob.reshape(x.shape[:-1]) if routing.log_prob is not None else None
+        self.aux = MoEAux(balance, z_loss, log_prob, stats)
+        return y.reshape(x.shape)
+
+    @staticmethod
+    def dispatch_order(pair_expert: Tensor, counts: Tensor, capacity: int | None) -> Tensor:
+        """The pairs grouped by expert, in token order within each (a stable sort), without those beyond an
+        expert's capacity."""
+        order = torch.argsort(pair_expert, stable=True)
+        if capacity is not None:
+            first_of_expert = counts.cumsum(0) - counts
+            rank = torch.arange(len(order), device=order.device) - first_of_expert[pair_expert[order]]
+            order = order[rank < capacity]
+        return order
+
+    def sparse_mix(self, tokens: Tensor, gates: Tensor, order: Tensor, rows_per_expert: list[int]) -> Tensor:
+        """sum_j g_j E_{D_j}(x), running each expert once on the block of pairs routed to it. A Python loop over
+        the n experts rather than one padded batched matmul: on the CPU it is as fast when loads are even and
+        several times faster when they are not (padding computes the busiest expert's load n times)."""
+        token = torch.div(order, self.k, rounding_mode="floor")
+        blocks = tokens[token].split(rows_per_expert)
+        outputs = [self.expert_ffn(block, *weights) for block, weights in zip(blocks, self.expert_weights())
+                   if len(block)]
+        if not outputs:  # no tokens, or none within capacity
+            return tokens.new_zeros(tokens.shape)
+        y_sorted = torch.cat(outputs)
+        weighted = y_sorted * gates.reshape(-1)[order].unsqueeze(-1).to(y_sorted.dtype)
+        return y_sorted.new_zeros(tokens.shape).index_add(0, token, weighted)
+
+    def dense_mix(self, tokens: Tensor, gates: Tensor, kept: Tensor | None) -> Tensor:
+        """sum_i g_i E_i(x) over every expert (gradest.problems.mix, dense case), in one batched matmul.
+        `kept`: the tokens within capacity (a dense estimator makes one choice per token); the others get 0."""
+        if kept is not None:
+            gates = gates * torch.zeros(len(gates), 1, dtype=gates.dtype, device=gates.device).index_fill(0, kept, 1)
+        y_all = self.expert_ffn(tokens, self.w_in, self.b_in, self.w_out, self.b_out)  # (n, T, d_model)
+        return torch.einsum("tn,ntd->td", gates.to(y_all.dtype), y_all)

@@ -1,0 +1,306 @@
+"""Training a Switch Transformer with any routing estimator: `gradest run` (DESIGN §5, issue 3).
+
+One loop serves both tasks. A `Task` knows its data and how to score a batch: `lm` (tiny-shakespeare, characters)
+and `mt` (Multi30k En-De, BPE, BLEU). Each step's loss is the mean cross-entropy plus the MoE layers' auxiliary
+losses; a score-function estimator (REINFORCE) adds its surrogate term over each sequence's loss. Everything that
+decides the next step — model, optimiser, scheduler, the data generator and the RNG the estimators draw from — is
+checkpointed, so a resumed run reproduces the uninterrupted one exactly on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from gradest.errors import GradestError
+from gradest.estimators import REGISTRY, Estimator, Routing
+from gradest.measure import expand_estimators
+from gradest.model import SwitchConfig, SwitchLM, SwitchSeq2Seq
+from gradest.report import atomic_write_bytes, atomic_write_text, run_metadata, write_json
+
+TASKS = ("lm", "mt")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class TrainConfig:
+    """A training run. `model` overrides SwitchConfig's defaults (n_layer, d_model, ...)."""
+
+    task: str = "lm"
+    estimator: str = "sparsemixer"  # a registry name, optionally NAME:KEY=VALUE..
+    hparams: dict = field(default_factory=dict)  # estimator hyper-parameters (--set)
+    experts: int = 8
+    top_k: int = 1
+    omega: bool | None = None  # None: the estimator's default
+    steps: int = 600
+    batch_size: int = 32
+    block_size: int = 128  # lm: characters per sequence
+    lr: float = 2e-3
+    warmup: int = 50
+    min_lr_ratio: float = 0.1  # cosine decay to this fraction of lr
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_interval: int = 100
+    eval_batches: int = 8
+    checkpoint_interval: int = 100
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"  # or bfloat16 (autocast; the router stays float32)
+    model: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise GradestError(f"unknown task '{self.task}'; valid: {', '.join(TASKS)}")
+        if self.dtype not in DTYPES:
+            raise GradestError(f"unknown dtype '{self.dtype}'; valid: {', '.join(DTYPES)}")
+        for name in ("experts", "top_k", "steps", "batch_size", "block_size", "eval_interval", "eval_batches",
+                     "checkpoint_interval"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise GradestError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.experts < 2:
+            raise GradestError(f"experts must be >= 2 (routing needs a choice), got {self.experts}")
+        if self.top_k > self.experts:
+            raise GradestError(f"top_k={self.top_k} is larger than experts={self.experts}; valid: 1 <= top_k <= "
+                               f"{self.experts}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise GradestError(f"lr must be a finite number > 0, got {self.lr!r}")
+        unknown = set(self.model) - {f.name for f in dataclasses.fields(SwitchConfig)}
+        if unknown:
+            raise GradestError(f"unknown model setting '{sorted(unknown)[0]}'; valid: "
+                               + ", ".join(f.name for f in dataclasses.fields(SwitchConfig)))
+
+    def build_estimator(self) -> Estimator:
+        (estimator,) = expand_estimators([self.estimator], "gated", self.top_k, self.hparams)
+        if estimator.name == "exact":
+            valid = ", ".join(n for n in REGISTRY if n != "exact" and (self.top_k == 1 or REGISTRY[n].supports_topk))
+            raise GradestError("estimator 'exact' cannot train an MoE layer (it needs one pass of the layers above "
+                               f"per expert tuple); valid: {valid}")
+        return estimator
+
+
+# ------------------------------------------------------------------------------------------------------- tasks
+class LanguageModelling:
+    """Character-level tiny-shakespeare: random windows of `block_size` characters."""
+
+    def __init__(self, config: TrainConfig):
+        from gradest.datasets import lm_batch, load_shakespeare
+        self.config, self.corpus, self.lm_batch = config, load_shakespeare(), lm_batch
+
+    def model(self, estimator) -> SwitchLM:
+        cfg = SwitchConfig(vocab_size=self.corpus.vocab_size, block_size=self.config.block_size,
+                           experts=self.config.experts, omega=self.config.omega, **self.config.model)
+        return SwitchLM(cfg, estimator)
+
+    def batch(self, split: str, generator: torch.Generator):
+        tokens = self.corpus.train if split == "train" else self.corpus.val
+        x, y = self.lm_batch(tokens, self.config.batch_size, self.config.block_size, generator)
+        return x.to(self.config.device), y.to(self.config.device)
+
+    @staticmethod
+    def token_loss(model, batch):
+        """Per-token cross-entropy (B, T) and which tokens count (all of them here)."""
+        loss = model(*batch)[1]
+        return loss, torch.ones_like(loss, dtype=torch.bool)
+
+    def final_metrics(self, model) -> dict:
+        return {}
+
+
+class Translation:
+    """Multi30k En-De with a joint BPE; the final metrics are greedy-decoding BLEU on val and test_2016."""
+
+    def __init__(self, config: TrainConfig):
+        from gradest.datasets import load_multi30k, translation_batches
+        self.config, self.data, self.batches = config, load_multi30k(), translation_batches
+        self.iterators = {}
+
+    def model(self, estimator) -> SwitchSeq2Seq:
+        settings = {"n_encoder_layer": 3, "n_layer": 3, "block_size": 128, **self.config.model}
+        cfg = SwitchConfig(vocab_size=self.data.vocab_size, experts=self.config.experts, omega=self.config.omega,
+                           pad_id=self.data.pad_id, **settings)
+        return SwitchSeq2Seq(cfg, estimator, self.data.pad_id)
+
+    def batch(self, split: str, generator: torch.Generator):
+        pairs = self.data.train if split == "train" else self.data.val
+        src, tgt_in, tgt_out = next(iter(self.batches(pairs, self.config.batch_size, generator, self.data.pad_id)))
+        return src.to(self.config.device), tgt_in.to(self.config.device), tgt_out.to(self.config.device)
+
+    def token_loss(self, model, batch):
+        """Per-token cross-entropy (B, T) and which tokens count (not the padding)."""
+        return model(*batch)[1], batch[2] != self.data.pad_id
+
+    def final_metrics(self, model) -> dict:
+        from gradest.datasets import bleu
+        model.eval()
+        out = {}
+        for split in ("val", "test"):
+            pairs = getattr(self.data, split)
+            hypotheses = []
+            for start in range(0, len(pairs), 128):
+                chunk = [src for src, _ in pairs[start:start + 128]]
+                src = torch.full((len(chunk), max(map(len, chunk))), self.data.pad_id, dtype=torch.long)
+                for i, ids in enumerate(chunk):
+                    src[i, :len(ids)] = torch.tensor(ids)
+                ids = model.greedy(src.to(self.config.device), self.data.bos_id, self.data.eos_id, max_len=80)
+                hypotheses += [self.data.decode(h) for h in ids]
+            out[f"bleu_{split}"] = bleu(hypotheses, self.data.target_text[split])
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------- training
+@dataclass
+class Trainer:
+    """Holds everything a run needs; `state_dict` is exactly what decides the steps still to come."""
+
+    config: TrainConfig
+    out: Path
+
+    def __post_init__(self):
+        torch.manual_seed(self.config.seed)
+        self.estimator = self.config.build_estimator()
+        self.task = (LanguageModelling if self.config.task == "lm" else Translation)(self.config)
+        self.model = self.task.model(self.estimator).to(self.config.device)
+        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
+        no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.config.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=self.config.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
+        self.data_generator = torch.Generator().manual_seed(self.config.seed)
+        self.step, self.rows, self.seconds = 0, [], 0.0
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to min_lr_ratio at the last step."""
+        c = self.config
+        if step < c.warmup:
+            return (step + 1) / c.warmup
+        progress = min(1.0, (step - c.warmup) / max(1, c.steps - c.warmup))
+        return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def autocast(self):
+        device = torch.device(self.config.device).type
+        return torch.autocast(device, dtype=DTYPES[self.config.dtype], enabled=self.config.dtype != "float32")
+
+    def loss(self, batch) -> tuple[torch.Tensor, dict]:
+        """The loss to back-propagate: mean cross-entropy + auxiliary losses (+ the score-function surrogate)."""
+        with self.autocast():
+            token_loss, counted = self.task.token_loss(self.model, batch)
+        tokens = counted.sum(-1).clamp_min(1)
+        sequence_loss = token_loss.sum(-1) / tokens  # f of each sequence
+        aux = self.model.aux_loss()
+        log_prob = self.model.routing_log_prob()
+        if log_prob is None:
+            objective = sequence_loss.mean()
+        else:  # REINFORCE: f is each sequence's loss, log P sums over its tokens and the MoE layers
+            f_zero = None
+            if self.estimator.needs_zero_output:
+                with torch.no_grad(), self.autocast():
+                    self.model.zero_moe(True)
+                    zero_loss = self.task.token_loss(self.model, batch)[0]
+                    self.model.zero_moe(False)
+                f_zero = zero_loss.sum(-1) / tokens
+            routing = Routing(experts=None, gates=log_prob.new_empty(0), log_prob=log_prob)
+            objective = self.estimator.surrogate(sequence_loss[:, None], routing, f_zero).mean()
+        return objective + aux, {"train_loss": sequence_loss.mean().item(), "aux_loss": aux.detach().item()}
+
+    def routing_stats(self) -> dict:
+        layers = [m.aux.stats for m in self.model.moe_layers()]
+        if not layers:
+            return {}
+        loads = [max(s["tokens_per_expert"]) * len(s["tokens_per_expert"]) / max(1, sum(s["tokens_per_expert"]))
+                 for s in layers]
+        return {"argmax_fraction": sum(s["argmax_fraction"] for s in layers) / len(layers),
+                "router_entropy": sum(s["router_entropy"] for s in layers) / len(layers),
+                "max_load": sum(loads) / len(loads)}  # tokens of the busiest expert over the mean, 1 = balanced
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Validation loss on a fixed set of batches (the same every time: its own generator)."""
+        self.model.eval()
+        generator = torch.Generator().manual_seed(10_000 + self.config.seed)
+        total = 0.0
+        for _ in range(self.config.eval_batches):
+            with self.autocast():
+                token_loss, counted = self.task.token_loss(self.model, self.task.batch("val", generator))
+            total += float(token_loss.sum() / counted.sum().clamp_min(1))
+        self.model.train()
+        return total / self.config.eval_batches
+
+    def train_step(self) -> dict:
+        start = time.perf_counter()
+        self.model.train()
+        batch = self.task.batch("train", self.data_generator)
+        loss, row = self.loss(batch)
+        if not math.isfinite(row["train_loss"]):
+            raise GradestError(f"the training loss became {row['train_loss']} at step {self.step + 1}; try a "
+                               f"smaller --lr or --dtype float32")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.seconds += time.perf_counter() - start
+        tokens = batch[-1].numel()
+        return {"step": self.step, **row, **self.routing_stats(), "lr": self.scheduler.get_last_lr()[0],
+                "seconds": self.seconds, "tokens_per_s": tokens / (time.perf_counter() - start)}
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "data_generator": self.data_generator.get_state(),
+                "rng": torch.get_rng_state(), "step": self.step, "rows": self.rows, "seconds": self.seconds,
+                "config": dataclasses.asdict(self.config)}
+
+    def load_state_dict(self, state: dict):
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.data_generator.set_state(state["data_generator"])
+        torch.set_rng_state(state["rng"])
+        self.step, self.rows, self.seconds = state["step"], state["rows"], state["seconds"]
+
+    def save(self):
+        buffer = io.BytesIO()
+        torch.save(self.state_dict(), buffer)
+        atomic_write_bytes(self.out / "checkpoint.pt", buffer.getvalue())
+        atomic_write_text(self.out / "metrics.csv", pd.DataFrame(self.rows).to_csv(index=False))
+
+    @classmethod
+    def resume(cls, out: Path, steps: int | None = None) -> "Trainer":
+        """The trainer of the checkpoint in `out`, ready to continue (to `steps` if given)."""
+        path = Path(out) / "checkpoint.pt"
+        if not path.is_file():
+            raise GradestError(f"no checkpoint to resume in {out}/ (expected {path})")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        config = TrainConfig(**{**state["config"], **({"steps": steps} if steps else {})})
+        trainer = cls(config, Path(out))
+        trainer.load_state_dict(state)
+        return trainer
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def run(self, progress=None, command: list[str] | None = None, until: int | None = None) -> pd.DataFrame:
+        """Train to config.steps (or stop after step `until`, as an interrupted run would, checkpoint saved)."""
+        write_json(self.out / "config.json", run_metadata(dataclasses.asdict(self.config), self.config.seed, command))
+        steps = range(self.step, min(self.config.steps, until or self.config.steps))
+        bar = progress(steps) if progress else steps
+        for _ in bar:
+            row = self.train_step()
+            last = self.step == self.config.steps
+            if self.step % self.config.eval_interval == 0 or last:
+                row["val_loss"] = self.evaluate()
+                row["val_ppl"] = math.exp(row["val_loss"])
+            if last:
+                row.update(self.task.final_metrics(self.model))
+            self.rows.append(row)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{row['train_loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if self.step % self.config.checkpoint_interval == 0 or last or self.step == until:
+                self.save()
+        return pd.DataFrame(self.rows)
