@@ -275,6 +275,9 @@ def run(estimator_spec, task, problem, steps, lr, batch_size, omega, device, dty
                              seed=seed, device=device, dtype=dtype, model=parse_model_settings(model_settings))
         estimator = config.build_estimator()
         out = out or Path("runs") / f"{file_name(estimator.label)}-{task}-n{config.experts}-k{config.top_k}-seed{seed}"
+        if (out / "checkpoint.pt").exists():  # never overwrite a run: continuing it is one flag away
+            raise GradestError(f"{out}/ already holds a run; continue it with --resume {out}, or choose another "
+                               f"--out")
         trainer = Trainer(config, out)
     with report_errors(out):
         metrics = trainer.run(progress=lambda steps: progress_bar(steps, trainer.estimator.label),

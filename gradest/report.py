@@ -315,12 +315,14 @@ def training_figure(metrics: pd.DataFrame, estimator_label: str) -> Figure:
         loss_ax.set(xlabel="step", ylabel="cross-entropy (nats per token)", title=f"Switch, {estimator_label}")
         loss_ax.legend()
         if "argmax_fraction" in metrics:
-            routing_ax.plot(metrics["step"], metrics["argmax_fraction"], color=green,
-                            label="fraction routed to the arg-max")
-            routing_ax.plot(metrics["step"], metrics["max_load"] / metrics["max_load"].max(), color=orange,
-                            label="busiest expert's load (scaled)")
-            routing_ax.set(xlabel="step", ylim=(0, 1.05), title="routing")
-            routing_ax.legend(fontsize=8)
+            routing_ax.plot(metrics["step"], metrics["argmax_fraction"], color=green)
+            routing_ax.set(xlabel="step", ylim=(0, 1.05), title="routing (mean over MoE layers)")
+            routing_ax.set_ylabel("fraction routed to the arg-max", color=green)
+            load_ax = routing_ax.twinx()
+            load_ax.grid(False)
+            load_ax.plot(metrics["step"], metrics["max_load"], color=orange, lw=1)
+            load_ax.set_ylabel("busiest expert's load / mean (1 = balanced)", color=orange)
+            load_ax.set_ylim(bottom=0)
         else:
             routing_ax.set_axis_off()
     return fig

@@ -84,6 +84,19 @@ def test_cli_run_writes_its_files(tmp_path):
     again = CliRunner().invoke(main, ["run", "--resume", str(out), "--steps", "14"])
     assert again.exit_code == 0, again.output
     assert pd.read_csv(out / "metrics.csv")["step"].iloc[-1] == 14
+    before = (out / "checkpoint.pt").read_bytes()
+    refused = CliRunner().invoke(main, args)  # the same command again must not overwrite the run
+    assert refused.exit_code == 2 and "--resume" in refused.output
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_translation_reports_bleu(tmp_path):
+    """--task mt trains the encoder-decoder on Multi30k and reports greedy BLEU on val and test_2016."""
+    trainer = tiny(tmp_path, task="mt", steps=4, eval_interval=4, model=TINY | {"n_encoder_layer": 1})
+    start = trainer.evaluate()
+    final = trainer.run().iloc[-1]
+    assert final["val_loss"] < start
+    assert 0 <= final["bleu_val"] <= 100 and 0 <= final["bleu_test"] <= 100
 
 
 @pytest.mark.parametrize("args,words", [
