@@ -282,8 +282,10 @@ def run(estimator_spec, task, problem, steps, lr, batch_size, omega, device, dty
     with report_errors(out):
         metrics = trainer.run(progress=lambda steps: progress_bar(steps, trainer.estimator.label),
                               command=command_line())
-        atomic_savefig(training_figure(metrics, trainer.estimator.label), out / "loss.png", dpi=120)
-    click.echo(training_summary(trainer, metrics, out))
+        if trainer.rank == 0:  # under torchrun only rank 0 writes and reports
+            atomic_savefig(training_figure(metrics, trainer.estimator.label), out / "loss.png", dpi=120)
+            click.echo(training_summary(trainer, metrics, out))
+    trainer.close()
 
 
 def parse_model_settings(texts) -> dict:

@@ -5,6 +5,12 @@ and `mt` (Multi30k En-De, BPE, BLEU). Each step's loss is the mean cross-entropy
 losses; a score-function estimator (REINFORCE) adds its surrogate term over each sequence's loss. Everything that
 decides the next step — model, optimiser, scheduler, the data generator and the RNG the estimators draw from — is
 checkpointed, so a resumed run reproduces the uninterrupted one exactly on the CPU.
+
+Data parallel: `torchrun --nproc-per-node N -m gradest.cli run ...` runs N ranks (gloo on the CPU, nccl on CUDA).
+Every rank draws the same global batch and trains on its share of the sequences; DistributedDataParallel averages
+the gradients, so they equal one process's on the whole batch, except through what is computed per rank: the
+load-balancing loss (per device, as in Switch and fairseq), REINFORCE's batch-mean baseline and the routing noise.
+Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -12,12 +18,15 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from gradest.errors import GradestError
 from gradest.estimators import REGISTRY, Estimator, Routing
@@ -155,6 +164,24 @@ class Translation:
 
 
 # ---------------------------------------------------------------------------------------------------- training
+def start_distributed(config: TrainConfig) -> tuple[int, int]:
+    """(rank, world size). Under torchrun (WORLD_SIZE > 1) join the process group: nccl on CUDA, each local rank
+    on its own GPU, gloo on the CPU. A plain process is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1
+    if config.batch_size % world:
+        raise GradestError(f"batch_size={config.batch_size} does not split over {world} processes; valid: a "
+                           f"multiple of {world}")
+    cuda = torch.device(config.device).type == "cuda"
+    if cuda:
+        config.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+        torch.cuda.set_device(config.device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), world
+
+
 @dataclass
 class Trainer:
     """Holds everything a run needs; `state_dict` is exactly what decides the steps still to come."""
@@ -163,10 +190,14 @@ class Trainer:
     out: Path
 
     def __post_init__(self):
+        self.rank, self.world = start_distributed(self.config)
         torch.manual_seed(self.config.seed)
         self.estimator = self.config.build_estimator()
         self.task = (LanguageModelling if self.config.task == "lm" else Translation)(self.config)
         self.model = self.task.model(self.estimator).to(self.config.device)
+        # the model the loss runs through: DDP averages gradients over ranks in backward
+        self.forward_model = DistributedDataParallel(self.model) if self.world > 1 else self.model
+        torch.manual_seed(self.config.seed + self.rank)  # each rank its own routing noise
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
         no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.config.weight_decay},
@@ -190,7 +221,7 @@ class Trainer:
     def loss(self, batch) -> tuple[torch.Tensor, dict]:
         """The loss to back-propagate: mean cross-entropy + auxiliary losses (+ the score-function surrogate)."""
         with self.autocast():
-            token_loss, counted = self.task.token_loss(self.model, batch)
+            token_loss, counted = self.task.token_loss(self.forward_model, batch)
         tokens = counted.sum(-1).clamp_min(1)
         sequence_loss = token_loss.sum(-1) / tokens  # f of each sequence
         aux = self.model.aux_loss()
@@ -202,7 +233,7 @@ class Trainer:
             if self.estimator.needs_zero_output:
                 with torch.no_grad(), self.autocast():
                     self.model.zero_moe(True)
-                    zero_loss = self.task.token_loss(self.model, batch)[0]
+                    zero_loss = self.task.token_loss(self.forward_model, batch)[0]
                     self.model.zero_moe(False)
                 f_zero = zero_loss.sum(-1) / tokens
             routing = Routing(experts=None, gates=log_prob.new_empty(0), log_prob=log_prob)
@@ -236,26 +267,36 @@ class Trainer:
         start = time.perf_counter()
         self.model.train()
         batch = self.task.batch("train", self.data_generator)
+        batch = tuple(t[self.rank::self.world] for t in batch)  # this rank's share of the global batch
         loss, row = self.loss(batch)
         if not math.isfinite(row["train_loss"]):
             raise GradestError(f"the training loss became {row['train_loss']} at step {self.step + 1}; try a "
                                f"smaller --lr or --dtype float32")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        row["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         self.seconds += time.perf_counter() - start
-        tokens = batch[-1].numel()
-        return {"step": self.step, **row, **self.routing_stats(), "lr": self.scheduler.get_last_lr()[0],
-                "seconds": self.seconds, "tokens_per_s": tokens / (time.perf_counter() - start)}
+        tokens = batch[-1].numel() * self.world
+        row = self.mean_over_ranks({**row, **self.routing_stats()})
+        return {"step": self.step, **row, "lr": self.scheduler.get_last_lr()[0], "seconds": self.seconds,
+                "tokens_per_s": tokens / (time.perf_counter() - start)}
+
+    def mean_over_ranks(self, values: dict) -> dict:
+        """Each logged number averaged over the ranks (each saw its share of the batch)."""
+        if self.world == 1:
+            return values
+        total = torch.tensor(list(values.values()), dtype=torch.float64, device=self.config.device)
+        dist.all_reduce(total)
+        return dict(zip(values, (total / self.world).tolist()))
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "data_generator": self.data_generator.get_state(),
-                "rng": torch.get_rng_state(), "step": self.step, "rows": self.rows, "seconds": self.seconds,
+                "rng": self.gather(torch.get_rng_state()), "step": self.step, "rows": self.rows, "seconds": self.seconds,
                 "config": dataclasses.asdict(self.config)}
 
     def load_state_dict(self, state: dict):
@@ -263,12 +304,26 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.data_generator.set_state(state["data_generator"])
-        torch.set_rng_state(state["rng"])
+        if len(state["rng"]) != self.world:
+            raise GradestError(f"the checkpoint was written by {len(state['rng'])} processes; resume it with "
+                               f"as many (this run has {self.world})")
+        torch.set_rng_state(state["rng"][self.rank])
         self.step, self.rows, self.seconds = state["step"], state["rows"], state["seconds"]
 
+    def gather(self, value) -> list:
+        """`value` from every rank, in rank order (a list of one in a single process)."""
+        if self.world == 1:
+            return [value]
+        values = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
+
     def save(self):
+        state = self.state_dict()  # every rank takes part: it gathers their RNG states
+        if self.rank != 0:
+            return
         buffer = io.BytesIO()
-        torch.save(self.state_dict(), buffer)
+        torch.save(state, buffer)
         atomic_write_bytes(self.out / "checkpoint.pt", buffer.getvalue())
         atomic_write_text(self.out / "metrics.csv", pd.DataFrame(self.rows).to_csv(index=False))
 
@@ -287,9 +342,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ the loop
     def run(self, progress=None, command: list[str] | None = None, until: int | None = None) -> pd.DataFrame:
         """Train to config.steps (or stop after step `until`, as an interrupted run would, checkpoint saved)."""
-        write_json(self.out / "config.json", run_metadata(dataclasses.asdict(self.config), self.config.seed, command))
+        if self.rank == 0:
+            write_json(self.out / "config.json", run_metadata({**dataclasses.asdict(self.config),
+                                                              "processes": self.world}, self.config.seed, command))
         steps = range(self.step, min(self.config.steps, until or self.config.steps))
-        bar = progress(steps) if progress else steps
+        bar = progress(steps) if progress and self.rank == 0 else steps
         for _ in bar:
             row = self.train_step()
             last = self.step == self.config.steps
@@ -304,3 +361,8 @@ class Trainer:
             if self.step % self.config.checkpoint_interval == 0 or last or self.step == until:
                 self.save()
         return pd.DataFrame(self.rows)
+
+    def close(self):
+        """Leave the process group (torchrun); nothing to do in a single process."""
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()

@@ -119,3 +119,29 @@ def test_bad_flags_give_one_line_and_exit_2(args, words):
     assert len(lines) == 1 and "Traceback" not in result.output, result.output
     for word in words:
         assert word in lines[0]
+
+
+def test_two_gloo_processes_equal_one_process(tmp_path):
+    """torchrun with 2 gloo processes on the CPU trains like one process on the same global batch: per-step
+    losses, gradient norms and the final parameters agree to float32 rounding. (Deterministic routing and no
+    load-balancing loss, the two things computed per rank.)"""
+    import subprocess
+    import sys
+    args = ["run", "--estimator", "topk", "--steps", "4", "--batch-size", "8", "--experts", "4",
+            "--model=balance_coef=0"] + [f"--model={k}={v}" for k, v in TINY.items()]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", "29517", "-m", "gradest.cli", *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    a, b = (pd.read_csv(tmp_path / name / "metrics.csv") for name in ("one", "two"))
+    for column in ("train_loss", "grad_norm", "val_loss"):
+        assert a[column].notna().equals(b[column].notna())
+        torch.testing.assert_close(torch.tensor(a[column].dropna().to_numpy()),
+                                   torch.tensor(b[column].dropna().to_numpy()), rtol=1e-5, atol=1e-6)
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["config"]["processes"] == 2
+    params = [torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)["model"] for name in ("one", "two")]
+    for key in params[0]:
+        torch.testing.assert_close(params[0][key], params[1][key], rtol=1e-4, atol=1e-6, msg=key)
