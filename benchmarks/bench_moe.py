@@ -18,12 +18,17 @@ from gradest.estimators import get_estimator
 from gradest.moe import MoE
 
 
-def one_step(module, x, grad_y, extra_loss) -> float:
-    """Seconds for one forward + backward."""
+def one_step(module, x, grad_y, extra_loss, autocast) -> float:
+    """Seconds for one forward + backward (synchronised on a GPU)."""
     module.zero_grad(set_to_none=True)
+    if x.is_cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
-    y = module(x)
-    ((y * grad_y).sum() + extra_loss(module)).backward()
+    with autocast:
+        y = module(x)
+    ((y.float() * grad_y).sum() + extra_loss(module)).backward()
+    if x.is_cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -45,16 +50,20 @@ def main():
     parser.add_argument("--estimators", default="switch,sparsemixer")
     parser.add_argument("--skew", type=float, default=0.0)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     torch.manual_seed(0)
-    x = torch.randn(args.tokens, args.d_model)
-    grad_y = torch.randn(args.tokens, args.d_model)
+    x = torch.randn(args.tokens, args.d_model, device=args.device)
+    grad_y = torch.randn(args.tokens, args.d_model, device=args.device)
+    autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16,
+                              enabled=args.dtype == "bfloat16")
     dense = nn.Sequential(nn.Linear(args.d_model, args.d_ff, bias=False), nn.GELU(),
-                          nn.Linear(args.d_ff, args.d_model, bias=False))
-    print(f"tokens={args.tokens} d_model={args.d_model} d_ff={args.d_ff} experts={args.experts} top-1, float32, "
-          f"skew {args.skew}, CPU,\n"
+                          nn.Linear(args.d_ff, args.d_model, bias=False)).to(args.device)
+    print(f"tokens={args.tokens} d_model={args.d_model} d_ff={args.d_ff} experts={args.experts} top-1, {args.dtype}, "
+          f"skew {args.skew}, {args.device},\n"
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats")
-    moes = {f"MoE {name}": MoE(args.d_model, args.d_ff, args.experts, get_estimator(name))
+    moes = {f"MoE {name}": MoE(args.d_model, args.d_ff, args.experts, get_estimator(name)).to(args.device)
             for name in args.estimators.split(",")}
     router = next(iter(moes.values())).router.weight.detach()
     with torch.no_grad():
@@ -68,7 +77,7 @@ def main():
     times = {label: [] for label in layers}
     for round_ in range(args.repeats + 1):
         for label, (module, extra_loss) in layers.items():
-            seconds = one_step(module, x, grad_y, extra_loss)
+            seconds = one_step(module, x, grad_y, extra_loss, autocast)
             if round_:
                 times[label].append(seconds)
     dense_best, dense_median = min(times["dense FFN"]), statistics.median(times["dense FFN"])
@@ -82,9 +91,10 @@ def main():
         for label, (module, extra_loss) in layers.items():
             with torch.profiler.profile() as prof:
                 for _ in range(3):
-                    one_step(module, x, grad_y, extra_loss)
+                    one_step(module, x, grad_y, extra_loss, autocast)
             print(label, "(3 steps)")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
 
 if __name__ == "__main__":
     main()
