@@ -246,9 +246,12 @@ class Trainer:
             return {}
         loads = [max(s["tokens_per_expert"]) * len(s["tokens_per_expert"]) / max(1, sum(s["tokens_per_expert"]))
                  for s in layers]
+        shares = [sum(s["tokens_per_expert"][i] / max(1, sum(s["tokens_per_expert"])) for s in layers) / len(layers)
+                  for i in range(self.config.experts)]
         return {"argmax_fraction": sum(s["argmax_fraction"] for s in layers) / len(layers),
                 "router_entropy": sum(s["router_entropy"] for s in layers) / len(layers),
-                "max_load": sum(loads) / len(loads)}  # tokens of the busiest expert over the mean, 1 = balanced
+                "max_load": sum(loads) / len(loads),  # tokens of the busiest expert over the mean, 1 = balanced
+                **{f"load_{i}": share for i, share in enumerate(shares)}}  # expert i's share of the tokens
 
     @torch.no_grad()
     def evaluate(self) -> float:

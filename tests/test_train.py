@@ -76,8 +76,10 @@ def test_cli_run_writes_its_files(tmp_path):
         assert (out / name).stat().st_size > 0
     metrics = pd.read_csv(out / "metrics.csv")
     for column in ("step", "train_loss", "val_loss", "val_ppl", "aux_loss", "argmax_fraction", "router_entropy",
-                   "max_load", "seconds", "tokens_per_s"):
+                   "max_load", "seconds", "tokens_per_s", "grad_norm"):
         assert column in metrics
+    shares = metrics[[f"load_{i}" for i in range(4)]].sum(axis=1)  # each expert's share of the tokens
+    torch.testing.assert_close(torch.tensor(shares.to_numpy()), torch.ones(len(metrics), dtype=torch.float64))
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["estimator"] == "sparsemixer" and config["seed"] == 0 and config["git"]["commit"]
     assert "validation loss" in result.output
