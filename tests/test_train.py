@@ -34,10 +34,13 @@ def test_short_run_lowers_the_loss(tmp_path, estimator):
     assert torch.isfinite(torch.tensor(metrics["train_loss"].to_numpy())).all()
 
 
-def test_top2_and_omega_and_dense_baseline(tmp_path):
-    """Top-2 sequential routing, omega on a switch model, and the dense baseline (no MoE) all train."""
+def test_top2_omega_dense_baseline_post_ln_and_bf16(tmp_path):
+    """Top-2 sequential routing, omega on a switch model, the dense baseline (no MoE), post-LN and bf16 autocast
+    on the CPU all train."""
     for i, overrides in enumerate([dict(estimator="sparsemixer-v2", top_k=2), dict(estimator="switch", omega=True),
-                                   dict(estimator="switch", model=TINY | {"moe_every": 0})]):
+                                   dict(estimator="switch", model=TINY | {"moe_every": 0}),
+                                   dict(estimator="sparsemixer", model=TINY | {"post_ln": True}),
+                                   dict(estimator="sparsemixer", dtype="bfloat16")]):
         trainer = tiny(tmp_path / str(i), **overrides)
         start = trainer.evaluate()
         assert trainer.run()["val_loss"].dropna().iloc[-1] < start - 0.3
