@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import click
+import pandas as pd
 import torch
 from tabulate import tabulate
 from tqdm import tqdm
@@ -26,6 +27,7 @@ from gradest.estimators import CATEGORICAL, GATED, REGISTRY
 from gradest.estimators.base import parse_as
 from gradest.measure import WRT, compare as compare_estimators, expand_estimators, parse_setting
 from gradest.model import SwitchConfig
+from gradest.probe import TASK_PROBLEM, switch_probe
 from gradest.problems import PROBLEMS, ProblemConfig
 from gradest.report import (atomic_savefig, summary_text, training_figure, training_summary, write_compare_report,
                             write_run_report)
@@ -34,6 +36,8 @@ from gradest.train import DTYPES, TASKS, Trainer, TrainConfig
 
 # Problem-specific defaults that differ from ProblemConfig's: ReinMax's polynomial programming is binary.
 PROBLEM_DEFAULTS = {"poly": {"experts": 2}}
+SWITCH_PROBLEMS = {problem: task for task, problem in TASK_PROBLEM.items()}  # switch-lm -> lm, switch-mt -> mt
+ALL_PROBLEMS = [*PROBLEMS, *SWITCH_PROBLEMS]
 DEFAULT_SAMPLES = 2000  # the no-argument `gradest compare` (3 problems, every estimator) takes a few seconds
 
 
@@ -197,28 +201,52 @@ def list_estimators():
 
 @main.command()
 @click.option("--problem", "problems", type=CommaList(click.STRING, "PROBLEM"), default=",".join(PROBLEMS),
-              show_default=True, help=f"problems to measure on, comma-separated; valid: {', '.join(PROBLEMS)}")
+              show_default=True, help=f"problems to measure on, comma-separated; valid: {', '.join(ALL_PROBLEMS)} "
+                                      f"(switch-*: the router-gradient probe on a Switch Transformer)")
 @click.option("--estimators", default="all", show_default=True,
               help="'all' (every estimator that applies, with its variants) or a comma list of NAME[:KEY=VALUE..], "
                    "e.g. st:tau=0.5,reinforce:baseline=mean")
 @click.option("--samples", type=click.IntRange(min=3), default=DEFAULT_SAMPLES, show_default=True,
               help="gradient samples K per estimator")
 @click.option("--wrt", type=click.Choice(WRT), default="router", show_default=True,
-              help="what the gradient is taken with respect to")
+              help="what the gradient is taken with respect to (switch-*: logits or router)")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="switch-*: probe the model of this `gradest run` directory instead of a tiny model at "
+                   "initialisation")
+@click.option("--layer", type=click.IntRange(min=0), default=0, show_default=True,
+              help="switch-*: which MoE layer to probe (0 = the first)")
+@click.option("--draws", type=click.IntRange(min=3), default=64, show_default=True,
+              help="switch-*: draws S of the Rao-Blackwellised reference (when enumeration is too large)")
 @config_options(lists=True)
-def compare(problems, estimators, samples, wrt, experts, tokens, dim, top_k, sharpness, seed, settings, out):
+def compare(problems, estimators, samples, wrt, checkpoint, layer, draws, experts, tokens, dim, top_k, sharpness,
+            seed, settings, out):
     """Bias, variance and cost of every estimator against the exact gradient; writes a report into --out."""
+    unknown = [name for name in problems if name not in ALL_PROBLEMS]
+    if unknown:
+        raise GradestError(f"unknown problem '{unknown[0]}'; valid: {', '.join(ALL_PROBLEMS)}")
     hparams = parse_settings(settings)
-    configs = problem_configs(problems, seed, varying={"experts": experts, "top_k": top_k, "sharpness": sharpness},
+    synthetic = [name for name in problems if name in PROBLEMS]
+    configs = problem_configs(synthetic, seed, varying={"experts": experts, "top_k": top_k, "sharpness": sharpness},
                               fixed={"tokens": tokens, "dim": dim})
     chosen = "all" if estimators.strip() == "all" else estimators.split(",")
-    results = compare_estimators(configs, chosen, samples=samples, wrt=wrt, seed=seed, settings=hparams,
-                                 progress=functools.partial(progress_bar, description="estimators"))
+    progress = functools.partial(progress_bar, description="estimators")
+    frames = [compare_estimators(configs, chosen, samples=samples, wrt=wrt, seed=seed, settings=hparams,
+                                 progress=progress)] if configs else []
+    for name in (name for name in problems if name in SWITCH_PROBLEMS):
+        if wrt == "all":
+            raise GradestError(f"--wrt all is not measured on {name}; valid: logits, router")
+        for n, k in itertools.product(experts or [None], top_k or [1]):
+            frames.append(switch_probe(SWITCH_PROBLEMS[name], estimators=chosen, samples=samples, seed=seed,
+                                       checkpoint=checkpoint, layer=layer, experts=n, top_k=k, draws=draws, wrt=wrt,
+                                       settings=hparams, progress=progress))
+    results = pd.concat(frames, ignore_index=True)
     out = out or Path("runs/compare")
     with report_errors(out):
         write_compare_report(results, out, {
-            "command": "compare", "problems": [config.to_dict() for config in configs], "estimators": estimators,
-            "settings": hparams, "samples": samples, "wrt": wrt, "seed": seed, "out": str(out)}, command_line())
+            "command": "compare", "problems": [config.to_dict() for config in configs],
+            "switch_problems": [name for name in problems if name in SWITCH_PROBLEMS], "estimators": estimators,
+            "settings": hparams, "samples": samples, "wrt": wrt, "seed": seed, "checkpoint": checkpoint,
+            "layer": layer, "draws": draws, "out": str(out)}, command_line())
     click.echo(summary_text(results, tablefmt="simple", heading=""))
     click.echo(f"\nreport written to {out}/ (summary.csv, summary.md, bias_variance.png, rel_bias.png, config.json)")
 

@@ -109,7 +109,8 @@ def bias_variance(samples: Tensor, reference: Tensor, z: float = Z95) -> dict[st
     with a normal confidence interval from the jackknife standard error (every leave-one-out value in O(KP)).
 
     bias_sq = ||mean - g*||^2 - V/K is the U-statistic mean over pairs j != l of (g_j - g*).(g_l - g*): unbiased
-    for the squared bias, so an unbiased estimator's interval covers 0. rel_bias = sqrt(max(bias_sq, 0)) / ||g*||.
+    for the squared bias, so an unbiased estimator's interval covers 0. Its standard error is the jackknife's,
+    corrected by the U-statistic's second-order term (see below). rel_bias = sqrt(max(bias_sq, 0)) / ||g*||.
     """
     samples, reference = samples.double(), reference.double()
     K = samples.shape[0]
@@ -137,9 +138,22 @@ def bias_variance(samples: Tensor, reference: Tensor, z: float = Z95) -> dict[st
     S_sq, Q, Sg = S.pow(2).sum(), q.sum(), S @ reference
     full = stats(S_sq, Q, Sg, K, cos_each.sum())
     loo = stats(S_sq - 2 * sa + q, Q - q, Sg - ag, K - 1, cos_each.sum() - cos_each)
+    # bias_sq is a degree-2 U-statistic: Var = 4 b'Sigma b / K + 2 tr(Sigma^2) / K^2 to second order. The
+    # jackknife estimates the first term plus 2 tr(Sigma^2)/K^2 too much on average, and at zero bias it collapses
+    # whenever the mean lands near g*: so take off the excess and never go below the second term.
+    # tr(Sigma^2) estimated without the (tr Sigma)^2 / K bias of the plug-in, which dominates in many dimensions
+    centred = samples - samples.mean(0)
+    gram = centred @ centred.T if K <= centred.shape[1] else centred.T @ centred
+    df = K - 1
+    tr_cov, tr_cov_sq = float(centred.pow(2).sum()) / df, float(gram.pow(2).sum()) / df ** 2
+    tr_sigma_sq = max(df ** 2 / ((df - 1) * (df + 2)) * (tr_cov_sq - tr_cov ** 2 / df), 0.0)
+    second_order = 2 * tr_sigma_sq / K ** 2
     out = {}
     for name, value in full.items():
-        se = math.sqrt((K - 1) / K * float((loo[name] - loo[name].mean()).pow(2).sum()))
+        var = (K - 1) / K * float((loo[name] - loo[name].mean()).pow(2).sum())
+        if name == "bias_sq":
+            var = max(var - second_order, second_order)
+        se = math.sqrt(var)
         out[name], out[name + "_lo"], out[name + "_hi"] = float(value), float(value) - z * se, float(value) + z * se
 
     def rel(b):

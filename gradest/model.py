@@ -165,6 +165,13 @@ class SwitchModel(nn.Module):
         return total
 
 
+def token_cross_entropy(logits: Tensor, targets: Tensor, ignore: int) -> Tensor:
+    """Per-token cross-entropy (B, T), 0 where the target is `ignore`; in float32 at least (bf16 logits under
+    autocast are too coarse for a loss), float64 kept."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=ignore, reduction="none")
+
+
 class SwitchLM(SwitchModel):
     """Decoder-only causal language model with a weight-tied output head."""
 
@@ -181,9 +188,7 @@ class SwitchLM(SwitchModel):
         logits = self.head(self.decoder(idx))
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=self.config.pad_id,
-                               reduction="none")
-        return logits, loss
+        return logits, token_cross_entropy(logits, targets, self.config.pad_id)
 
 
 class SwitchSeq2Seq(SwitchModel):
@@ -213,9 +218,7 @@ class SwitchSeq2Seq(SwitchModel):
         logits = self.decode(tgt_in, *self.encode(src))
         if tgt_out is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().transpose(1, 2), tgt_out, ignore_index=self.pad_id,
-                               reduction="none")
-        return logits, loss
+        return logits, token_cross_entropy(logits, tgt_out, self.pad_id)
 
     @torch.no_grad()
     def greedy(self, src: Tensor, bos_id: int, eos_id: int, max_len: int) -> list[list[int]]:

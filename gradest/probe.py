@@ -31,9 +31,20 @@ How the work is organised:
   memory); sample k's routing noise is `torch.rand(tokens, noise_dim)` from a generator seeded with
   `sample_seeds(seed, K)[k]`, exactly what the layer would draw itself after `torch.manual_seed` of that seed.
 
+- Score-function estimators (REINFORCE) get f and log P per sequence, its surrogate averaged over the batch, as
+  the Trainer computes them (score="sequence"; unbiased because sequences do not interact), or f = L and log P
+  over the whole batch's tokens at layer l (score="batch"). Its f(0) baseline zeroes layer l's output only.
+  Tokens that cannot reach the loss are routed by the estimator like any other (as in training).
+- A Monte-Carlo reference is noisy itself: `bias_variance_mc` removes its noise from the squared bias (an
+  unbiased two-sample U-statistic) and widens the intervals by a jackknife over its draws.
+
 `probe(model, batch, layer, estimators, samples, ...)` returns rows in the format of `gradest.measure.compare`
-plus `reference` ("enumeration" or "rao-blackwell"), `reference_se` and `reference_draws`; `switch_probe(task)`
-builds a tiny Switch Transformer and a fixed batch and probes it.
+plus `reference` ("enumeration" or "rao-blackwell"), `reference_se` (its standard error's norm over its norm, 0
+for enumeration), `reference_draws` (S, 0 for enumeration), `reference_rows` (sequences the layers above l ran
+to compute it), `reference_seconds`, `layer`, `batch_size`, `seq_len` and `relevant_tokens`; `tokens` counts
+every token at layer l and `sharpness` is the RMS of layer l's router logits on the batch (the scale the
+synthetic problems' `sharpness` sets; the report groups rows by it). `switch_probe(task)` builds a tiny Switch
+Transformer and a fixed batch and probes it.
 """
 
 from __future__ import annotations
@@ -60,6 +71,7 @@ from gradest.moe import MoE
 REFERENCES = ("auto", "enumeration", "rao-blackwell")
 PROBE_WRT = ("router", "logits")
 SCORES = ("sequence", "batch")
+MAX_ENUMERATION = 2 ** 22  # sequences an explicitly requested enumeration may run
 TASK_PROBLEM = {"lm": "switch-lm", "mt": "switch-mt"}
 
 
@@ -168,7 +180,7 @@ class Site:
 
     batch: (idx, targets) for a SwitchLM, (src, tgt_in, tgt_out) for a SwitchSeq2Seq. Attributes: `u` layer l's
     input (B, T, d), `z0` its router logits (B, T, n), `relevant` (B, T) the tokens whose routing can change L.
-    Call `losses(rows)` inside `probing(model)`.
+    `losses(rows)` expects the model in `probing` mode; the functions below set it.
     """
 
     def __init__(self, model: SwitchModel, batch, layer: int = 0):
@@ -296,7 +308,7 @@ class Site:
         if self._zero_losses is None:
             self.layer.zero_output = True
             try:
-                with torch.no_grad():
+                with probing(self.model), torch.no_grad():
                     self._zero_losses = self.losses(torch.arange(self.B, device=self.device))
             finally:
                 self.layer.zero_output = False
@@ -341,7 +353,7 @@ def forced_gradients(site: Site, objective: dict, rows: Tensor, experts: Tensor,
     (R, T, n) where grad_mask is set, 0 elsewhere, in float64."""
     R, T = experts.shape[:2]
     forced = ForcedRouting(objective, experts.reshape(R * T, -1))
-    with installed(site.layer, forced), torch.enable_grad():
+    with probing(site.model), installed(site.layer, forced), torch.enable_grad():
         losses = site.losses(rows)
         p = forced.gates.prod(-1).reshape(R, T)
         weight = torch.where(weight_mask, p, torch.ones_like(p)).prod(-1)
@@ -427,7 +439,7 @@ def rao_blackwell_reference(site: Site, objective: dict, draws: int = 64, seed: 
     start = time.perf_counter()
     k, B, T, n = objective["k"], site.B, site.T, site.n
     tuples = site.tuples(k)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(2 * seed + 1)  # a stream apart from the samples' (2 * seed)
     u = torch.rand(draws, B * T, k, generator=generator, dtype=torch.float64).to(site.device, site.z0.dtype)
     z = site.z0.detach().reshape(1, B * T, n).expand(draws, -1, -1)
     drawn = sequential_route(z, k, mask=objective["mask"], r=objective["r"], temperature=objective["temperature"],
@@ -458,6 +470,9 @@ def reference_gradient(site: Site, objective: dict, method: str = "auto", draws:
         raise GradestError(f"unknown reference '{method}'; valid: {', '.join(REFERENCES)}")
     if method == "auto":
         method = "enumeration" if enumeration_rows(site, objective) <= max_enumeration else "rao-blackwell"
+    elif method == "enumeration" and enumeration_rows(site, objective) > MAX_ENUMERATION:
+        raise GradestError(f"enumeration would run {enumeration_rows(site, objective):,} sequences (more than "
+                           f"{MAX_ENUMERATION:,}); use reference='rao-blackwell' or 'auto'")
     if method == "enumeration":
         return enumerate_reference(site, objective, max_elements)
     return rao_blackwell_reference(site, objective, draws, seed, max_elements)
@@ -467,7 +482,7 @@ def reference_gradient(site: Site, objective: dict, method: str = "auto", draws:
 def sample_seeds(seed: int, samples: int) -> list[int]:
     """The seed of each gradient sample's routing noise: sample k's noise is what layer l draws itself
     (`torch.rand(tokens, noise_dim)`) after `torch.manual_seed(sample_seeds(seed, K)[k])`."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(2 * seed)  # the Rao-Blackwell draws use 2 * seed + 1
     return torch.randint(2 ** 62, (samples,), generator=generator).tolist()
 
 
@@ -508,27 +523,27 @@ def gradient_samples(site: Site, estimator: Estimator, samples: int, seed: int =
                      max_elements: int = 2 ** 22) -> Tensor:
     """K gradient samples of the estimator w.r.t. layer l's logits (K, B, T, n), float64: the batch replicated
     K times (chunked), one forward and one backward per chunk. Deterministic estimators (no noise) are computed
-    once and repeated. Call inside `probing(site.model)`."""
+    once and repeated."""
     if not isinstance(samples, int) or samples < 1:
         raise GradestError(f"samples must be an integer >= 1, got {samples!r}")
     if score not in SCORES:
         raise GradestError(f"unknown score '{score}'; valid: {', '.join(SCORES)}")
     estimator.check(site.n, GATED)
-    if estimator.noise_dim(site.n) == 0:
-        return gradient_samples(site, estimator, 1, seed, score, max_elements).expand(samples, -1, -1, -1)
-    seeds = sample_seeds(seed, samples)
+    deterministic = estimator.noise_dim(site.n) == 0
+    seeds = sample_seeds(seed, 1 if deterministic else samples)
     per_chunk = max(1, site.chunk_rows(max_elements, dense=not estimator.sparse) // site.B)
     out = []
-    for first in range(0, samples, per_chunk):
+    for first in range(0, len(seeds), per_chunk):
         part = seeds[first:first + per_chunk]
         K = len(part)
         sampled = _Sampled(estimator, sample_noise(site, estimator, part))
         rows = torch.arange(site.B, device=site.device).repeat(K)
-        with installed(site.layer, sampled), torch.enable_grad():
+        with probing(site.model), installed(site.layer, sampled), torch.enable_grad():
             losses = site.losses(rows).reshape(K, site.B)
             (grad,) = torch.autograd.grad(surrogate_loss(site, estimator, losses, score), sampled.logits)
         out.append(grad.reshape(K, site.B, site.T, site.n).double())
-    return torch.cat(out)
+    out = torch.cat(out)
+    return out.expand(samples, -1, -1, -1) if deterministic else out
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -593,6 +608,8 @@ def bias_variance_mc(samples: Tensor, draws: Tensor, z: float = Z95) -> dict[str
 def probe_estimators(names, k: int, settings: dict | None = None) -> list[Estimator]:
     """The estimators to probe: `all` is every estimator that applies to top-k (with its variants) except
     `exact`, which cannot route an MoE layer (the reference is the exact gradient)."""
+    if isinstance(names, str) and names != "all":
+        names = [name for name in names.split(",") if name.strip()]
     every = names == "all" or names == ["all"]
     estimators = [e for e in names if isinstance(e, Estimator)] if isinstance(names, (list, tuple)) else []
     named = names if every else [e for e in names if not isinstance(e, Estimator)]

@@ -205,3 +205,26 @@ def test_interrupted_write_keeps_the_previous_file(tmp_path):
         atomic_savefig(FailingFigure(), path)
     assert path.read_text() == "previous"
     assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]
+
+
+def test_compare_probes_the_switch_transformer(tmp_path):
+    """--problem switch-lm runs the router-gradient probe next to a synthetic problem, in one report, with the
+    probe's reference method and its standard error."""
+    out = tmp_path / "probe"
+    result = invoke("compare", "--problem", "switch-lm,moe-regression", "--estimators", "sparsemixer,reinforce,st",
+                    "--samples", 60, "--out", out)
+    assert result.exit_code == 0, result.output
+    df = pd.read_csv(out / "summary.csv")
+    probe = df[df.problem == "switch-lm"]
+    assert set(probe.estimator) == {"sparsemixer", "reinforce", "st"}
+    assert set(probe.reference) <= {"enumeration", "rao-blackwell"} and (probe.reference_se >= 0).all()
+    assert set(df[df.problem == "moe-regression"].estimator) == {"sparsemixer", "reinforce", "st"}
+    assert "switch-lm" in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--problem", "switch-lm", "--wrt", "all"], ["--wrt all", "logits, router"]),
+    (["--problem", "switch-xx"], ["switch-xx", "switch-lm", "moe-regression"]),
+])
+def test_compare_switch_errors(tmp_path, args, words):
+    assert_one_line_error(invoke("compare", *args, "--samples", 10, "--out", tmp_path / "out"), *words)
