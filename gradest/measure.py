@@ -155,14 +155,18 @@ def bias_variance(samples: Tensor, reference: Tensor, z: float = Z95) -> dict[st
             var = max(var - second_order, second_order)
         se = math.sqrt(var)
         out[name], out[name + "_lo"], out[name + "_hi"] = float(value), float(value) - z * se, float(value) + z * se
+    return with_relative_bias(out, ref_norm)
 
+
+def with_relative_bias(metrics: dict, ref_norm: float) -> dict:
+    """Add rel_bias = sqrt(max(bias_sq, 0)) / ||g*|| and its interval (from bias_sq's), and ref_norm."""
     def rel(b):
         return math.sqrt(max(b, 0.0)) / ref_norm if ref_norm > 0 else math.nan
 
-    out["rel_bias"], out["rel_bias_lo"], out["rel_bias_hi"] = (rel(out["bias_sq"]), rel(out["bias_sq_lo"]),
-                                                                rel(out["bias_sq_hi"]))
-    out["ref_norm"] = ref_norm
-    return out
+    for suffix in ("", "_lo", "_hi"):
+        metrics["rel_bias" + suffix] = rel(metrics["bias_sq" + suffix])
+    metrics["ref_norm"] = ref_norm
+    return metrics
 
 
 # --------------------------------------------------------------------------------------------------- compare

@@ -64,7 +64,7 @@ from torch import Tensor
 from gradest.errors import GradestError
 from gradest.estimators import GATED, Estimator, Routing
 from gradest.estimators.base import sequential_route
-from gradest.measure import Z95, bias_variance, expand_estimators, objective_label
+from gradest.measure import Z95, bias_variance, expand_estimators, objective_label, with_relative_bias
 from gradest.model import SwitchConfig, SwitchLM, SwitchModel, SwitchSeq2Seq
 from gradest.moe import MoE
 
@@ -593,15 +593,7 @@ def bias_variance_mc(samples: Tensor, draws: Tensor, z: float = Z95) -> dict[str
     cos = (samples @ refs_loo.T) / (samples.norm(dim=1, keepdim=True).clamp_min(1e-300) * refs_norm)
     widen("cos_mean", out["cos_mean"], cos.mean(0))
 
-    ref_norm = math.sqrt(max(float(ref.pow(2).sum()) - noise, 0.0))
-
-    def rel(b):
-        return math.sqrt(max(b, 0.0)) / ref_norm if ref_norm > 0 else math.nan
-
-    out["rel_bias"], out["rel_bias_lo"], out["rel_bias_hi"] = (rel(out["bias_sq"]), rel(out["bias_sq_lo"]),
-                                                                rel(out["bias_sq_hi"]))
-    out["ref_norm"] = ref_norm
-    return out
+    return with_relative_bias(out, math.sqrt(max(float(ref.pow(2).sum()) - noise, 0.0)))
 
 
 # ------------------------------------------------------------------------------------------------------ probe
