@@ -307,6 +307,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.data_generator.set_state(state["data_generator"])
+        if isinstance(state["rng"], torch.Tensor):  # a single-process checkpoint from before data parallel
+            state["rng"] = [state["rng"]]
         if len(state["rng"]) != self.world:
             raise GradestError(f"the checkpoint was written by {len(state['rng'])} processes; resume it with "
                                f"as many (this run has {self.world})")
