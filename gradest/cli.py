@@ -357,5 +357,74 @@ def file_name(label: str) -> str:
     return re.sub(r"[^\w.=-]+", "_", label.replace("*", "-star")).strip("_")
 
 
+# ------------------------------------------------------------------------------------------------------ studies
+SPEC = click.Path(dir_okay=False, path_type=Path)
+PROFILE_OPTION = click.option("--profile", default=None,
+                              help="the spec's profile: quick (CI), full (about an hour on 2 CPU cores) or paper "
+                                   "(GPU) [default: full, else the spec's base grid]")
+RESULTS_OPTION = click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=None,
+                              help="the results cache [default: $GRADEST_RESULTS, else results/]")
+
+
+@main.group()
+def study():
+    """Declarative studies (studies/*.toml): grids of cells, each run once and cached."""
+
+
+@study.command("run")
+@click.argument("spec", type=SPEC)
+@PROFILE_OPTION
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="cells run in parallel, each in its own process with one torch thread")
+@click.option("--shard", "shard_spec", metavar="i/N", default=None,
+              help="run only the cells whose index in the hash-sorted list is i mod N (0 <= i < N), e.g. for a "
+                   "Slurm array")
+@RESULTS_OPTION
+def study_run(spec, profile, jobs, shard_spec, results):
+    """Run every unfinished cell of SPEC; finished cells (results cached by a hash of their configuration) are
+    skipped, failed ones are recorded and retried on the next run."""
+    from gradest.study import load_study, results_root, run_study
+    spec_ = load_study(spec)
+    profile = spec_.resolve_profile(profile)
+    summary = run_study(spec_, profile, results, jobs, shard_spec, command=command_line())
+    click.echo(summary.text(spec_.name, profile))
+    click.echo(f"results in {results_root(results) / spec_.name}/")
+    if summary.failed:
+        raise click.ClickException(f"{len(summary.failed)} cell(s) failed (error.json in each); the others are "
+                                   f"done; run the study again to retry them")
+
+
+@main.command("report")
+@click.argument("spec", type=SPEC)
+@PROFILE_OPTION
+@RESULTS_OPTION
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="where to write the report [default: reports/<study name>/]")
+def study_report(spec, profile, results, out):
+    """Write reports/<study>/README.md (tables with means and 95% CIs over seeds), PNG figures and CSVs from the
+    cached results of SPEC."""
+    from gradest.study import load_study, write_report
+    with report_errors(out or Path("reports")):
+        out = write_report(load_study(spec), profile, results, out, command_line())
+    click.echo(f"report written to {out}/README.md")
+
+
+@main.command("figures")
+@click.option("--reports", "reports_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("reports"), show_default=True, help="the directory of committed reports")
+@RESULTS_OPTION
+def figures(reports_dir, results):
+    """Regenerate every report under --reports (tables, figures, CSVs) from the cached results."""
+    from gradest.study import regenerate
+    with report_errors(reports_dir):
+        written, skipped = regenerate(reports_dir, results, command_line())
+    for path in written:
+        click.echo(f"regenerated {path}/README.md")
+    for line in skipped:
+        click.echo(f"skipped {line}")
+    if not written and not skipped:
+        click.echo(f"no reports (*/report.json) under {reports_dir}/")
+
+
 if __name__ == "__main__":
     main()

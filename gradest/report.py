@@ -342,3 +342,64 @@ def training_summary(trainer, metrics: pd.DataFrame, out_dir) -> str:
               f"{model.num_parameters(active=True) / 1e6:.2f} M",
               f"written to {out_dir}/ (metrics.csv, loss.png, config.json, checkpoint.pt)"]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------ studies
+def mean_interval(values) -> tuple[float, float, float, int]:
+    """(mean, lo, hi, n): the mean over seeds with its 95% Student-t interval; lo = hi = mean for one seed."""
+    from scipy import stats
+    values = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan"), 0
+    mean = float(values.mean())
+    if n == 1:
+        return mean, mean, mean, 1
+    half = float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n))
+    return mean, mean - half, mean + half, n
+
+
+def aggregate_seeds(df: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.DataFrame:
+    """One row per group of `keys` (in first-seen order): `seeds`, and for each metric its mean over the group's
+    rows (seeds) with the 95% t-interval as `<metric>_lo`, `<metric>_hi`."""
+    rows = []
+    for values, group in df.groupby(keys, sort=False, dropna=False):
+        row = dict(zip(keys, values if isinstance(values, tuple) else (values,)))
+        row["seeds"] = len(group)
+        for metric in metrics:
+            if metric in group:
+                mean, lo, hi, _ = mean_interval(group[metric].to_numpy(float))
+                row.update({metric: mean, f"{metric}_lo": lo, f"{metric}_hi": hi})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plus_minus(mean: float, lo: float, hi: float, n: int) -> str:
+    """`1.23 ± 0.04` (half-width of the 95% interval over seeds); the bare value for one seed."""
+    if not np.isfinite(mean):
+        return "-"
+    if n <= 1:
+        return f"{mean:.4g}"
+    return f"{mean:.4g} ± {(hi - lo) / 2:.2g}"
+
+
+def curves_figure(curves: dict[str, pd.DataFrame], column: str = "val_loss", ylabel: str = "validation loss") -> Figure:
+    """Mean of `column` against step over seeds, with its 95% t-band, one line per label. Each frame has columns
+    step, seed and `column`."""
+    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.9):
+        fig = Figure(figsize=(7, 4.5), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        colors = sns.color_palette("tab10", max(1, len(curves)))
+        for color, (label, frame) in zip(colors, curves.items()):
+            points = frame.dropna(subset=[column])
+            stats_ = [(step, *mean_interval(group[column].to_numpy(float))) for step, group in points.groupby("step")]
+            if not stats_:
+                continue
+            steps, mean, lo, hi, n = (np.array(x) for x in zip(*stats_))
+            seeds = int(n.max())
+            ax.plot(steps, mean, "o-", ms=3, color=color, label=f"{label} ({seeds} seed{'s' * (seeds > 1)})")
+            ax.fill_between(steps, lo, hi, color=color, alpha=0.2, lw=0)
+        ax.set(xlabel="step", ylabel=ylabel, title=f"{ylabel}: mean over seeds, 95% t-band")
+        ax.legend(fontsize=8)
+    return fig

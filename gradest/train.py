@@ -370,4 +370,5 @@ class Trainer:
     def close(self):
         """Leave the process group (torchrun); nothing to do in a single process."""
         if self.world > 1 and dist.is_initialized():
+            dist.barrier()  # no rank leaves while rank 0 still writes: a peer gone mid-teardown can abort gloo
             dist.destroy_process_group()

@@ -130,13 +130,17 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     """torchrun with 2 gloo processes on the CPU trains like one process on the same global batch: per-step
     losses, gradient norms and the final parameters agree to float32 rounding. (Deterministic routing and no
     load-balancing loss, the two things computed per rank.)"""
+    import socket
     import subprocess
     import sys
+    with socket.socket() as probe:  # a free port: a fixed one collides with any other run of this test
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
     args = ["run", "--estimator", "topk", "--steps", "4", "--batch-size", "8", "--experts", "4",
             "--model=balance_coef=0"] + [f"--model={k}={v}" for k, v in TINY.items()]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", "29517", "-m", "gradest.cli", *args, "--out", str(tmp_path / "two")],
+                          "--master-port", port, "-m", "gradest.cli", *args, "--out", str(tmp_path / "two")],
                          capture_output=True, text=True, timeout=300, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     one = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "one")])

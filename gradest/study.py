@@ -1,0 +1,646 @@
+"""Declarative studies: a grid of cells run once each, cached by a hash of their configuration (issue #4 §1).
+
+A spec (`studies/NAME.toml`) has a `[study]` table (name, kind, description), a `[grid]` of lists whose cartesian
+product gives the cells, fixed `[settings]`, and `[profiles.quick|full|paper]` tables whose `grid` and `settings`
+override the base ones (a key a profile sets in `settings` leaves the grid, and the other way round; tables such as
+`model` and `hparams` are merged key by key). The grid key `variant` is special: a list of tables, each merged into
+the cell as a whole, for arms that differ in several settings at once (the dense baseline of a training study).
+
+Kinds: "compare" (one cell = a synthetic problem configuration x an estimator spec x a seed: the rows of
+`measure.compare`), "probe" (`probe.switch_probe`: task x estimator x experts x top-k x seed) and "train" (one
+`TrainConfig`, trained in the cell's directory and resumed from its checkpoint if killed).
+
+Cache: `RESULTS/<study>/<hash>/` where hash is the sha256 of the canonical JSON of the cell's full configuration
+(kind, every resolved setting, FORMAT). It holds `cell.json`, the outputs, and `done.json`, written last: a cell
+is finished iff `done.json` exists. A failing cell writes `error.json` and is retried on the next run. Every file
+is written atomically, so a run killed at any moment leaves no half file, and re-running finishes each cell
+exactly once.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import sys
+import time
+import traceback
+
+import pandas as pd
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from gradest.errors import GradestError
+
+FORMAT = 1  # bump when a cell's outputs change meaning: every cell is then run again
+KINDS = ("compare", "probe", "train")
+PROFILES = ("quick", "full", "paper")
+DEFAULT_PROFILE = "full"
+RESULTS_ENV = "GRADEST_RESULTS"
+TOP_KEYS = ("study", "grid", "settings", "profiles")
+STUDY_KEYS = ("name", "kind", "description")
+PROFILE_KEYS = ("grid", "settings", "description")
+PROBLEM_DEFAULTS = {"poly": {"experts": 2}}  # as `gradest compare`: ReinMax's polynomial programming is binary
+
+
+def _compare_defaults() -> dict:
+    from gradest.problems import ProblemConfig
+    fields = {f.name: f.default for f in dataclasses.fields(ProblemConfig) if f.name not in ("seed",)}
+    return {**fields, "estimator": "all", "samples": 2000, "wrt": "router", "seed": 0, "hparams": {}}
+
+
+def _probe_defaults() -> dict:
+    return {"task": "lm", "estimator": "all", "experts": 4, "top_k": 1, "samples": 256, "seed": 0, "wrt": "router",
+            "layer": 0, "draws": 64, "reference": "auto", "batch_size": 2, "seq_len": 8, "score": "sequence",
+            "data_seed": 0, "hparams": {}, "model": {}}
+
+
+def _train_defaults() -> dict:
+    from gradest.train import TrainConfig
+    defaults = {}
+    for f in dataclasses.fields(TrainConfig):
+        defaults[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return {"name": None, **defaults}
+
+
+DEFAULTS: dict[str, Callable[[], dict]] = {"compare": _compare_defaults, "probe": _probe_defaults,
+                                          "train": _train_defaults}
+
+
+# --------------------------------------------------------------------------------------------------------- spec
+@dataclass
+class Cell:
+    """One unit of work: its resolved configuration (hashed) and where its results live."""
+
+    kind: str
+    config: dict
+    hash: str
+    directory: Path
+
+    @property
+    def done(self) -> bool:
+        return (self.directory / "done.json").is_file()
+
+    @property
+    def failed(self) -> bool:
+        return not self.done and (self.directory / "error.json").is_file()
+
+
+@dataclass
+class Study:
+    name: str
+    kind: str
+    description: str
+    grid: dict
+    settings: dict
+    profiles: dict
+    path: Path | None = None
+
+    @property
+    def profile_names(self) -> list[str]:
+        return list(self.profiles)
+
+    def resolve_profile(self, profile: str | None) -> str | None:
+        """The profile to use: the one asked for (which must exist), else `full` if defined, else none."""
+        if profile is None:
+            return DEFAULT_PROFILE if DEFAULT_PROFILE in self.profiles else None
+        if profile not in self.profiles:
+            valid = ", ".join(self.profiles) or "(none: this study defines no profiles)"
+            raise GradestError(f"unknown profile '{profile}' for study '{self.name}'; valid: {valid}")
+        return profile
+
+    def layout(self, profile: str | None) -> tuple[dict, dict]:
+        """(grid, settings) of a profile: the base ones with the profile's overrides."""
+        grid, settings = copy.deepcopy(self.grid), copy.deepcopy(self.settings)
+        override = self.profiles.get(profile, {}) if profile else {}
+        p_grid, p_settings = override.get("grid", {}), override.get("settings", {})
+        for key, value in p_settings.items():
+            grid.pop(key, None)
+            settings[key] = merge(settings.get(key), value)
+        for key, values in p_grid.items():
+            settings.pop(key, None)
+            grid[key] = copy.deepcopy(values)
+        return grid, settings
+
+    def cells(self, profile: str | None, results: Path) -> list[Cell]:
+        """Every cell of the profile, sorted by hash (the order shards split), each configuration once."""
+        grid, settings = self.layout(profile)
+        defaults = DEFAULTS[self.kind]()
+        base = merge(defaults, settings)
+        cells = {}
+        keys = list(grid)
+        given = set(settings) | set(keys) | {k for v in grid.get("variant", []) for k in v}
+        for combination in itertools.product(*(grid[key] for key in keys)):
+            config = copy.deepcopy(base)
+            for key, value in zip(keys, combination):
+                if key == "variant":
+                    for k, v in value.items():
+                        config[k] = merge(config.get(k), v)
+                else:
+                    config[key] = merge(config.get(key), value)
+            config = resolve(self.kind, config, given)
+            digest = cell_hash(self.kind, config)
+            cells[digest] = Cell(self.kind, config, digest, Path(results) / self.name / digest)
+        return [cells[digest] for digest in sorted(cells)]
+
+
+def merge(old, new):
+    """`new`, except that a table updates a table key by key (recursively)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = copy.deepcopy(old)
+        for key, value in new.items():
+            out[key] = merge(out.get(key), value)
+        return out
+    return copy.deepcopy(new)
+
+
+def resolve(kind: str, config: dict, given=()) -> dict:
+    """Fill the defaults that depend on other settings, and check the configuration once, before any runs."""
+    config = dict(config)
+    if kind == "compare":
+        from gradest.measure import expand_estimators
+        from gradest.problems import PROBLEMS, ProblemConfig
+        if config["problem"] not in PROBLEMS:
+            raise GradestError(f"unknown problem '{config['problem']}'; valid: {', '.join(PROBLEMS)}")
+        for key, value in PROBLEM_DEFAULTS.get(config["problem"], {}).items():
+            if key not in given:  # poly's default is 2 categories, as in `gradest compare`
+                config[key] = value
+        problem = ProblemConfig(**problem_fields(config), seed=config["seed"])
+        estimators = "all" if config["estimator"] == "all" else [config["estimator"]]
+        expand_estimators(estimators, PROBLEMS[problem.problem].kind, problem.top_k, config["hparams"])
+    elif kind == "probe":
+        from gradest.probe import probe_estimators
+        probe_estimators(config["estimator"] if config["estimator"] == "all" else [config["estimator"]],
+                         config["top_k"], config["hparams"])
+    elif kind == "train":
+        from gradest.train import TrainConfig
+        TrainConfig(**train_fields(config)).build_estimator()
+    return config
+
+
+def problem_fields(config: dict) -> dict:
+    from gradest.problems import ProblemConfig
+    return {f.name: config[f.name] for f in dataclasses.fields(ProblemConfig) if f.name != "seed"}
+
+
+def train_fields(config: dict) -> dict:
+    from gradest.train import TrainConfig
+    return {f.name: config[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def canonical(data) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def cell_hash(kind: str, config: dict) -> str:
+    return hashlib.sha256(canonical({"format": FORMAT, "kind": kind, "config": config}).encode()).hexdigest()[:16]
+
+
+def load_study(path) -> Study:
+    """Read and check a spec; every problem is a one-line GradestError naming what is valid."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GradestError(f"no study spec at {path}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise GradestError(f"{path} is not valid TOML: {error}") from None
+    return parse_study(data, path)
+
+
+def _check_keys(table: dict, valid, where: str):
+    if not isinstance(table, dict):
+        raise GradestError(f"{where} must be a table")
+    for key in table:
+        if key not in valid:
+            raise GradestError(f"unknown key '{key}' in {where}; valid: {', '.join(valid)}")
+
+
+def parse_study(data: dict, path: Path | None = None) -> Study:
+    source = f" in {path}" if path else ""
+    _check_keys(data, TOP_KEYS, f"the spec{source}")
+    study = data.get("study", {})
+    _check_keys(study, STUDY_KEYS, f"[study]{source}")
+    for key in ("name", "kind"):
+        if not isinstance(study.get(key), str) or not study.get(key):
+            raise GradestError(f"[study] needs a {key}{source}")
+    kind = study["kind"]
+    if kind not in KINDS:
+        raise GradestError(f"unknown study kind '{kind}'{source}; valid: {', '.join(KINDS)}")
+    valid = list(DEFAULTS[kind]())
+    grid_valid = valid + ["variant"]
+
+    def check_grid(grid: dict, where: str):
+        _check_keys(grid, grid_valid, where)
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise GradestError(f"{where} {key} must be a non-empty list, got {values!r}")
+            if key == "variant":
+                for value in values:
+                    _check_keys(value, valid, f"a variant of {where}")
+
+    def check_settings(settings: dict, where: str):
+        _check_keys(settings, valid, where)
+        for key, value in settings.items():
+            if isinstance(value, list):
+                raise GradestError(f"{where} {key} is a list; lists of values go in the grid")
+
+    grid, settings = data.get("grid", {}), data.get("settings", {})
+    check_grid(grid, f"[grid]{source}")
+    check_settings(settings, f"[settings]{source}")
+    profiles = data.get("profiles", {})
+    _check_keys(profiles, PROFILES, f"[profiles]{source}")
+    for name, profile in profiles.items():
+        _check_keys(profile, PROFILE_KEYS, f"[profiles.{name}]{source}")
+        check_grid(profile.get("grid", {}), f"[profiles.{name}.grid]{source}")
+        check_settings(profile.get("settings", {}), f"[profiles.{name}.settings]{source}")
+    return Study(name=study["name"], kind=kind, description=study.get("description", ""), grid=grid,
+                 settings=settings, profiles=profiles, path=path)
+
+
+def results_root(results=None) -> Path:
+    return Path(results or os.environ.get(RESULTS_ENV) or "results")
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return 0, 1
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise GradestError(f"--shard must look like i/N (0 <= i < N), got '{text}'") from None
+    if count < 1 or not 0 <= index < count:
+        raise GradestError(f"--shard must look like i/N with 0 <= i < N, got '{text}'")
+    return index, count
+
+
+def shard(cells: list[Cell], index: int, count: int) -> list[Cell]:
+    """The cells whose position in the hash-sorted list is index mod count."""
+    return [cell for position, cell in enumerate(cells) if position % count == index]
+
+
+# ------------------------------------------------------------------------------------------------------ runners
+def run_compare(config: dict, directory: Path) -> dict:
+    from gradest.measure import compare
+    from gradest.problems import ProblemConfig
+    from gradest.report import atomic_write_text
+    problem = ProblemConfig(**problem_fields(config), seed=config["seed"])
+    estimators = "all" if config["estimator"] == "all" else [config["estimator"]]
+    df = compare([problem], estimators, samples=config["samples"], wrt=config["wrt"], seed=config["seed"],
+                 settings=config["hparams"])
+    atomic_write_text(directory / "results.csv", df.to_csv(index=False))
+    return {"rows": len(df), "rel_bias": df["rel_bias"].tolist(), "mse": df["mse"].tolist()}
+
+
+def run_probe(config: dict, directory: Path) -> dict:
+    from gradest.probe import switch_probe
+    from gradest.report import atomic_write_text
+    estimators = "all" if config["estimator"] == "all" else [config["estimator"]]
+    df = switch_probe(config["task"], estimators=estimators, samples=config["samples"], seed=config["seed"],
+                      layer=config["layer"], batch_size=config["batch_size"], seq_len=config["seq_len"],
+                      experts=config["experts"], top_k=config["top_k"], config=config["model"] or None,
+                      reference=config["reference"], draws=config["draws"], wrt=config["wrt"],
+                      settings=config["hparams"], score=config["score"], data_seed=config["data_seed"])
+    atomic_write_text(directory / "results.csv", df.to_csv(index=False))
+    return {"rows": len(df), "rel_bias": df["rel_bias"].tolist(), "mse": df["mse"].tolist()}
+
+
+def run_train(config: dict, directory: Path) -> dict:
+    """A Trainer run in `directory/run`, continued from its checkpoint when a previous attempt was killed."""
+    from gradest.train import Trainer, TrainConfig
+    out = directory / "run"
+    if (out / "checkpoint.pt").is_file():
+        trainer = Trainer.resume(out)
+    else:
+        trainer = Trainer(TrainConfig(**train_fields(config)), out)
+    try:
+        metrics = trainer.run()
+    finally:
+        trainer.close()
+    final = metrics.iloc[-1]
+    summary = {"steps": int(final["step"]), "train_loss": float(final["train_loss"]),
+               "val_loss": float(final["val_loss"]), "train_seconds": float(final["seconds"]),
+               "sec_per_update": float(final["seconds"]) / max(1, int(final["step"]))}
+    for key in ("bleu_val", "bleu_test"):
+        if key in final:
+            summary[key] = float(final[key])
+    return summary
+
+
+RUNNERS: dict[str, Callable[[dict, Path], dict]] = {"compare": run_compare, "probe": run_probe, "train": run_train}
+
+
+def one_line(message) -> str:
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def execute(cell: Cell, runner: Callable[[dict, Path], dict] | None = None, command=None) -> tuple[str, str]:
+    """Run one cell: cell.json, the runner's outputs, then done.json last (or error.json). ("done" | "failed",
+    message). Only Exceptions are recorded: an interrupt (KeyboardInterrupt, a kill) leaves the cell unfinished,
+    to be run again."""
+    from gradest.report import run_metadata, write_json
+    directory = cell.directory
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json(directory / "cell.json", {"kind": cell.kind, "format": FORMAT, "hash": cell.hash,
+                                         "config": cell.config})
+    start = time.perf_counter()
+    try:
+        summary = (runner or RUNNERS[cell.kind])(cell.config, directory)
+    except Exception as error:  # noqa: BLE001 - recorded; the other cells go on
+        message = one_line(f"{type(error).__name__}: {error}")
+        write_json(directory / "error.json", {"error": message, "traceback": traceback.format_exc(),
+                                              "seconds": time.perf_counter() - start,
+                                              **run_metadata(cell.config, cell.config.get("seed"), command)})
+        return "failed", message
+    seconds = time.perf_counter() - start
+    (directory / "error.json").unlink(missing_ok=True)
+    write_json(directory / "done.json", {"summary": summary, "seconds": seconds, "hash": cell.hash,
+                                         **run_metadata(cell.config, cell.config.get("seed"), command)})
+    return "done", ""
+
+
+def _init_worker():
+    import torch
+    torch.set_num_threads(1)
+
+
+@dataclass
+class RunSummary:
+    total: int
+    skipped: int
+    done: list = field(default_factory=list)
+    failed: list = field(default_factory=list)  # (hash, message)
+
+    def text(self, name: str, profile: str | None) -> str:
+        line = (f"study {name} (profile {profile or 'base'}): {self.total} cells, {self.skipped} already done, "
+                f"{len(self.done)} run, {len(self.failed)} failed")
+        for digest, message in self.failed:
+            line += f"\n  failed {digest}: {message}"
+        return line
+
+
+def run_study(study: Study, profile: str | None = None, results=None, jobs: int = 1, shard_spec: str | None = None,
+              runner: Callable[[dict, Path], dict] | None = None, progress: bool = True,
+              command=None) -> RunSummary:
+    """Run every unfinished cell of the profile (of this shard); finished cells are skipped."""
+    profile = study.resolve_profile(profile)
+    index, count = parse_shard(shard_spec)
+    cells = shard(study.cells(profile, results_root(results)), index, count)
+    todo = [cell for cell in cells if not cell.done]
+    summary = RunSummary(total=len(cells), skipped=len(cells) - len(todo))
+    from tqdm import tqdm
+    bar = tqdm(total=len(todo), desc=f"{study.name} cells", file=sys.stderr, disable=None if progress else True,
+               leave=False, dynamic_ncols=True)
+
+    def record(cell, status, message):
+        (summary.done.append(cell.hash) if status == "done" else summary.failed.append((cell.hash, message)))
+        bar.update(1)
+        bar.set_postfix(failed=len(summary.failed))
+
+    try:
+        if jobs <= 1 or len(todo) <= 1:
+            for cell in todo:
+                record(cell, *execute(cell, runner, command))
+        else:
+            context = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker) as pool:
+                futures = {pool.submit(execute, cell, runner, command): cell for cell in todo}
+                try:
+                    for future in concurrent.futures.as_completed(futures):
+                        record(futures[future], *future.result())
+                except BaseException:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
+    except concurrent.futures.process.BrokenProcessPool:
+        raise GradestError("a worker process died (killed or out of memory); run the study again to finish "
+                           "the remaining cells") from None
+    finally:
+        bar.close()
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------------ status
+def finished(study: Study, profile: str | None, results=None) -> tuple[list[Cell], list[Cell], list[Cell]]:
+    """(done, failed, missing) cells of the profile."""
+    cells = study.cells(profile, results_root(results))
+    done = [c for c in cells if c.done]
+    failed = [c for c in cells if c.failed]
+    missing = [c for c in cells if not c.done and not c.failed]
+    return done, failed, missing
+
+
+# ------------------------------------------------------------------------------------------------------ reports
+METRICS = ["rel_bias", "bias_sq", "variance", "mse", "cos_mean", "cos_of_mean", "sec_per_sample"]
+COMPARE_KEYS = ["problem", "experts", "tokens", "dim", "out_dim", "classes", "power", "center", "top_k",
+                "sharpness", "wrt", "samples", "estimator", "target"]
+PROBE_KEYS = ["problem", "experts", "tokens", "top_k", "layer", "batch_size", "seq_len", "wrt", "samples",
+              "reference", "estimator", "target"]
+TRAIN_METRICS = ["val_loss", "train_loss", "bleu_val", "bleu_test", "sec_per_update", "seconds"]
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def _varying(configs: list[dict], skip=("seed",)) -> list[str]:
+    keys = dict.fromkeys(key for config in configs for key in config)
+    return [key for key in keys if key not in skip
+            and len({canonical(config.get(key)) for config in configs}) > 1]
+
+
+def _commits(done: list[Cell]) -> str:
+    commits = {}
+    for cell in done:
+        git = _read_json(cell.directory / "done.json").get("git", {})
+        label = git.get("commit", "unknown")[:12] + (" (dirty)" if git.get("dirty") else "")
+        commits[label] = commits.get(label, 0) + 1
+    return ", ".join(f"{commit} ({count} cells)" if len(commits) > 1 else commit for commit, count in commits.items())
+
+
+def _winners(table: pd.DataFrame, groups: list, metric: str) -> str:
+    """'st in 3 of 4 configurations, sparsemixer in 1': which estimator (exact excluded) has the lowest mean."""
+    counts = {}
+    for _, rows in groups:
+        rows = rows[~rows["estimator"].astype(str).str.startswith("exact")].dropna(subset=[metric])
+        if len(rows):
+            best = rows.loc[rows[metric].idxmin(), "estimator"]
+            counts[best] = counts.get(best, 0) + 1
+    ranked = sorted(counts.items(), key=lambda item: -item[1])
+    return ", ".join(f"{name} in {count} of {len(groups)} configuration{'s' * (len(groups) > 1)}"
+                     for name, count in ranked) or "none"
+
+
+def _estimator_report(study: Study, done: list[Cell], out: Path) -> tuple[str, str, list[str]]:
+    """(summary paragraph, tables markdown, figure files) of a compare or probe study."""
+    from gradest.report import (aggregate_seeds, atomic_savefig, atomic_write_text, bias_interval_figure,
+                                bias_variance_figure, configuration_label, plus_minus)
+    frames = []
+    for cell in done:
+        frame = pd.read_csv(cell.directory / "results.csv")
+        frame["cell"] = cell.hash
+        frames.append(frame)
+    raw = pd.concat(frames, ignore_index=True)
+    keys = [key for key in (COMPARE_KEYS if study.kind == "compare" else PROBE_KEYS) if key in raw]
+    summary = aggregate_seeds(raw, keys, METRICS + (["sharpness"] if "sharpness" not in keys else []))
+    atomic_write_text(out / "results.csv", raw.to_csv(index=False))
+    atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
+    config_keys = [key for key in keys if key not in ("estimator", "target")]
+    extra = [key for key in config_keys if key not in ("problem", "experts", "tokens", "top_k", "sharpness")
+             and summary[key].nunique(dropna=False) > 1]
+    summary["configuration"] = [configuration_label(row) + "".join(f", {key}={row[key]}" for key in extra)
+                                for _, row in summary.iterrows()]
+    groups = list(summary.groupby("configuration", sort=False))
+    tables = []
+    for label, rows in groups:
+        table = pd.DataFrame({
+            "estimator": rows["estimator"], "target": rows["target"], "seeds": rows["seeds"],
+            **{name: [plus_minus(r[m], r[f"{m}_lo"], r[f"{m}_hi"], r["seeds"]) for _, r in rows.iterrows()]
+               for name, m in (("relative bias", "rel_bias"), ("variance", "variance"), ("MSE", "mse"),
+                               ("cos(mean, exact)", "cos_of_mean"), ("s/sample", "sec_per_sample"))}})
+        tables.append(f"### {label}\n\n{table.to_markdown(index=False)}")
+    figure_frame = summary.copy()
+    figure_frame["problem"] = [row["problem"] + "".join(f", {key}={row[key]}" for key in extra)
+                               for _, row in summary.iterrows()]
+    files = []
+    for name, draw in (("bias_variance.png", bias_variance_figure), ("rel_bias.png", bias_interval_figure)):
+        atomic_savefig(draw(figure_frame), out / name, dpi=110)
+        files.append(name)
+    seeds = sorted(raw["seed"].unique()) if "seed" in raw else []
+    paragraph = (f"{len(groups)} configuration{'s' * (len(groups) != 1)} x {summary['estimator'].nunique()} "
+                 f"estimators x {len(seeds)} seed{'s' * (len(seeds) != 1)} (means over seeds, 95% t-intervals). "
+                 f"Lowest mean MSE against the exact gradient (exact itself excluded): "
+                 f"{_winners(summary, groups, 'mse')}. Lowest mean relative bias: "
+                 f"{_winners(summary, groups, 'rel_bias')}.")
+    best = summary[~summary["estimator"].astype(str).str.startswith("exact")].dropna(subset=["rel_bias"])
+    if len(best):
+        lo, hi = best.loc[best["rel_bias"].idxmin()], best.loc[best["rel_bias"].idxmax()]
+        paragraph += (f" Relative bias ranges from {lo['rel_bias']:.3g} ({lo['estimator']}, {lo['configuration']}) "
+                      f"to {hi['rel_bias']:.3g} ({hi['estimator']}, {hi['configuration']}).")
+    data = ("- [results.csv](results.csv): every row of every finished cell (one per estimator, configuration and "
+            "seed)\n- [summary.csv](summary.csv): means over seeds with 95% t-intervals (`_lo`, `_hi`), the "
+            "tables' numbers")
+    return paragraph, "\n\n".join(tables), files, data
+
+
+def _train_label(config: dict, varying: list[str]) -> str:
+    name = config.get("name") or config["estimator"]
+    extra = [key for key in varying if key not in ("name", "estimator")]
+    return name + "".join(f", {key}={canonical(config[key]) if isinstance(config[key], dict) else config[key]}"
+                          for key in extra)
+
+
+def _train_report(study: Study, done: list[Cell], out: Path):
+    from gradest.report import aggregate_seeds, atomic_savefig, atomic_write_text, curves_figure, plus_minus
+    varying = _varying([cell.config for cell in done], skip=("seed", "name"))
+    finals, curves = [], []
+    for cell in done:
+        label = _train_label(cell.config, varying)
+        metrics = pd.read_csv(cell.directory / "run" / "metrics.csv")
+        summary = _read_json(cell.directory / "done.json")
+        final = metrics.iloc[-1]
+        row = {"label": label, "seed": cell.config["seed"], "cell": cell.hash, "steps": int(final["step"]),
+               "val_loss": final["val_loss"], "train_loss": final["train_loss"],
+               "sec_per_update": final["seconds"] / max(1, int(final["step"])), "seconds": summary["seconds"]}
+        for key in ("bleu_val", "bleu_test"):
+            if key in metrics:
+                row[key] = final[key]
+        finals.append(row)
+        points = metrics.dropna(subset=["val_loss"])[["step", "val_loss", "train_loss"]].copy()
+        points.insert(0, "seed", cell.config["seed"])
+        points.insert(0, "label", label)
+        points.insert(0, "cell", cell.hash)
+        curves.append(points)
+    finals, curves = pd.DataFrame(finals), pd.concat(curves, ignore_index=True)
+    summary = aggregate_seeds(finals, ["label"], [m for m in TRAIN_METRICS if m in finals])
+    summary = summary.sort_values("val_loss", kind="stable")
+    atomic_write_text(out / "results.csv", finals.to_csv(index=False))
+    atomic_write_text(out / "curves.csv", curves.to_csv(index=False))
+    atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
+    columns = {"final validation loss": "val_loss", "final train loss": "train_loss"}
+    if "bleu_test" in summary:
+        columns.update({"BLEU val": "bleu_val", "BLEU test": "bleu_test"})
+    columns.update({"s/update": "sec_per_update", "total s": "seconds"})
+    table = pd.DataFrame({"run": summary["label"], "seeds": summary["seeds"],
+                          **{name: [plus_minus(r[m], r[f"{m}_lo"], r[f"{m}_hi"], r["seeds"])
+                                    for _, r in summary.iterrows()] for name, m in columns.items()}})
+    figure = curves_figure({label: group for label, group in curves.groupby("label", sort=False)})
+    atomic_savefig(figure, out / "val_loss.png", dpi=110)
+    ranked = "; ".join(f"{r['label']} {plus_minus(r['val_loss'], r['val_loss_lo'], r['val_loss_hi'], r['seeds'])}"
+                       for _, r in summary.iterrows())
+    fastest = summary.loc[summary["sec_per_update"].idxmin()]
+    steps = sorted(finals["steps"].unique())
+    paragraph = (f"{len(summary)} runs x up to {int(summary['seeds'].max())} seed(s), "
+                 f"{'/'.join(str(s) for s in steps)} steps. Final validation loss (nats per token, mean ± 95% "
+                 f"t-interval half-width over seeds), lowest first: {ranked}. Fastest update: {fastest['label']} "
+                 f"({fastest['sec_per_update']:.3g} s per update).")
+    data = ("- [results.csv](results.csv): final numbers of every finished run (one row per seed)\n"
+            "- [curves.csv](curves.csv): validation (and train) loss at every evaluation of every run\n"
+            "- [summary.csv](summary.csv): means over seeds with 95% t-intervals (`_lo`, `_hi`), the table's numbers")
+    return paragraph, "### Final numbers\n\n" + table.to_markdown(index=False), ["val_loss.png"], data
+
+
+def write_report(study: Study, profile: str | None = None, results=None, out=None, command=None) -> Path:
+    """reports/<name>/README.md with tables, figures and the CSVs, from the finished cells of the profile."""
+    from gradest.report import atomic_write_text, run_metadata, write_json
+    profile = study.resolve_profile(profile)
+    done, failed, missing = finished(study, profile, results)
+    if not done:
+        raise GradestError(f"no finished cells of study '{study.name}' (profile {profile or 'base'}) in "
+                           f"{results_root(results) / study.name}/; run `gradest study run "
+                           f"{study.path or study.name}"
+                           f"{f' --profile {profile}' if profile else ''}` first")
+    out = Path(out or Path("reports") / study.name)
+    build = _train_report if study.kind == "train" else _estimator_report
+    paragraph, tables, figures, data = build(study, done, out)
+    total = len(done) + len(failed) + len(missing)
+    status = f"{len(done)} of {total} cells finished"
+    if failed or missing:
+        status += f" ({len(failed)} failed, {len(missing)} not run: the numbers cover the finished cells only)"
+    spec = study.path.as_posix() if study.path else study.name
+    text = "\n\n".join([
+        f"# {study.name}",
+        study.description.strip(),
+        paragraph,
+        f"Study `{spec}`, profile `{profile or 'base'}`, kind `{study.kind}`; {status}; cells computed at "
+        f"commit {_commits(done)}. Regenerate with `gradest report {spec}"
+        f"{f' --profile {profile}' if profile else ''}` (or `gradest figures`).",
+        "## Tables",
+        tables,
+        "## Figures",
+        "\n\n".join(f"![{name}]({name})" for name in figures),
+        "## Data",
+        data,
+    ]) + "\n"
+    if failed:
+        text += "\n## Failed cells\n\n" + "\n".join(
+            f"- `{cell.hash}`: {_read_json(cell.directory / 'error.json')['error']}" for cell in failed) + "\n"
+    atomic_write_text(out / "README.md", text)
+    write_json(out / "report.json", {"study": spec, "profile": profile, "results": str(results_root(results)),
+                                     "cells": {"done": len(done), "failed": len(failed), "missing": len(missing)},
+                                     **run_metadata({"study": spec, "profile": profile}, None, command)})
+    return out
+
+
+def regenerate(reports="reports", results=None, command=None) -> tuple[list[Path], list[str]]:
+    """Every report under `reports` (one with a report.json) rebuilt from the cached results: (written, skipped
+    with the reason)."""
+    written, skipped = [], []
+    for meta_path in sorted(Path(reports).glob("*/report.json")):
+        meta = _read_json(meta_path)
+        try:
+            study = load_study(meta["study"])
+            written.append(write_report(study, meta.get("profile"), results, meta_path.parent, command))
+        except GradestError as error:
+            skipped.append(f"{meta_path.parent}: {error}")
+    return written, skipped

@@ -1,0 +1,340 @@
+"""Declarative studies: cells run once, cached by hash, resumable after a kill; reports from cached results."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from gradest.cli import main
+from gradest.errors import GradestError
+from gradest.study import load_study, parse_study, regenerate, run_study, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDIES = ROOT / "studies"
+
+SMALL = """
+[study]
+name = "small"
+kind = "compare"
+description = "a test study"
+
+[grid]
+estimator = ["switch", "st:tau=0.5"]
+seed = [0, 1, 2]
+
+[settings]
+problem = "moe-regression"
+experts = 3
+tokens = 4
+samples = 20
+"""
+
+
+def write_spec(tmp_path, text=SMALL, name="small.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+class Counter:
+    """A runner that records which cells it ran, and can fail on some."""
+
+    def __init__(self, fail=lambda config: False):
+        self.calls, self.fail = [], fail
+
+    def __call__(self, config, directory):
+        self.calls.append(directory.name)
+        if self.fail(config):
+            raise RuntimeError(f"boom on {config['estimator']}\nsecond line")
+        (directory / "results.csv").write_text("x\n1\n")
+        return {"ok": True}
+
+
+def done_cells(results: Path, name: str) -> list[Path]:
+    return sorted(p.parent for p in (results / name).glob("*/done.json"))
+
+
+def cli(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+# ----------------------------------------------------------------------------------------------------- specs
+def test_shipped_specs_validate_and_quick_profiles_are_small(tmp_path):
+    bias = load_study(STUDIES / "bias-variance.toml")
+    train = load_study(STUDIES / "lm-convergence.toml")
+    assert bias.kind == "compare" and train.kind == "train"
+    for study in (bias, train):
+        assert set(study.profiles) == {"quick", "full", "paper"}
+        for profile in ("quick", "full"):  # paper wants cuda: its cells are checked when built, so skip it here
+            assert study.cells(profile, tmp_path)
+    assert len(bias.cells("quick", tmp_path)) == 12
+    quick = train.cells("quick", tmp_path)
+    assert len(quick) == 2 and all(c.config["steps"] == 20 for c in quick)
+    full = train.cells("full", tmp_path)
+    dense = [c for c in full if c.config["name"] == "dense"]
+    assert len(full) == 15 and len(dense) == 5 and all(c.config["model"] == {"moe_every": 0} for c in dense)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[study]\nname='x'\nkind='compare'\n[grid]\nexpertz=[2]\n", "unknown key 'expertz' in [grid]"),
+    ("[study]\nname='x'\nkind='nope'\n", "unknown study kind 'nope'"),
+    ("[study]\nname='x'\nkind='compare'\n[settings]\nseed=[1]\n", "lists of values go in the grid"),
+    ("[study]\nname='x'\nkind='compare'\n[profiles.huge]\n", "unknown key 'huge' in [profiles]"),
+])
+def test_bad_specs_are_one_line_errors(text, message):
+    with pytest.raises(GradestError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_study(__import__("tomllib").loads(text))
+
+
+def test_cli_unknown_profile_names_the_valid_ones(tmp_path):
+    result = cli("study", "run", str(STUDIES / "bias-variance.toml"), "--profile", "tiny", "--results",
+                 str(tmp_path))
+    assert result.exit_code == 2
+    assert result.output.strip().count("\n") == 0
+    assert "unknown profile 'tiny'" in result.output and "quick, full, paper" in result.output
+    bad = write_spec(tmp_path, SMALL.replace("samples = 20", "samples = 20\nbogus = 1"))
+    result = cli("report", str(bad), "--results", str(tmp_path))
+    assert result.exit_code == 2 and "unknown key 'bogus'" in result.output
+
+
+# ---------------------------------------------------------------------------------------------------- running
+def test_quick_study_end_to_end_then_rerun_is_a_noop(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = str(STUDIES / "bias-variance.toml")
+    result = cli("study", "run", spec, "--profile", "quick", "--results", "res")
+    assert result.exit_code == 0, result.output
+    assert "12 cells, 0 already done, 12 run, 0 failed" in result.output
+    cells = done_cells(tmp_path / "res", "bias-variance")
+    assert len(cells) == 12
+    stamps = {p: (p / "done.json").stat().st_mtime_ns for p in cells}
+    for cell in cells:
+        rows = pd.read_csv(cell / "results.csv")
+        assert len(rows) == 1 and rows["mse"].notna().all()
+        done = json.loads((cell / "done.json").read_text())
+        assert done["git"]["commit"] and done["versions"]["torch"] and done["seconds"] > 0
+    result = cli("study", "run", spec, "--profile", "quick", "--results", "res")
+    assert result.exit_code == 0 and "12 already done, 0 run" in result.output
+    assert {p: (p / "done.json").stat().st_mtime_ns for p in cells} == stamps
+    # the report of those results
+    monkeypatch.setenv("GRADEST_RESULTS", "res")
+    result = cli("report", spec, "--profile", "quick")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "reports" / "bias-variance"
+    for name in ("README.md", "results.csv", "summary.csv", "bias_variance.png", "rel_bias.png", "report.json"):
+        assert (out / name).stat().st_size > 0
+    summary = pd.read_csv(out / "summary.csv")
+    assert len(summary) == 4 and (summary["seeds"] == 3).all()
+    (out / "README.md").unlink()
+    result = cli("figures")
+    assert result.exit_code == 0 and "regenerated reports/bias-variance" in result.output
+    assert (out / "README.md").is_file()
+
+
+def test_jobs_and_shards_split_the_cells(tmp_path):
+    study = load_study(write_spec(tmp_path))
+    cells = study.cells(None, tmp_path / "res")
+    assert len(cells) == 6
+    runners = [Counter() for _ in range(3)]
+    for i, runner in enumerate(runners):
+        run_study(study, results=tmp_path / "res", shard_spec=f"{i}/3", runner=runner, progress=False)
+    calls = [name for runner in runners for name in runner.calls]
+    assert sorted(calls) == sorted(c.hash for c in cells)  # disjoint shards covering every cell once
+    assert [len(r.calls) for r in runners] == [2, 2, 2]
+    with pytest.raises(GradestError, match="--shard"):
+        run_study(study, results=tmp_path / "res", shard_spec="3/3")
+    # a process pool runs the real cells (one torch thread each)
+    summary = run_study(study, results=tmp_path / "pool", jobs=2, progress=False)
+    assert len(summary.done) == 6 and not summary.failed
+    assert len(done_cells(tmp_path / "pool", "small")) == 6
+
+
+def test_changing_one_setting_reruns_only_the_affected_cells(tmp_path):
+    spec = write_spec(tmp_path)
+    first = Counter()
+    run_study(load_study(spec), results=tmp_path, runner=first, progress=False)
+    assert len(first.calls) == 6
+    spec.write_text(SMALL.replace("st:tau=0.5", "st:tau=0.7"))
+    second = Counter()
+    run_study(load_study(spec), results=tmp_path, runner=second, progress=False)
+    study = load_study(spec)
+    st_cells = {c.hash for c in study.cells(None, tmp_path) if c.config["estimator"] == "st:tau=0.7"}
+    assert sorted(second.calls) == sorted(st_cells) and len(st_cells) == 3
+    # the old tau=0.5 cells are left alone; a third run does nothing
+    assert len(list((tmp_path / "small").glob("*/done.json"))) == 9
+    third = Counter()
+    run_study(study, results=tmp_path, runner=third, progress=False)
+    assert third.calls == []
+
+
+def test_a_failing_cell_is_recorded_and_the_others_go_on(tmp_path, monkeypatch):
+    study = load_study(write_spec(tmp_path))
+    broken = Counter(fail=lambda config: config["estimator"] == "switch" and config["seed"] == 1)
+    summary = run_study(study, results=tmp_path, runner=broken, progress=False)
+    assert len(broken.calls) == 6 and len(summary.done) == 5 and len(summary.failed) == 1
+    ((digest, message),) = summary.failed
+    assert message == "RuntimeError: boom on switch second line"
+    error = json.loads((tmp_path / "small" / digest / "error.json").read_text())
+    assert error["error"] == message and "Traceback" in error["traceback"]
+    assert not (tmp_path / "small" / digest / "done.json").exists()
+    fixed = Counter()
+    summary = run_study(study, results=tmp_path, runner=fixed, progress=False)
+    assert fixed.calls == [digest] and summary.skipped == 5
+    assert (tmp_path / "small" / digest / "done.json").exists()
+    assert not (tmp_path / "small" / digest / "error.json").exists()
+    # from the CLI, a real failure (a bad hyper-parameter value at run time) is exit 1 after the other cells
+    import gradest.study as study_module
+    real = study_module.RUNNERS["compare"]
+
+    def flaky(config, directory):
+        if config["seed"] == 2:
+            raise ValueError("no luck")
+        return real(config, directory)
+
+    monkeypatch.setitem(study_module.RUNNERS, "compare", flaky)
+    result = cli("study", "run", str(write_spec(tmp_path)), "--results", str(tmp_path / "cli"))
+    assert result.exit_code == 1
+    assert "2 failed" in result.output and "ValueError: no luck" in result.output
+    assert len(done_cells(tmp_path / "cli", "small")) == 4
+
+
+KILLABLE = """
+import os, sys, time
+from pathlib import Path
+from gradest.study import load_study, run_study
+spec, results, log, mode = sys.argv[1:5]
+def runner(config, directory):
+    with open(log, "a") as f:
+        f.write(f"start {directory.name}\\n")
+    started = sum(1 for line in open(log) if line.startswith("start"))
+    (directory / "results.csv").write_text("x\\n1\\n")
+    if mode == "exit" and started == 4:
+        os._exit(1)  # killed in the middle of the fourth cell
+    if mode == "sleep":
+        time.sleep(0.4)
+    with open(log, "a") as f:
+        f.write(f"end {directory.name}\\n")
+    return {"ok": 1}
+run_study(load_study(spec), results=results, runner=runner, progress=False)
+"""
+
+
+def _run_script(tmp_path, mode):
+    script = tmp_path / "killable.py"
+    script.write_text(KILLABLE)
+    args = [sys.executable, str(script), str(tmp_path / "small.toml"), str(tmp_path / "res"),
+            str(tmp_path / "log"), mode]
+    return subprocess.run(args, timeout=60)
+
+
+def _check_intact(results: Path):
+    for path in results.rglob("*"):
+        if path.is_file() and not path.name.startswith("."):
+            if path.suffix == ".json":
+                json.loads(path.read_text())
+            elif path.suffix == ".csv":
+                pd.read_csv(path)
+
+
+def test_a_killed_study_resumes_with_every_cell_exactly_once(tmp_path):
+    write_spec(tmp_path)
+    assert _run_script(tmp_path, "exit").returncode == 1
+    log = (tmp_path / "log").read_text().split()
+    assert len([w for w in log if w == "end"]) == 3
+    assert len(done_cells(tmp_path / "res", "small")) == 3
+    assert _run_script(tmp_path, "run").returncode == 0
+    lines = [line.split() for line in (tmp_path / "log").read_text().splitlines()]
+    ends = [digest for event, digest in lines if event == "end"]
+    starts = [digest for event, digest in lines if event == "start"]
+    assert len(ends) == 6 and len(set(ends)) == 6  # every cell finished exactly once
+    killed = [d for d in set(starts) if starts.count(d) == 2]
+    assert len(killed) == 1 and len(starts) == 7  # only the interrupted cell was started again
+    assert len(done_cells(tmp_path / "res", "small")) == 6
+    _check_intact(tmp_path / "res")
+
+
+def test_sigkill_at_a_random_moment_leaves_intact_files(tmp_path):
+    write_spec(tmp_path)
+    script = tmp_path / "killable.py"
+    script.write_text(KILLABLE)
+    args = [sys.executable, str(script), str(tmp_path / "small.toml"), str(tmp_path / "res"), str(tmp_path / "log")]
+    process = subprocess.Popen(args + ["sleep"])
+    deadline = time.time() + 60
+    while len(done_cells(tmp_path / "res", "small")) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    before = {p.name: (p / "done.json").read_bytes() for p in done_cells(tmp_path / "res", "small")}
+    assert 2 <= len(before) < 6
+    _check_intact(tmp_path / "res")
+    assert subprocess.run(args + ["run"], timeout=60).returncode == 0
+    after = done_cells(tmp_path / "res", "small")
+    assert len(after) == 6
+    assert {p.name: (p / "done.json").read_bytes() for p in after if p.name in before} == before  # not rerun
+    _check_intact(tmp_path / "res")
+
+
+# --------------------------------------------------------------------------------------------------- training
+def test_train_study_resumes_a_killed_run_from_its_checkpoint(tmp_path):
+    from gradest.study import train_fields
+    from gradest.train import Trainer, TrainConfig
+    study = load_study(STUDIES / "lm-convergence.toml")
+    study.profiles["quick"]["grid"]["variant"] = study.profiles["quick"]["grid"]["variant"][:1]
+    (cell,) = study.cells("quick", tmp_path)
+    # an attempt killed after step 10 (checkpoint saved there)
+    Trainer(TrainConfig(**train_fields(cell.config)), cell.directory / "run").run(until=10)
+    summary = run_study(study, "quick", results=tmp_path, progress=False)
+    assert summary.done == [cell.hash]
+    metrics = pd.read_csv(cell.directory / "run" / "metrics.csv")
+    assert metrics["step"].tolist() == list(range(1, 21))
+    assert metrics["val_loss"].notna().sum() == 2
+    out = write_report(study, "quick", tmp_path, tmp_path / "report")
+    text = (out / "README.md").read_text()
+    assert "| switch " in text and (out / "val_loss.png").stat().st_size > 0
+    assert pd.read_csv(out / "curves.csv")["step"].tolist() == [10, 20]
+
+
+# ----------------------------------------------------------------------------------------------------- report
+def test_report_on_a_fixed_fixture(tmp_path):
+    """Hand-written cells with known numbers: the table holds their means ± 95% t half-widths."""
+    study = load_study(write_spec(tmp_path))
+    values = {"switch": [1.0, 2.0, 3.0], "st(tau=0.5)": [0.5, 0.5, 0.5]}
+    for cell in study.cells(None, tmp_path / "res"):
+        label = "switch" if cell.config["estimator"] == "switch" else "st(tau=0.5)"
+        seed = cell.config["seed"]
+        row = {"problem": "moe-regression", "estimator": label, "target": "exact(k=1)", "wrt": "router",
+               "samples": 20, "experts": 3, "tokens": 4, "dim": 8, "out_dim": 4, "classes": 4, "top_k": 1,
+               "sharpness": 1.0, "power": 2.0, "center": 0.45, "seed": seed,
+               "rel_bias": values[label][seed], "rel_bias_lo": 0.0, "rel_bias_hi": 9.0, "bias_sq": 1.0,
+               "variance": 10.0 * (seed + 1), "mse": 2.0, "cos_mean": 0.5, "cos_of_mean": 0.9,
+               "sec_per_sample": 1e-3}
+        cell.directory.mkdir(parents=True)
+        pd.DataFrame([row]).to_csv(cell.directory / "results.csv", index=False)
+        (cell.directory / "done.json").write_text(json.dumps({"git": {"commit": "abc123", "dirty": False}}))
+    out = write_report(study, None, tmp_path / "res", tmp_path / "out")
+    summary = pd.read_csv(out / "summary.csv").set_index("estimator")
+    # t(0.975, 2) = 4.3027; sd of 1,2,3 is 1: half-width 4.3027 / sqrt(3) = 2.484
+    assert summary.loc["switch", "rel_bias"] == pytest.approx(2.0)
+    assert summary.loc["switch", "rel_bias_hi"] - 2.0 == pytest.approx(2.4841, abs=1e-3)
+    assert summary.loc["st(tau=0.5)", "rel_bias_lo"] == pytest.approx(0.5)
+    assert summary.loc["switch", "variance"] == pytest.approx(20.0)
+    text = (out / "README.md").read_text()
+    assert "| 2 ± 2.5 " in text and "| 20 ± 25 " in text and "| 0.5 ± 0 " in text
+    assert "Lowest mean relative bias: st(tau=0.5) in 1 of 1 configuration" in text
+    assert "6 of 6 cells finished" in text and "abc123" in text
+    assert len(pd.read_csv(out / "results.csv")) == 6
+    for name in ("bias_variance.png", "rel_bias.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # `figures` regenerates it from the same cached numbers
+    (out / "README.md").unlink()
+    written, skipped = regenerate(tmp_path, tmp_path / "res")
+    assert written == [out] and not skipped and (out / "README.md").read_text() == text
