@@ -22,7 +22,7 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from gradest import __version__
-from gradest.errors import GradestError
+from gradest.errors import GradestError, one_line
 from gradest.estimators import CATEGORICAL, GATED, REGISTRY
 from gradest.estimators.base import parse_as
 from gradest.measure import WRT, compare as compare_estimators, expand_estimators, parse_setting
@@ -42,10 +42,6 @@ DEFAULT_SAMPLES = 2000  # the no-argument `gradest compare` (3 problems, every e
 
 
 # -------------------------------------------------------------------------------------------- one-line errors
-def one_line(message: str) -> str:
-    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
-
-
 class OneLineErrorGroup(click.Group):
     """A command group whose user errors are one line `error: ...` on stderr, exit code 2 (click's usage errors
     keep their own code, which is 2). Overriding `main` covers the console script and CliRunner alike."""

@@ -3,3 +3,8 @@
 
 class GradestError(ValueError):
     """Bad input. The CLI prints its message on one line and exits with code 2."""
+
+
+def one_line(message) -> str:
+    """A message folded onto one line, as the CLI prints errors."""
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())

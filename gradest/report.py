@@ -403,3 +403,37 @@ def curves_figure(curves: dict[str, pd.DataFrame], column: str = "val_loss", yla
         ax.set(xlabel="step", ylabel=ylabel, title=f"{ylabel}: mean over seeds, 95% t-band")
         ax.legend(fontsize=8)
     return fig
+
+
+def metric_vs_experts_figure(summary: pd.DataFrame, metric: str, ylabel: str, log: bool = True) -> Figure:
+    """A metric (mean over seeds, 95% interval bars) against the number of experts n, one line per estimator;
+    one panel per problem (rows) and router sharpness (columns)."""
+    problems = list(dict.fromkeys(summary["problem"]))
+    sharpnesses = sorted(summary["sharpness"].unique()) if "sharpness" in summary else [None]
+    estimators = list(dict.fromkeys(summary["estimator"]))
+    colours = dict(zip(estimators, sns.color_palette("tab20", len(estimators))))
+    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.8):
+        fig = Figure(figsize=(4.2 * len(sharpnesses) + 2.5, 3.2 * len(problems)), layout="constrained")
+        FigureCanvasAgg(fig)
+        axes = np.atleast_2d(fig.subplots(len(problems), len(sharpnesses), squeeze=False))
+        for i, problem in enumerate(problems):
+            for j, sharpness in enumerate(sharpnesses):
+                ax = axes[i, j]
+                panel = summary[(summary["problem"] == problem)
+                                & ((summary["sharpness"] == sharpness) if sharpness is not None else True)]
+                for estimator, rows in panel.groupby("estimator", sort=False):
+                    rows = rows.sort_values("experts").dropna(subset=[metric])
+                    if rows.empty or (log and (rows[metric] <= 0).all()):
+                        continue
+                    lo = (rows[metric] - rows[f"{metric}_lo"]).clip(lower=0)
+                    hi = (rows[f"{metric}_hi"] - rows[metric]).clip(lower=0)
+                    ax.errorbar(rows["experts"], rows[metric], yerr=[lo, hi], label=estimator, marker="o",
+                                markersize=3, lw=1, capsize=2, color=colours[estimator])
+                ax.set_xscale("log", base=2)
+                if log:
+                    ax.set_yscale("log")
+                title = problem if sharpness is None else f"{problem}, sharpness {sharpness:g}"
+                ax.set(title=title, xlabel="experts n", ylabel=ylabel)
+        handles = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())}
+        fig.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize=7)
+    return fig

@@ -31,6 +31,7 @@ import sys
 import time
 import traceback
 
+import numpy as np
 import pandas as pd
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from gradest.errors import GradestError
+from gradest.errors import GradestError, one_line
 
 FORMAT = 1  # bump when a cell's outputs change meaning: every cell is then run again
 KINDS = ("compare", "probe", "train")
@@ -49,7 +50,7 @@ PROFILES = ("quick", "full", "paper")
 DEFAULT_PROFILE = "full"
 RESULTS_ENV = "GRADEST_RESULTS"
 TOP_KEYS = ("study", "grid", "settings", "profiles")
-STUDY_KEYS = ("name", "kind", "description")
+STUDY_KEYS = ("name", "kind", "description", "findings")  # findings: what the numbers show, in words
 PROFILE_KEYS = ("grid", "settings", "description")
 PROBLEM_DEFAULTS = {"poly": {"experts": 2}}  # as `gradest compare`: ReinMax's polynomial programming is binary
 
@@ -106,6 +107,7 @@ class Study:
     settings: dict
     profiles: dict
     path: Path | None = None
+    findings: str = ""  # a person's reading of the full profile's numbers; the report opens with it
 
     @property
     def profile_names(self) -> list[str]:
@@ -266,7 +268,7 @@ def parse_study(data: dict, path: Path | None = None) -> Study:
         check_grid(profile.get("grid", {}), f"[profiles.{name}.grid]{source}")
         check_settings(profile.get("settings", {}), f"[profiles.{name}.settings]{source}")
     return Study(name=study["name"], kind=kind, description=study.get("description", ""), grid=grid,
-                 settings=settings, profiles=profiles, path=path)
+                 settings=settings, profiles=profiles, path=path, findings=study.get("findings", ""))
 
 
 def results_root(results=None) -> Path:
@@ -340,9 +342,6 @@ def run_train(config: dict, directory: Path) -> dict:
 
 RUNNERS: dict[str, Callable[[dict, Path], dict]] = {"compare": run_compare, "probe": run_probe, "train": run_train}
 
-
-def one_line(message) -> str:
-    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
 
 
 def execute(cell: Cell, runner: Callable[[dict, Path], dict] | None = None, command=None) -> tuple[str, str]:
@@ -484,7 +483,7 @@ def _winners(table: pd.DataFrame, groups: list, metric: str) -> str:
 def _estimator_report(study: Study, done: list[Cell], out: Path) -> tuple[str, str, list[str]]:
     """(summary paragraph, tables markdown, figure files) of a compare or probe study."""
     from gradest.report import (aggregate_seeds, atomic_savefig, atomic_write_text, bias_interval_figure,
-                                bias_variance_figure, configuration_label, plus_minus)
+                                bias_variance_figure, configuration_label, metric_vs_experts_figure, plus_minus)
     frames = []
     for cell in done:
         frame = pd.read_csv(cell.directory / "results.csv")
@@ -492,7 +491,17 @@ def _estimator_report(study: Study, done: list[Cell], out: Path) -> tuple[str, s
         frames.append(frame)
     raw = pd.concat(frames, ignore_index=True)
     keys = [key for key in (COMPARE_KEYS if study.kind == "compare" else PROBE_KEYS) if key in raw]
-    summary = aggregate_seeds(raw, keys, METRICS + (["sharpness"] if "sharpness" not in keys else []))
+    # Relative bias over seeds: averaging each seed's sqrt(max(B^2, 0)) would be biased upwards (an unbiased
+    # estimator's interval would exclude 0); the noise-corrected B^2 / ||g*||^2 is unbiased per seed, so average
+    # that and take the square root of its mean and interval.
+    raw["rel_bias_sq"] = raw["bias_sq"] / raw["ref_norm"].pow(2)
+    summary = aggregate_seeds(raw, keys, METRICS + ["rel_bias_sq"] + (["sharpness"] if "sharpness" not in keys
+                                                                       else []))
+    several = summary["seeds"] > 1
+    for suffix in ("", "_lo", "_hi"):
+        summary.loc[several, "rel_bias" + suffix] = np.sqrt(summary.loc[several, "rel_bias_sq" + suffix].clip(lower=0))
+    order = [key for key in ("problem", "experts", "top_k", "sharpness") if key in keys]
+    summary = summary.sort_values(order, kind="stable", ignore_index=True)  # estimators keep their order
     atomic_write_text(out / "results.csv", raw.to_csv(index=False))
     atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
     config_keys = [key for key in keys if key not in ("estimator", "target")]
@@ -513,12 +522,19 @@ def _estimator_report(study: Study, done: list[Cell], out: Path) -> tuple[str, s
     figure_frame["problem"] = [row["problem"] + "".join(f", {key}={row[key]}" for key in extra)
                                for _, row in summary.iterrows()]
     files = []
+    if "experts" in summary and summary["experts"].nunique() > 1:  # the study's overview: metrics against n
+        for name, metric, label, log in (("rel_bias_vs_experts.png", "rel_bias", "relative bias", True),
+                                         ("cosine_vs_experts.png", "cos_of_mean", "cos(mean, exact)", False),
+                                         ("cost_vs_experts.png", "sec_per_sample", "seconds per sample", True)):
+            atomic_savefig(metric_vs_experts_figure(summary, metric, label, log), out / name, dpi=100)
+            files.append(name)
     for name, draw in (("bias_variance.png", bias_variance_figure), ("rel_bias.png", bias_interval_figure)):
         atomic_savefig(draw(figure_frame), out / name, dpi=110)
         files.append(name)
     seeds = sorted(raw["seed"].unique()) if "seed" in raw else []
     paragraph = (f"{len(groups)} configuration{'s' * (len(groups) != 1)} x {summary['estimator'].nunique()} "
-                 f"estimators x {len(seeds)} seed{'s' * (len(seeds) != 1)} (means over seeds, 95% t-intervals). "
+                 f"estimators x {len(seeds)} seed{'s' * (len(seeds) != 1)} (means over seeds, 95% t-intervals; "
+                 f"relative bias is the square root of the mean noise-corrected B^2/||g*||^2 and of its interval). "
                  f"Lowest mean MSE against the exact gradient (exact itself excluded): "
                  f"{_winners(summary, groups, 'mse')}. Lowest mean relative bias: "
                  f"{_winners(summary, groups, 'rel_bias')}.")
@@ -611,6 +627,8 @@ def write_report(study: Study, profile: str | None = None, results=None, out=Non
     text = "\n\n".join([
         f"# {study.name}",
         study.description.strip(),
+        *([f"**What the numbers show** (profile `{DEFAULT_PROFILE}`). {study.findings.strip()}"]
+          if study.findings.strip() and profile == DEFAULT_PROFILE else []),
         paragraph,
         f"Study `{spec}`, profile `{profile or 'base'}`, kind `{study.kind}`; {status}; cells computed at "
         f"commit {_commits(done)}. Regenerate with `gradest report {spec}"

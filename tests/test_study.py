@@ -305,16 +305,19 @@ def test_train_study_resumes_a_killed_run_from_its_checkpoint(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------- report
 def test_report_on_a_fixed_fixture(tmp_path):
-    """Hand-written cells with known numbers: the table holds their means ± 95% t half-widths."""
+    """Hand-written cells with known numbers: the table holds their means ± 95% t half-widths; relative bias is
+    the square root of the mean noise-corrected B^2/||g*||^2 over seeds and of its interval (an interval that
+    reaches below 0 gives a lower bound of 0, as an unbiased estimator's should)."""
     study = load_study(write_spec(tmp_path))
-    values = {"switch": [1.0, 2.0, 3.0], "st(tau=0.5)": [0.5, 0.5, 0.5]}
+    values = {"switch": [1.0, 2.0, 3.0], "st(tau=0.5)": [0.25, 0.25, 0.25]}  # B^2 / ||g*||^2 of each seed
     for cell in study.cells(None, tmp_path / "res"):
         label = "switch" if cell.config["estimator"] == "switch" else "st(tau=0.5)"
         seed = cell.config["seed"]
         row = {"problem": "moe-regression", "estimator": label, "target": "exact(k=1)", "wrt": "router",
                "samples": 20, "experts": 3, "tokens": 4, "dim": 8, "out_dim": 4, "classes": 4, "top_k": 1,
                "sharpness": 1.0, "power": 2.0, "center": 0.45, "seed": seed,
-               "rel_bias": values[label][seed], "rel_bias_lo": 0.0, "rel_bias_hi": 9.0, "bias_sq": 1.0,
+               "rel_bias": values[label][seed] ** 0.5, "rel_bias_lo": 0.0, "rel_bias_hi": 9.0,
+               "bias_sq": 4 * values[label][seed], "ref_norm": 2.0,
                "variance": 10.0 * (seed + 1), "mse": 2.0, "cos_mean": 0.5, "cos_of_mean": 0.9,
                "sec_per_sample": 1e-3}
         cell.directory.mkdir(parents=True)
@@ -323,12 +326,14 @@ def test_report_on_a_fixed_fixture(tmp_path):
     out = write_report(study, None, tmp_path / "res", tmp_path / "out")
     summary = pd.read_csv(out / "summary.csv").set_index("estimator")
     # t(0.975, 2) = 4.3027; sd of 1,2,3 is 1: half-width 4.3027 / sqrt(3) = 2.484
-    assert summary.loc["switch", "rel_bias"] == pytest.approx(2.0)
-    assert summary.loc["switch", "rel_bias_hi"] - 2.0 == pytest.approx(2.4841, abs=1e-3)
+    assert summary.loc["switch", "rel_bias_sq"] == pytest.approx(2.0)
+    assert summary.loc["switch", "rel_bias"] == pytest.approx(2.0 ** 0.5)
+    assert summary.loc["switch", "rel_bias_hi"] == pytest.approx((2.0 + 2.4841) ** 0.5, abs=1e-3)
+    assert summary.loc["switch", "rel_bias_lo"] == 0  # 2 - 2.484 < 0
     assert summary.loc["st(tau=0.5)", "rel_bias_lo"] == pytest.approx(0.5)
     assert summary.loc["switch", "variance"] == pytest.approx(20.0)
     text = (out / "README.md").read_text()
-    assert "| 2 ± 2.5 " in text and "| 20 ± 25 " in text and "| 0.5 ± 0 " in text
+    assert "| 1.414 ± 1.1 " in text and "| 20 ± 25 " in text and "| 0.5 ± 0 " in text
     assert "Lowest mean relative bias: st(tau=0.5) in 1 of 1 configuration" in text
     assert "6 of 6 cells finished" in text and "abc123" in text
     assert len(pd.read_csv(out / "results.csv")) == 6
