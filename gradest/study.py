@@ -550,8 +550,11 @@ def _estimator_report(study: Study, done: list[Cell], out: Path) -> tuple[str, s
 
 
 def _train_label(config: dict, varying: list[str]) -> str:
+    """A run's label: the variant's name (else the estimator), plus the settings that vary beside it. A named
+    variant's own settings (e.g. the dense baseline's `model`) are what its name says, so they are not repeated."""
     name = config.get("name") or config["estimator"]
-    extra = [key for key in varying if key not in ("name", "estimator")]
+    skip = {"name", "estimator"} | ({"model", "hparams", "omega", "top_k"} if config.get("name") else set())
+    extra = [key for key in varying if key not in skip]
     return name + "".join(f", {key}={canonical(config[key]) if isinstance(config[key], dict) else config[key]}"
                           for key in extra)
 
