@@ -507,13 +507,11 @@ def surrogate_loss(site: Site, estimator: Estimator, losses: Tensor, score: str 
     log_prob = log_prob.reshape(K, B, -1).sum(-1)
     zero = site.zero_losses().to(losses.dtype) if estimator.needs_zero_output else None
     if score == "sequence":
-        routing = Routing(None, losses.new_empty(0), log_prob=log_prob)
         f_zero = None if zero is None else zero.expand(K, B)
-        return estimator.surrogate(losses.unsqueeze(-1), routing, f_zero).mean(-1).sum()
-    routing = Routing(None, losses.new_empty(0), log_prob=log_prob.sum(-1, keepdim=True))
+        return estimator.with_score(losses, log_prob, f_zero).mean(-1).sum()
     f_zero = None if zero is None else zero.mean().expand(K, 1)
     try:
-        return estimator.surrogate(losses.mean(-1)[:, None, None], routing, f_zero).sum()
+        return estimator.with_score(losses.mean(-1, keepdim=True), log_prob.sum(-1, keepdim=True), f_zero).sum()
     except GradestError as err:
         raise GradestError(f"{err} (with score='batch' each replica of the batch is one item; use "
                            f"score='sequence')") from err

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from gradest.errors import GradestError
-from gradest.estimators import REGISTRY, Estimator, Routing
+from gradest.estimators import REGISTRY, Estimator
 from gradest.measure import expand_estimators
 from gradest.model import SwitchConfig, SwitchLM, SwitchSeq2Seq
 from gradest.report import atomic_write_bytes, atomic_write_text, run_metadata, write_json
@@ -236,8 +236,7 @@ class Trainer:
                     zero_loss = self.task.token_loss(self.forward_model, batch)[0]
                     self.model.zero_moe(False)
                 f_zero = zero_loss.sum(-1) / tokens
-            routing = Routing(experts=None, gates=log_prob.new_empty(0), log_prob=log_prob)
-            objective = self.estimator.surrogate(sequence_loss[:, None], routing, f_zero).mean()
+            objective = self.estimator.with_score(sequence_loss, log_prob, f_zero).mean()
         return objective + aux, {"train_loss": sequence_loss.mean().item(), "aux_loss": aux.detach().item()}
 
     def routing_stats(self) -> dict:

@@ -25,7 +25,7 @@ def test_declarations(name):
     cls = REGISTRY[name]
     assert cls.name == name and cls.family and cls.reference and cls.__doc__
     assert cls.applies_to <= {GATED, CATEGORICAL} and GATED in cls.applies_to
-    estimator = cls()
+    assert cls().label == name  # the defaults construct, and are the unlabelled default
     for key, param in cls.params.items():
         assert param.constraint(param.default) and param.doc, key
     assert ("k" in cls.params) == cls.supports_topk or name == "exact"

@@ -288,4 +288,10 @@ class Estimator:
         """
         if routing.branch_prob is not None:
             return (routing.branch_prob * f).sum(-1)
-        return f.squeeze(-1)
+        return self.with_score(f.squeeze(-1), routing.log_prob, f_zero)
+
+    def with_score(self, f: Tensor, log_prob: Tensor | None, f_zero: Tensor | None = None) -> Tensor:
+        """The loss of items (sequences, tokens) whose sampled experts have total log-probability `log_prob`:
+        value f; a score-function estimator adds its term to the gradient. f itself for every other estimator.
+        A trainer whose loss is per sequence calls this with log P summed over each sequence's tokens."""
+        return f

@@ -41,9 +41,8 @@ class Reinforce(Estimator):
             gates = torch.ones_like(gates)
         return Routing(experts.unsqueeze(-2), gates.unsqueeze(-2), log_prob=log_prob)
 
-    def surrogate(self, f, routing, f_zero=None):
-        f = f.squeeze(-1)
-        if routing.log_prob is None:  # inference routing: nothing was sampled
+    def with_score(self, f, log_prob, f_zero=None):
+        if log_prob is None:  # inference routing: nothing was sampled
             return f
         if self.baseline == "zero":
             if f_zero is None:
@@ -57,6 +56,6 @@ class Reinforce(Estimator):
             b = (f.sum(-1, keepdim=True) - f) / (m - 1)
         else:
             b = torch.zeros_like(f)
-        score = routing.log_prob - routing.log_prob.detach()  # value 0, gradient grad log P(D)
+        score = log_prob - log_prob.detach()  # value 0, gradient grad log P(D)
         return f + (f - b).detach() * score
 
