@@ -227,7 +227,8 @@ class SwitchSeq2Seq(SwitchModel):
         out = torch.full((src.shape[0], 1), bos_id, dtype=torch.long, device=src.device)
         done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
         for _ in range(max_len):
-            next_id = self.decode(out, memory, padding)[:, -1].argmax(-1)
+            # the output projection of the last position only: over a joint vocabulary it is most of the work
+            next_id = self.head(self.decoder(out, memory, padding)[:, -1]).argmax(-1)
             next_id = torch.where(done, torch.full_like(next_id, eos_id), next_id)
             out = torch.cat([out, next_id[:, None]], 1)
             done |= next_id == eos_id
