@@ -384,7 +384,7 @@ def study_run(spec, profile, jobs, shard_spec, results):
     profile = spec_.resolve_profile(profile)
     summary = run_study(spec_, profile, results, jobs, shard_spec, command=command_line())
     click.echo(summary.text(spec_.name, profile))
-    click.echo(f"results in {results_root(results) / spec_.name}/")
+    click.echo(f"results in {results_root(results) / spec_.kind}/ (cells shared by every study)")
     if summary.failed:
         raise click.ClickException(f"{len(summary.failed)} cell(s) failed (error.json in each); the others are "
                                    f"done; run the study again to retry them")

@@ -383,25 +383,56 @@ def plus_minus(mean: float, lo: float, hi: float, n: int) -> str:
     return f"{mean:.4g} ± {(hi - lo) / 2:.2g}"
 
 
-def curves_figure(curves: dict[str, pd.DataFrame], column: str = "val_loss", ylabel: str = "validation loss") -> Figure:
-    """Mean of `column` against step over seeds, with its 95% t-band, one line per label. Each frame has columns
-    step, seed and `column`."""
+def curves_figure(panels: dict[str, dict[str, pd.DataFrame]], column: str = "val_loss",
+                  ylabel: str = "validation loss") -> Figure:
+    """Mean of `column` against step over seeds, with its 95% t-band, one line per label (a label keeps its colour
+    in every panel); one panel per entry of `panels` (title -> {label: frame}). Each frame has columns step, seed
+    and `column`."""
+    labels = list(dict.fromkeys(label for curves in panels.values() for label in curves))
+    colours = dict(zip(labels, sns.color_palette("tab10" if len(labels) <= 10 else "tab20", max(1, len(labels)))))
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.9):
-        fig = Figure(figsize=(7, 4.5), layout="constrained")
+        columns = min(len(panels), 2)
+        rows = math.ceil(len(panels) / columns)
+        fig = Figure(figsize=(7 * columns, 4.5 * rows), layout="constrained")
         FigureCanvasAgg(fig)
-        ax = fig.subplots()
-        colors = sns.color_palette("tab10", max(1, len(curves)))
-        for color, (label, frame) in zip(colors, curves.items()):
-            points = frame.dropna(subset=[column])
-            stats_ = [(step, *mean_interval(group[column].to_numpy(float))) for step, group in points.groupby("step")]
-            if not stats_:
-                continue
-            steps, mean, lo, hi, n = (np.array(x) for x in zip(*stats_))
-            seeds = int(n.max())
-            ax.plot(steps, mean, "o-", ms=3, color=color, label=f"{label} ({seeds} seed{'s' * (seeds > 1)})")
-            ax.fill_between(steps, lo, hi, color=color, alpha=0.2, lw=0)
-        ax.set(xlabel="step", ylabel=ylabel, title=f"{ylabel}: mean over seeds, 95% t-band")
-        ax.legend(fontsize=8)
+        axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False).ravel())
+        for ax, (title, curves) in zip(axes, panels.items()):
+            for label, frame in curves.items():
+                points = frame.dropna(subset=[column])
+                stats_ = [(step, *mean_interval(group[column].to_numpy(float)))
+                          for step, group in points.groupby("step")]
+                if not stats_:
+                    continue
+                steps, mean, lo, hi, n = (np.array(x) for x in zip(*stats_))
+                seeds = int(n.max())
+                ax.plot(steps, mean, "o-", ms=3, color=colours[label],
+                        label=f"{label} ({seeds} seed{'s' * (seeds > 1)})")
+                ax.fill_between(steps, lo, hi, color=colours[label], alpha=0.2, lw=0)
+            ax.set(xlabel="step", ylabel=ylabel, title=title if len(panels) > 1 else
+                   f"{ylabel}: mean over seeds, 95% t-band")
+            ax.legend(fontsize=8)
+        for ax in axes[len(panels):]:
+            ax.set_visible(False)
+    return fig
+
+
+def ratios_figure(summary: pd.DataFrame, baseline: str, metrics: list[str]) -> Figure:
+    """Each run's ratio against the baseline (mean over seeds, 95% interval bars), one panel per metric."""
+    names = {"time_ratio": "time per update", "flops_ratio": "FLOPs per update"}
+    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.85):
+        fig = Figure(figsize=(4.5 * max(1, len(metrics)), 0.45 * len(summary) + 1.6), layout="constrained")
+        FigureCanvasAgg(fig)
+        axes = np.atleast_1d(fig.subplots(1, max(1, len(metrics)), squeeze=False).ravel())
+        for ax, metric in zip(axes, metrics):
+            rows = summary.dropna(subset=[metric])
+            y = np.arange(len(rows))
+            lo = (rows[metric] - rows[f"{metric}_lo"]).clip(lower=0)
+            hi = (rows[f"{metric}_hi"] - rows[metric]).clip(lower=0)
+            ax.barh(y, rows[metric], xerr=[lo, hi], color=sns.color_palette("tab10")[0], alpha=0.8, capsize=2)
+            ax.axvline(1, color="k", lw=0.8, ls="--")
+            ax.set_yticks(y, rows["label"])
+            ax.invert_yaxis()
+            ax.set(xlabel=f"{names.get(metric, metric)} / {baseline}'s", title=names.get(metric, metric))
     return fig
 
 

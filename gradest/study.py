@@ -10,8 +10,10 @@ Kinds: "compare" (one cell = a synthetic problem configuration x an estimator sp
 `measure.compare`), "probe" (`probe.switch_probe`: task x estimator x experts x top-k x seed) and "train" (one
 `TrainConfig`, trained in the cell's directory and resumed from its checkpoint if killed).
 
-Cache: `RESULTS/<study>/<hash>/` where hash is the sha256 of the canonical JSON of the cell's full configuration
-(kind, every resolved setting, FORMAT). It holds `cell.json`, the outputs, and `done.json`, written last: a cell
+Cache: `RESULTS/<kind>/<hash>/` where hash is the sha256 of the canonical JSON of the cell's full configuration
+(kind, every resolved setting, FORMAT; not a variant's `name`, which is only its label). The cache is shared by
+the studies: the same run in two studies (the Switch arm of `lm-convergence` and of `ablations`) is computed once,
+and a probe of a trained model trains (or reuses) the `train` cell of its `train` table. A cell directory holds `cell.json`, the outputs, and `done.json`, written last: a cell
 is finished iff `done.json` exists. A failing cell writes `error.json` and is retried on the next run. Every file
 is written atomically, so a run killed at any moment leaves no half file, and re-running finishes each cell
 exactly once.
@@ -22,9 +24,11 @@ from __future__ import annotations
 import concurrent.futures
 import copy
 import dataclasses
+import fcntl
 import hashlib
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -50,7 +54,9 @@ PROFILES = ("quick", "full", "paper")
 DEFAULT_PROFILE = "full"
 RESULTS_ENV = "GRADEST_RESULTS"
 TOP_KEYS = ("study", "grid", "settings", "profiles")
-STUDY_KEYS = ("name", "kind", "description", "findings")  # findings: what the numbers show, in words
+# findings: what the numbers show, in words; baseline: the run label (train studies) that ratios are taken against
+STUDY_KEYS = ("name", "kind", "description", "findings", "baseline")
+LABEL_KEYS = ("name",)  # settings that only label a cell: not hashed
 PROFILE_KEYS = ("grid", "settings", "description")
 PROBLEM_DEFAULTS = {"poly": {"experts": 2}}  # as `gradest compare`: ReinMax's polynomial programming is binary
 
@@ -64,7 +70,7 @@ def _compare_defaults() -> dict:
 def _probe_defaults() -> dict:
     return {"task": "lm", "estimator": "all", "experts": 4, "top_k": 1, "samples": 256, "seed": 0, "wrt": "router",
             "layer": 0, "draws": 64, "reference": "auto", "batch_size": 2, "seq_len": 8, "score": "sequence",
-            "data_seed": 0, "hparams": {}, "model": {}}
+            "data_seed": 0, "hparams": {}, "model": {}, "train": {}, "stage": "init"}
 
 
 def _train_defaults() -> dict:
@@ -108,6 +114,7 @@ class Study:
     profiles: dict
     path: Path | None = None
     findings: str = ""  # a person's reading of the full profile's numbers; the report opens with it
+    baseline: str = ""  # train studies: ratios (time, FLOPs, steps to its final loss) are against this run
 
     @property
     def profile_names(self) -> list[str]:
@@ -153,7 +160,7 @@ class Study:
                     config[key] = merge(config.get(key), value)
             config = resolve(self.kind, config, given)
             digest = cell_hash(self.kind, config)
-            cells[digest] = Cell(self.kind, config, digest, Path(results) / self.name / digest)
+            cells[digest] = Cell(self.kind, config, digest, Path(results) / self.kind / digest)
         return [cells[digest] for digest in sorted(cells)]
 
 
@@ -185,6 +192,16 @@ def resolve(kind: str, config: dict, given=()) -> dict:
         from gradest.probe import probe_estimators
         probe_estimators(config["estimator"] if config["estimator"] == "all" else [config["estimator"]],
                          config["top_k"], config["hparams"])
+        if config["stage"] not in STAGES:
+            raise GradestError(f"unknown probe stage '{config['stage']}'; valid: {', '.join(STAGES)}")
+        if not isinstance(config["train"], dict):
+            raise GradestError(f"a probe's train must be a table of training settings, got {config['train']!r}")
+        if config["stage"] == "trained" and not config["train"]:
+            raise GradestError("probe stage 'trained' needs a train table (the run whose model is probed)")
+        if config["train"]:
+            valid = [key for key in _train_defaults() if key != "name"]
+            _check_keys(config["train"], valid, "a probe's train table")
+            resolve("train", probe_train_config(config))
     elif kind == "train":
         from gradest.train import TrainConfig
         TrainConfig(**train_fields(config)).build_estimator()
@@ -206,7 +223,8 @@ def canonical(data) -> str:
 
 
 def cell_hash(kind: str, config: dict) -> str:
-    return hashlib.sha256(canonical({"format": FORMAT, "kind": kind, "config": config}).encode()).hexdigest()[:16]
+    hashed = {key: value for key, value in config.items() if key not in LABEL_KEYS}
+    return hashlib.sha256(canonical({"format": FORMAT, "kind": kind, "config": hashed}).encode()).hexdigest()[:16]
 
 
 def load_study(path) -> Study:
@@ -249,8 +267,8 @@ def parse_study(data: dict, path: Path | None = None) -> Study:
             if not isinstance(values, list) or not values:
                 raise GradestError(f"{where} {key} must be a non-empty list, got {values!r}")
             if key == "variant":
-                for value in values:
-                    _check_keys(value, valid, f"a variant of {where}")
+                for value in values:  # a variant may be named (a label only, see LABEL_KEYS)
+                    _check_keys(value, valid + [k for k in LABEL_KEYS if k not in valid], f"a variant of {where}")
 
     def check_settings(settings: dict, where: str):
         _check_keys(settings, valid, where)
@@ -268,7 +286,8 @@ def parse_study(data: dict, path: Path | None = None) -> Study:
         check_grid(profile.get("grid", {}), f"[profiles.{name}.grid]{source}")
         check_settings(profile.get("settings", {}), f"[profiles.{name}.settings]{source}")
     return Study(name=study["name"], kind=kind, description=study.get("description", ""), grid=grid,
-                 settings=settings, profiles=profiles, path=path, findings=study.get("findings", ""))
+                 settings=settings, profiles=profiles, path=path, findings=study.get("findings", ""),
+                 baseline=study.get("baseline", ""))
 
 
 def results_root(results=None) -> Path:
@@ -305,17 +324,57 @@ def run_compare(config: dict, directory: Path) -> dict:
     return {"rows": len(df), "rel_bias": df["rel_bias"].tolist(), "mse": df["mse"].tolist()}
 
 
+STAGES = ("init", "trained")
+
+
+def probe_train_config(config: dict) -> dict | None:
+    """The training run a probe cell's model comes from: its `train` table over the train defaults and the probe's
+    task, experts, top-k, seed and model (so it is the same cell as that run in a train study). None (an empty
+    table): the tiny model of `probe.TINY`, updated by `model`."""
+    if not config["train"]:
+        return None
+    base = {**_train_defaults(), "task": config["task"], "experts": config["experts"], "top_k": config["top_k"],
+            "seed": config["seed"], "model": config["model"]}
+    return merge(base, config["train"])
+
+
 def run_probe(config: dict, directory: Path) -> dict:
+    """The probe of `probe.switch_probe`, on the tiny model or, with a `train` table, on that run's model at
+    initialisation (stage "init") or after training (stage "trained": the train cell is run first unless cached)."""
     from gradest.probe import switch_probe
     from gradest.report import atomic_write_text
+    from gradest.train import Trainer, TrainConfig
     estimators = "all" if config["estimator"] == "all" else [config["estimator"]]
+    train, trainer, model = probe_train_config(config), None, config["model"] or None
+    if train is not None:
+        model = None  # the run's model settings are in its TrainConfig
+        cell = train_cell(train, directory.parent.parent)
+        if config["stage"] == "trained":
+            status, message = execute(cell)
+            if status == "failed":
+                raise GradestError(f"the training run of this probe (cell {cell.hash}) failed: {message}")
+            if not (cell.directory / "run" / "checkpoint.pt").is_file():
+                raise GradestError(f"the trained model's checkpoint is missing from {cell.directory}/run; delete "
+                                   f"that cell's directory to train it again")
+            trainer = Trainer.resume(cell.directory / "run")
+        else:
+            import torch
+            with torch.random.fork_rng(devices=[]):  # a Trainer seeds the global RNG
+                trainer = Trainer(TrainConfig(**train_fields(train)), cell.directory / "run")
     df = switch_probe(config["task"], estimators=estimators, samples=config["samples"], seed=config["seed"],
-                      layer=config["layer"], batch_size=config["batch_size"], seq_len=config["seq_len"],
-                      experts=config["experts"], top_k=config["top_k"], config=config["model"] or None,
+                      trainer=trainer, layer=config["layer"], batch_size=config["batch_size"],
+                      seq_len=config["seq_len"], experts=config["experts"], top_k=config["top_k"], config=model,
                       reference=config["reference"], draws=config["draws"], wrt=config["wrt"],
                       settings=config["hparams"], score=config["score"], data_seed=config["data_seed"])
+    df.insert(df.columns.get_loc("layer") + 1, "stage", config["stage"] if train is not None else "init")
     atomic_write_text(directory / "results.csv", df.to_csv(index=False))
     return {"rows": len(df), "rel_bias": df["rel_bias"].tolist(), "mse": df["mse"].tolist()}
+
+
+def train_cell(config: dict, results: Path) -> Cell:
+    config = resolve("train", config)
+    digest = cell_hash("train", config)
+    return Cell("train", config, digest, Path(results) / "train" / digest)
 
 
 def run_train(config: dict, directory: Path) -> dict:
@@ -333,7 +392,8 @@ def run_train(config: dict, directory: Path) -> dict:
     final = metrics.iloc[-1]
     summary = {"steps": int(final["step"]), "train_loss": float(final["train_loss"]),
                "val_loss": float(final["val_loss"]), "train_seconds": float(final["seconds"]),
-               "sec_per_update": float(final["seconds"]) / max(1, int(final["step"]))}
+               "sec_per_update": float(final["seconds"]) / max(1, int(final["step"])),
+               "flops_per_update": trainer.flops_per_update()}
     for key in ("bleu_val", "bleu_test"):
         if key in final:
             summary[key] = float(final[key])
@@ -348,9 +408,20 @@ def execute(cell: Cell, runner: Callable[[dict, Path], dict] | None = None, comm
     """Run one cell: cell.json, the runner's outputs, then done.json last (or error.json). ("done" | "failed",
     message). Only Exceptions are recorded: an interrupt (KeyboardInterrupt, a kill) leaves the cell unfinished,
     to be run again."""
-    from gradest.report import run_metadata, write_json
     directory = cell.directory
     directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as lock:
+        # one process at a time runs a cell: a probe's training run may be wanted by several probe cells (and
+        # shards on a shared disk); whoever comes second finds it done
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if cell.done:
+            return "done", ""
+        return _execute(cell, runner, command)
+
+
+def _execute(cell: Cell, runner, command) -> tuple[str, str]:
+    from gradest.report import run_metadata, write_json
+    directory = cell.directory
     write_json(directory / "cell.json", {"kind": cell.kind, "format": FORMAT, "hash": cell.hash,
                                          "config": cell.config})
     start = time.perf_counter()
@@ -443,7 +514,7 @@ def finished(study: Study, profile: str | None, results=None) -> tuple[list[Cell
 METRICS = ["rel_bias", "bias_sq", "variance", "mse", "cos_mean", "cos_of_mean", "sec_per_sample"]
 COMPARE_KEYS = ["problem", "experts", "tokens", "dim", "out_dim", "classes", "power", "center", "top_k",
                 "sharpness", "wrt", "samples", "estimator", "target"]
-PROBE_KEYS = ["problem", "experts", "tokens", "top_k", "layer", "batch_size", "seq_len", "wrt", "samples",
+PROBE_KEYS = ["problem", "experts", "tokens", "top_k", "stage", "layer", "batch_size", "seq_len", "wrt", "samples",
               "reference", "estimator", "target"]
 TRAIN_METRICS = ["val_loss", "train_loss", "bleu_val", "bleu_test", "sec_per_update", "seconds"]
 
@@ -549,64 +620,225 @@ def _estimator_report(study: Study, done: list[Cell], out: Path) -> tuple[str, s
     return paragraph, "\n\n".join(tables), files, data
 
 
+NOT_GROUPS = ("variant", "seed", "estimator", "hparams", "omega", "name")  # grid keys that make arms, not groups
+
+
 def _train_label(config: dict, varying: list[str]) -> str:
     """A run's label: the variant's name (else the estimator), plus the settings that vary beside it. A named
     variant's own settings (e.g. the dense baseline's `model`) are what its name says, so they are not repeated."""
     name = config.get("name") or config["estimator"]
-    skip = {"name", "estimator"} | ({"model", "hparams", "omega", "top_k"} if config.get("name") else set())
+    skip = {"name", "estimator"} | ({"model", "hparams", "omega", "top_k", "experts"} if config.get("name") else set())
     extra = [key for key in varying if key not in skip]
     return name + "".join(f", {key}={canonical(config[key]) if isinstance(config[key], dict) else config[key]}"
                           for key in extra)
 
 
-def _train_report(study: Study, done: list[Cell], out: Path):
-    from gradest.report import aggregate_seeds, atomic_savefig, atomic_write_text, curves_figure, plus_minus
-    varying = _varying([cell.config for cell in done], skip=("seed", "name"))
+def steps_to(curve: pd.DataFrame, target: float) -> float:
+    """The first step at which a run's validation loss reaches `target`, interpolated linearly between its
+    evaluations (the step of the first evaluation if that one already does); inf if it never does."""
+    steps, values = curve["step"].to_numpy(float), curve["val_loss"].to_numpy(float)
+    reached = np.flatnonzero(values <= target)
+    if not len(reached):
+        return math.inf
+    i = reached[0]
+    if i == 0:
+        return float(steps[0])
+    return float(steps[i - 1] + (steps[i] - steps[i - 1]) * (values[i - 1] - target) / (values[i - 1] - values[i]))
+
+
+def _group_name(row, keys: list[str]) -> str:
+    return ", ".join(f"{key}={row[key]}" for key in keys) or "all runs"
+
+
+def _baseline_ratios(finals: pd.DataFrame, curves: pd.DataFrame, group_keys: list[str], baseline: str,
+                     references: set) -> pd.DataFrame:
+    """Per run: time per update and FLOPs per update over the baseline's (same group and seed), the steps it
+    takes to reach the baseline's final validation loss over the baseline's steps (inf: never reached), and the
+    other way round, the steps the baseline takes to reach the run's final loss over its steps. A
+    reference run (one present in a single group, such as the dense baseline) is compared in its group."""
+    finals = finals.copy()
+    for column in ("time_ratio", "flops_ratio", "steps_ratio", "baseline_steps_ratio"):
+        finals[column] = np.nan
+    keyed = {}
+    for _, row in finals[finals["label"] == baseline].iterrows():
+        keyed[(*(row[k] for k in group_keys), row["seed"])] = row
+    for index, row in finals.iterrows():
+        base = keyed.get((*(row[k] for k in group_keys), row["seed"]))
+        if base is None:
+            continue
+        finals.loc[index, "time_ratio"] = row["sec_per_update"] / base["sec_per_update"]
+        if "flops_per_update" in finals and np.isfinite(row["flops_per_update"]):
+            finals.loc[index, "flops_ratio"] = row["flops_per_update"] / base["flops_per_update"]
+        curve = curves[curves["cell"] == row["cell"]]
+        finals.loc[index, "steps_ratio"] = steps_to(curve, base["val_loss"]) / base["steps"]
+        base_curve = curves[curves["cell"] == base["cell"]]
+        finals.loc[index, "baseline_steps_ratio"] = steps_to(base_curve, row["val_loss"]) / base["steps"]
+    return finals
+
+
+def _steps_cell(rows: pd.Series) -> str:
+    """The per-seed steps ratio: mean ± half-width when every seed reached the target, else how many did not."""
+    from gradest.report import mean_interval, plus_minus
+    values = rows.dropna().to_numpy(float)
+    if not len(values):
+        return "-"
+    finite = values[np.isfinite(values)]
+    if len(finite) == len(values):
+        return plus_minus(*mean_interval(finite))
+    text = f"not reached in {len(values) - len(finite)} of {len(values)} seeds"
+    return text + (f" (reached: {', '.join(f'{v:.2f}' for v in finite)})" if len(finite) else "")
+
+
+def _mean_curve_ratio(curves: pd.DataFrame, finals: pd.DataFrame, label: str, group: dict, baseline: str) -> float:
+    """The steps ratio of the mean curves over seeds: the steps the seed-mean validation curve of `label` takes to
+    reach the seed-mean final loss of the baseline, over the baseline's steps."""
+    def select(frame, name):
+        mask = frame["label"] == name
+        for key, value in group.items():
+            mask &= frame[key] == value
+        return frame[mask]
+    base, run = select(finals, baseline), select(curves, label)
+    if base.empty or run.empty:
+        return float("nan")
+    mean_curve = run.groupby("step", as_index=False)["val_loss"].mean()
+    return steps_to(mean_curve, float(base["val_loss"].mean())) / float(base["steps"].max())
+
+
+def _train_report(study: Study, done: list[Cell], out: Path, profile: str | None = None):
+    from gradest.report import (aggregate_seeds, atomic_savefig, atomic_write_text, curves_figure,
+                                metric_vs_experts_figure, plus_minus, ratios_figure)
+    configs = [cell.config for cell in done]
+    varying = _varying(configs, skip=("seed", "name"))
+    grid, _ = study.layout(profile)
+    group_keys = [key for key in grid if key not in NOT_GROUPS and key in varying]
+    label_keys = [key for key in varying if key not in group_keys]
     finals, curves = [], []
     for cell in done:
-        label = _train_label(cell.config, varying)
+        label = _train_label(cell.config, label_keys)
         metrics = pd.read_csv(cell.directory / "run" / "metrics.csv")
         summary = _read_json(cell.directory / "done.json")
         final = metrics.iloc[-1]
-        row = {"label": label, "seed": cell.config["seed"], "cell": cell.hash, "steps": int(final["step"]),
+        groups = {key: cell.config[key] for key in group_keys}
+        row = {**groups, "label": label, "seed": cell.config["seed"], "cell": cell.hash, "steps": int(final["step"]),
                "val_loss": final["val_loss"], "train_loss": final["train_loss"],
-               "sec_per_update": final["seconds"] / max(1, int(final["step"])), "seconds": summary["seconds"]}
+               "sec_per_update": final["seconds"] / max(1, int(final["step"])), "seconds": summary["seconds"],
+               "flops_per_update": summary["summary"].get("flops_per_update", np.nan)}
         for key in ("bleu_val", "bleu_test"):
             if key in metrics:
                 row[key] = final[key]
         finals.append(row)
         points = metrics.dropna(subset=["val_loss"])[["step", "val_loss", "train_loss"]].copy()
-        points.insert(0, "seed", cell.config["seed"])
-        points.insert(0, "label", label)
-        points.insert(0, "cell", cell.hash)
+        for key, value in {"cell": cell.hash, **groups, "label": label, "seed": cell.config["seed"]}.items():
+            points[key] = value
         curves.append(points)
     finals, curves = pd.DataFrame(finals), pd.concat(curves, ignore_index=True)
-    summary = aggregate_seeds(finals, ["label"], [m for m in TRAIN_METRICS if m in finals])
-    summary = summary.sort_values("val_loss", kind="stable")
+    group_rows = finals[group_keys].drop_duplicates().to_dict("records") if group_keys else [{}]
+    label_groups = finals.groupby("label")[group_keys].apply(lambda g: len(g.drop_duplicates())) if group_keys \
+        else pd.Series(dtype=int)
+    references = {label for label, count in label_groups.items() if count == 1 and len(group_rows) > 1}
+    baseline = study.baseline if study.baseline in set(finals["label"]) else ""
+    if baseline:
+        finals = _baseline_ratios(finals, curves, group_keys, baseline, references)
+    if finals["flops_per_update"].notna().any():
+        finals["gflops_per_update"] = finals["flops_per_update"] / 1e9
+    metric_names = [m for m in TRAIN_METRICS + ["gflops_per_update", "time_ratio", "flops_ratio"] if m in finals]
+    summary = aggregate_seeds(finals, group_keys + ["label"], metric_names)
+    summary = summary.sort_values(group_keys + ["val_loss"], kind="stable", ignore_index=True)
+    if baseline:
+        summary["steps_ratio"] = [_steps_cell(finals[(finals["label"] == r["label"])
+                                                    & np.logical_and.reduce([finals[k] == r[k] for k in group_keys]
+                                                                            or [True])]["steps_ratio"])
+                                  for _, r in summary.iterrows()]
+        summary["baseline_steps_ratio"] = [
+            _steps_cell(finals[(finals["label"] == r["label"])
+                               & np.logical_and.reduce([finals[k] == r[k] for k in group_keys] or [True])]
+                        ["baseline_steps_ratio"]) for _, r in summary.iterrows()]
+        summary["steps_ratio_mean_curves"] = [
+            _mean_curve_ratio(curves, finals, r["label"], {k: r[k] for k in group_keys}, baseline)
+            for _, r in summary.iterrows()]
     atomic_write_text(out / "results.csv", finals.to_csv(index=False))
     atomic_write_text(out / "curves.csv", curves.to_csv(index=False))
     atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
     columns = {"final validation loss": "val_loss", "final train loss": "train_loss"}
     if "bleu_test" in summary:
         columns.update({"BLEU val": "bleu_val", "BLEU test": "bleu_test"})
-    columns.update({"s/update": "sec_per_update", "total s": "seconds"})
-    table = pd.DataFrame({"run": summary["label"], "seeds": summary["seeds"],
-                          **{name: [plus_minus(r[m], r[f"{m}_lo"], r[f"{m}_hi"], r["seeds"])
-                                    for _, r in summary.iterrows()] for name, m in columns.items()}})
-    figure = curves_figure({label: group for label, group in curves.groupby("label", sort=False)})
-    atomic_savefig(figure, out / "val_loss.png", dpi=110)
-    ranked = "; ".join(f"{r['label']} {plus_minus(r['val_loss'], r['val_loss_lo'], r['val_loss_hi'], r['seeds'])}"
-                       for _, r in summary.iterrows())
-    fastest = summary.loc[summary["sec_per_update"].idxmin()]
+    columns["s/update"] = "sec_per_update"
+    if baseline:
+        columns[f"time/update vs {baseline}"] = "time_ratio"
+    if "gflops_per_update" in summary:
+        columns["GFLOPs/update"] = "gflops_per_update"
+        if baseline:
+            columns[f"FLOPs vs {baseline}"] = "flops_ratio"
+    columns["total s"] = "seconds"
+    tables = []
+    for group in group_rows:
+        mask = np.logical_and.reduce([summary[k] == v for k, v in group.items()] or [np.ones(len(summary), bool)])
+        rows = summary[mask]
+        table = pd.DataFrame({"run": rows["label"], "seeds": rows["seeds"],
+                              **{name: [plus_minus(r[m], r[f"{m}_lo"], r[f"{m}_hi"], r["seeds"])
+                                        for _, r in rows.iterrows()] for name, m in columns.items()}})
+        if baseline:
+            table.insert(3, f"steps to {baseline}'s final loss (ratio, per seed)", rows["steps_ratio"].tolist())
+            table.insert(4, "(ratio, mean curves)", [f"{v:.3g}" if np.isfinite(v) else "not reached"
+                                                     for v in rows["steps_ratio_mean_curves"]])
+            table.insert(5, f"{baseline}'s steps to this run's final loss (ratio)",
+                         rows["baseline_steps_ratio"].tolist())
+        heading = f"### {_group_name(group, group_keys)}" if group_keys else "### Final numbers"
+        tables.append(f"{heading}\n\n{table.to_markdown(index=False)}")
+    # figures: curves (a panel per group; a reference run in every panel), metrics against n when n varies
+    panels = {}
+    for group in group_rows:
+        mask = np.logical_and.reduce([curves[k] == v for k, v in group.items()] or [np.ones(len(curves), bool)])
+        mask |= curves["label"].isin(references)
+        panels[_group_name(group, group_keys)] = {label: frame for label, frame in
+                                                  curves[mask].groupby("label", sort=False)}
+    atomic_savefig(curves_figure(panels), out / "val_loss.png", dpi=110)
+    figures = ["val_loss.png"]
+    if "experts" in group_keys:
+        frame = summary.copy()
+        others = [key for key in group_keys if key != "experts"]
+        frame["problem"] = [_group_name(r, others) if others else study.name for _, r in frame.iterrows()]
+        frame["estimator"] = frame["label"]
+        spread = [frame[~frame["label"].isin(references)]]
+        for label in references:  # a reference (n-independent) run drawn flat across n
+            row = frame[frame["label"] == label]
+            spread += [row.assign(experts=n) for n in sorted(frame["experts"].unique())]
+        frame = pd.concat(spread, ignore_index=True)
+        for name, metric, ylabel, log in (("val_loss_vs_experts.png", "val_loss", "final validation loss", False),
+                                          ("time_ratio_vs_experts.png", "time_ratio",
+                                           f"time per update / {baseline}'s", True),
+                                          ("flops_ratio_vs_experts.png", "flops_ratio",
+                                           f"FLOPs per update / {baseline}'s", True)):
+            if metric in frame and frame[metric].notna().any() and not (metric != "val_loss" and not baseline):
+                atomic_savefig(metric_vs_experts_figure(frame, metric, ylabel, log), out / name, dpi=100)
+                figures.append(name)
+    elif baseline:
+        atomic_savefig(ratios_figure(summary, baseline, [m for m in ("time_ratio", "flops_ratio") if m in summary]),
+                       out / "ratios.png", dpi=100)
+        figures.append("ratios.png")
+    ranked = []
+    for group in group_rows:
+        rows = summary[np.logical_and.reduce([summary[k] == v for k, v in group.items()]
+                                             or [np.ones(len(summary), bool)])]
+        ranked.append((f"{_group_name(group, group_keys)}: " if group_keys else "") + "; ".join(
+            f"{r['label']} {plus_minus(r['val_loss'], r['val_loss_lo'], r['val_loss_hi'], r['seeds'])}"
+            for _, r in rows.iterrows()))
     steps = sorted(finals["steps"].unique())
-    paragraph = (f"{len(summary)} runs x up to {int(summary['seeds'].max())} seed(s), "
-                 f"{'/'.join(str(s) for s in steps)} steps. Final validation loss (nats per token, mean ± 95% "
-                 f"t-interval half-width over seeds), lowest first: {ranked}. Fastest update: {fastest['label']} "
-                 f"({fastest['sec_per_update']:.3g} s per update).")
+    paragraph = (f"{finals['label'].nunique()} arms{f' x {len(group_rows)} groups' if group_keys else ''} x up to "
+                 f"{int(summary['seeds'].max())} seed(s), {'/'.join(str(s) for s in steps)} steps. Final validation "
+                 f"loss (nats per token, mean ± 95% t-interval half-width over seeds), lowest first: "
+                 + " | ".join(ranked) + ".")
+    if baseline:
+        paragraph += (f" Ratios are against `{baseline}` in the same group and seed. The steps ratio is the first "
+                      f"step (interpolated between evaluations) at which a run's validation loss reaches "
+                      f"`{baseline}`'s final one, over `{baseline}`'s steps: below 1 is faster (the paper's \"2x faster\" "
+                      f"is 0.5). A run that never reaches it is slower; the next column says how much: the "
+                      f"fraction of its steps `{baseline}` needed to reach that run's final loss. `{baseline}` "
+                      f"itself can score below 1 when its curve dips under its final value earlier.")
     data = ("- [results.csv](results.csv): final numbers of every finished run (one row per seed)\n"
             "- [curves.csv](curves.csv): validation (and train) loss at every evaluation of every run\n"
             "- [summary.csv](summary.csv): means over seeds with 95% t-intervals (`_lo`, `_hi`), the table's numbers")
-    return paragraph, "### Final numbers\n\n" + table.to_markdown(index=False), ["val_loss.png"], data
+    return paragraph, "\n\n".join(tables), figures, data
 
 
 def write_report(study: Study, profile: str | None = None, results=None, out=None, command=None) -> Path:
@@ -616,12 +848,14 @@ def write_report(study: Study, profile: str | None = None, results=None, out=Non
     done, failed, missing = finished(study, profile, results)
     if not done:
         raise GradestError(f"no finished cells of study '{study.name}' (profile {profile or 'base'}) in "
-                           f"{results_root(results) / study.name}/; run `gradest study run "
+                           f"{results_root(results) / study.kind}/; run `gradest study run "
                            f"{study.path or study.name}"
                            f"{f' --profile {profile}' if profile else ''}` first")
     out = Path(out or Path("reports") / study.name)
-    build = _train_report if study.kind == "train" else _estimator_report
-    paragraph, tables, figures, data = build(study, done, out)
+    if study.kind == "train":
+        paragraph, tables, figures, data = _train_report(study, done, out, profile)
+    else:
+        paragraph, tables, figures, data = _estimator_report(study, done, out)
     total = len(done) + len(failed) + len(missing)
     status = f"{len(done)} of {total} cells finished"
     if failed or missing:

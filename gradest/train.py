@@ -218,10 +218,11 @@ class Trainer:
         device = torch.device(self.config.device).type
         return torch.autocast(device, dtype=DTYPES[self.config.dtype], enabled=self.config.dtype != "float32")
 
-    def loss(self, batch) -> tuple[torch.Tensor, dict]:
+    def loss(self, batch, forward_model=None) -> tuple[torch.Tensor, dict]:
         """The loss to back-propagate: mean cross-entropy + auxiliary losses (+ the score-function surrogate)."""
+        forward_model = forward_model or self.forward_model
         with self.autocast():
-            token_loss, counted = self.task.token_loss(self.forward_model, batch)
+            token_loss, counted = self.task.token_loss(forward_model, batch)
         tokens = counted.sum(-1).clamp_min(1)
         sequence_loss = token_loss.sum(-1) / tokens  # f of each sequence
         aux = self.model.aux_loss()
@@ -233,7 +234,7 @@ class Trainer:
             if self.estimator.needs_zero_output:
                 with torch.no_grad(), self.autocast():
                     self.model.zero_moe(True)
-                    zero_loss = self.task.token_loss(self.forward_model, batch)[0]
+                    zero_loss = self.task.token_loss(forward_model, batch)[0]
                     self.model.zero_moe(False)
                 f_zero = zero_loss.sum(-1) / tokens
             objective = self.estimator.with_score(sequence_loss, log_prob, f_zero).mean()
@@ -285,6 +286,19 @@ class Trainer:
         row = self.mean_over_ranks({**row, **self.routing_stats()})
         return {"step": self.step, **row, "lr": self.scheduler.get_last_lr()[0], "seconds": self.seconds,
                 "tokens_per_s": tokens / (time.perf_counter() - start)}
+
+    def flops_per_update(self) -> int:
+        """FLOPs of one training step's forward and backward passes (matrix products, as torch.utils.flop_counter
+        counts them), on a training batch, over all ranks. It changes nothing the run depends on: the batch comes
+        from its own generator, the RNG is restored and the parameters' gradients are left alone."""
+        from torch.utils.flop_counter import FlopCounterMode
+        batch = self.task.batch("train", torch.Generator().manual_seed(self.config.seed))
+        batch = tuple(t[self.rank::self.world] for t in batch)
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
+            loss = self.loss(batch, forward_model=self.model)[0]
+            torch.autograd.grad(loss, parameters, allow_unused=True)
+        return int(counter.get_total_flops()) * self.world
 
     def mean_over_ranks(self, values: dict) -> dict:
         """Each logged number averaged over the ranks (each saw its share of the batch)."""

@@ -60,8 +60,8 @@ class Counter:
         return {"ok": True}
 
 
-def done_cells(results: Path, name: str) -> list[Path]:
-    return sorted(p.parent for p in (results / name).glob("*/done.json"))
+def done_cells(results: Path, kind: str = "compare") -> list[Path]:
+    return sorted(p.parent for p in (results / kind).glob("*/done.json"))
 
 
 def cli(*args):
@@ -70,19 +70,35 @@ def cli(*args):
 
 # ----------------------------------------------------------------------------------------------------- specs
 def test_shipped_specs_validate_and_quick_profiles_are_small(tmp_path):
-    bias = load_study(STUDIES / "bias-variance.toml")
-    train = load_study(STUDIES / "lm-convergence.toml")
-    assert bias.kind == "compare" and train.kind == "train"
-    for study in (bias, train):
-        assert set(study.profiles) == {"quick", "full", "paper"}
+    specs = {path.stem: load_study(path) for path in sorted(STUDIES.glob("*.toml"))}
+    assert set(specs) >= {"bias-variance", "switch-probe", "lm-convergence", "ablations", "cost", "translation",
+                          "top2"}
+    for name, study in specs.items():
+        assert study.name == name and set(study.profiles) == {"quick", "full", "paper"}
         for profile in ("quick", "full"):  # paper wants cuda: its cells are checked when built, so skip it here
             assert study.cells(profile, tmp_path)
-    assert len(bias.cells("quick", tmp_path)) == 12
+        assert study.findings.strip(), f"{name}: the committed report must open with what its numbers show"
+        if study.kind == "train" and study.baseline:
+            names = {c.config["name"] or c.config["estimator"] for c in study.cells("full", tmp_path)}
+            assert study.baseline in names
+    assert len(specs["bias-variance"].cells("quick", tmp_path)) == 12
+    train = specs["lm-convergence"]
     quick = train.cells("quick", tmp_path)
     assert len(quick) == 2 and all(c.config["steps"] == 20 for c in quick)
     full = train.cells("full", tmp_path)
     dense = [c for c in full if c.config["name"] == "dense"]
-    assert len(full) == 15 and len(dense) == 5 and all(c.config["model"] == {"moe_every": 0} for c in dense)
+    # 4 n x (switch, sparsemixer) x 3 seeds, and one dense run per seed (it has no experts to vary)
+    assert len(full) == 27 and len(dense) == 3 and all(c.config["model"] == {"moe_every": 0} for c in dense)
+    assert {c.config["experts"] for c in full} == {2, 4, 8, 16}
+    # the cache is shared: ablations' switch and sparsemixer arms are lm-convergence's n = 8 runs, and the
+    # probe's trained models are its n = 4 Switch runs
+    from gradest.study import probe_train_config, train_cell
+    shared = {c.hash for c in full}
+    ablations = specs["ablations"].cells("full", tmp_path)
+    assert {c.config["name"] for c in ablations if c.hash in shared} == {"switch", "sparsemixer"}
+    probes = specs["switch-probe"].cells("full", tmp_path)
+    assert {train_cell(probe_train_config(c.config), tmp_path).hash for c in probes} == {
+        c.hash for c in full if c.config["name"] == "switch" and c.config["experts"] == 4}
 
 
 @pytest.mark.parametrize("text, message", [
@@ -114,7 +130,7 @@ def test_quick_study_end_to_end_then_rerun_is_a_noop(tmp_path, monkeypatch):
     result = cli("study", "run", spec, "--profile", "quick", "--results", "res")
     assert result.exit_code == 0, result.output
     assert "12 cells, 0 already done, 12 run, 0 failed" in result.output
-    cells = done_cells(tmp_path / "res", "bias-variance")
+    cells = done_cells(tmp_path / "res")
     assert len(cells) == 12
     stamps = {p: (p / "done.json").stat().st_mtime_ns for p in cells}
     for cell in cells:
@@ -155,7 +171,7 @@ def test_jobs_and_shards_split_the_cells(tmp_path):
     # a process pool runs the real cells (one torch thread each)
     summary = run_study(study, results=tmp_path / "pool", jobs=2, progress=False)
     assert len(summary.done) == 6 and not summary.failed
-    assert len(done_cells(tmp_path / "pool", "small")) == 6
+    assert len(done_cells(tmp_path / "pool")) == 6
 
 
 def test_changing_one_setting_reruns_only_the_affected_cells(tmp_path):
@@ -170,7 +186,7 @@ def test_changing_one_setting_reruns_only_the_affected_cells(tmp_path):
     st_cells = {c.hash for c in study.cells(None, tmp_path) if c.config["estimator"] == "st:tau=0.7"}
     assert sorted(second.calls) == sorted(st_cells) and len(st_cells) == 3
     # the old tau=0.5 cells are left alone; a third run does nothing
-    assert len(list((tmp_path / "small").glob("*/done.json"))) == 9
+    assert len(list((tmp_path / "compare").glob("*/done.json"))) == 9
     third = Counter()
     run_study(study, results=tmp_path, runner=third, progress=False)
     assert third.calls == []
@@ -183,14 +199,14 @@ def test_a_failing_cell_is_recorded_and_the_others_go_on(tmp_path, monkeypatch):
     assert len(broken.calls) == 6 and len(summary.done) == 5 and len(summary.failed) == 1
     ((digest, message),) = summary.failed
     assert message == "RuntimeError: boom on switch second line"
-    error = json.loads((tmp_path / "small" / digest / "error.json").read_text())
+    error = json.loads((tmp_path / "compare" / digest / "error.json").read_text())
     assert error["error"] == message and "Traceback" in error["traceback"]
-    assert not (tmp_path / "small" / digest / "done.json").exists()
+    assert not (tmp_path / "compare" / digest / "done.json").exists()
     fixed = Counter()
     summary = run_study(study, results=tmp_path, runner=fixed, progress=False)
     assert fixed.calls == [digest] and summary.skipped == 5
-    assert (tmp_path / "small" / digest / "done.json").exists()
-    assert not (tmp_path / "small" / digest / "error.json").exists()
+    assert (tmp_path / "compare" / digest / "done.json").exists()
+    assert not (tmp_path / "compare" / digest / "error.json").exists()
     # from the CLI, a real failure (a bad hyper-parameter value at run time) is exit 1 after the other cells
     import gradest.study as study_module
     real = study_module.RUNNERS["compare"]
@@ -204,7 +220,7 @@ def test_a_failing_cell_is_recorded_and_the_others_go_on(tmp_path, monkeypatch):
     result = cli("study", "run", str(write_spec(tmp_path)), "--results", str(tmp_path / "cli"))
     assert result.exit_code == 1
     assert "2 failed" in result.output and "ValueError: no luck" in result.output
-    assert len(done_cells(tmp_path / "cli", "small")) == 4
+    assert len(done_cells(tmp_path / "cli")) == 4
 
 
 KILLABLE = """
@@ -250,7 +266,7 @@ def test_a_killed_study_resumes_with_every_cell_exactly_once(tmp_path):
     assert _run_script(tmp_path, "exit").returncode == 1
     log = (tmp_path / "log").read_text().split()
     assert len([w for w in log if w == "end"]) == 3
-    assert len(done_cells(tmp_path / "res", "small")) == 3
+    assert len(done_cells(tmp_path / "res")) == 3
     assert _run_script(tmp_path, "run").returncode == 0
     lines = [line.split() for line in (tmp_path / "log").read_text().splitlines()]
     ends = [digest for event, digest in lines if event == "end"]
@@ -258,7 +274,7 @@ def test_a_killed_study_resumes_with_every_cell_exactly_once(tmp_path):
     assert len(ends) == 6 and len(set(ends)) == 6  # every cell finished exactly once
     killed = [d for d in set(starts) if starts.count(d) == 2]
     assert len(killed) == 1 and len(starts) == 7  # only the interrupted cell was started again
-    assert len(done_cells(tmp_path / "res", "small")) == 6
+    assert len(done_cells(tmp_path / "res")) == 6
     _check_intact(tmp_path / "res")
 
 
@@ -269,15 +285,15 @@ def test_sigkill_at_a_random_moment_leaves_intact_files(tmp_path):
     args = [sys.executable, str(script), str(tmp_path / "small.toml"), str(tmp_path / "res"), str(tmp_path / "log")]
     process = subprocess.Popen(args + ["sleep"])
     deadline = time.time() + 60
-    while len(done_cells(tmp_path / "res", "small")) < 2 and time.time() < deadline:
+    while len(done_cells(tmp_path / "res")) < 2 and time.time() < deadline:
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    before = {p.name: (p / "done.json").read_bytes() for p in done_cells(tmp_path / "res", "small")}
+    before = {p.name: (p / "done.json").read_bytes() for p in done_cells(tmp_path / "res")}
     assert 2 <= len(before) < 6
     _check_intact(tmp_path / "res")
     assert subprocess.run(args + ["run"], timeout=60).returncode == 0
-    after = done_cells(tmp_path / "res", "small")
+    after = done_cells(tmp_path / "res")
     assert len(after) == 6
     assert {p.name: (p / "done.json").read_bytes() for p in after if p.name in before} == before  # not rerun
     _check_intact(tmp_path / "res")
@@ -343,3 +359,159 @@ def test_report_on_a_fixed_fixture(tmp_path):
     (out / "README.md").unlink()
     written, skipped = regenerate(tmp_path, tmp_path / "res")
     assert written == [out] and not skipped and (out / "README.md").read_text() == text
+
+
+# ------------------------------------------------------------------------------------------- the shared cache
+def test_a_variant_name_is_a_label_not_part_of_the_cell(tmp_path):
+    """Two studies that run the same configuration under different names share one cell; each report keeps its
+    own label."""
+    text = """
+    [study]
+    name = "{name}"
+    kind = "compare"
+    [grid]
+    variant = [{{ name = "{label}", estimator = "switch" }}]
+    seed = [0]
+    [settings]
+    problem = "moe-regression"
+    experts = 3
+    tokens = 4
+    samples = 20
+    """
+    one = load_study(write_spec(tmp_path, text.format(name="one", label="plain switch"), "one.toml"))
+    two = load_study(write_spec(tmp_path, text.format(name="two", label="baseline"), "two.toml"))
+    (a,), (b,) = one.cells(None, tmp_path), two.cells(None, tmp_path)
+    assert a.hash == b.hash and a.directory == b.directory == tmp_path / "compare" / a.hash
+    assert run_study(one, results=tmp_path, progress=False).done == [a.hash]
+    second = Counter()
+    assert run_study(two, results=tmp_path, runner=second, progress=False).skipped == 1 and not second.calls
+
+
+def test_a_cell_finished_by_another_process_meanwhile_is_not_run_again(tmp_path):
+    """The lock in `execute`: whoever gets the cell second finds it done (a probe's training run wanted by several
+    probe cells, or shards sharing a disk)."""
+    from gradest.study import execute
+    study = load_study(write_spec(tmp_path))
+    cell = study.cells(None, tmp_path)[0]
+    first = Counter()
+    assert execute(cell, first) == ("done", "") and len(first.calls) == 1
+    second = Counter()
+    assert execute(cell, second) == ("done", "") and second.calls == []
+
+
+def test_probe_study_trains_its_model_once_and_probes_it_at_init_and_after(tmp_path):
+    """The quick switch-probe profile (two estimators): the training run its `trained` stage needs is one `train`
+    cell, computed once, which a training study with the same settings then finds done."""
+    study = load_study(STUDIES / "switch-probe.toml")
+    study.profiles["quick"]["grid"]["estimator"] = ["switch", "sparsemixer"]
+    summary = run_study(study, "quick", results=tmp_path, progress=False)
+    assert len(summary.done) == 4 and not summary.failed
+    (trained,) = done_cells(tmp_path, "train")
+    assert (trained / "run" / "checkpoint.pt").is_file()
+    rows = pd.concat(pd.read_csv(p / "results.csv") for p in done_cells(tmp_path, "probe"))
+    assert sorted(rows["stage"]) == ["init", "init", "trained", "trained"]
+    assert rows["rel_bias"].notna().all() and (rows["reference"] != "").all()
+    # the model at init is the training run's model at step 0, not the trained one: the router logits differ
+    sharpness = rows.groupby("stage")["sharpness"].first()
+    assert sharpness["init"] != sharpness["trained"]
+    assert run_study(study, "quick", results=tmp_path, progress=False).skipped == 4
+    # the same run asked for by a training study is the cached cell
+    probe_config = study.cells("quick", tmp_path)[0].config
+    train_spec = f"""
+    [study]
+    name = "t"
+    kind = "train"
+    [settings]
+    task = "lm"
+    experts = {probe_config["experts"]}
+    top_k = 1
+    seed = 0
+    model = {{ n_layer = 2, n_head = 2, d_model = 32, d_ff = 64 }}
+    estimator = "switch"
+    steps = 10
+    warmup = 2
+    batch_size = 4
+    block_size = 32
+    eval_interval = 5
+    eval_batches = 1
+    checkpoint_interval = 5
+    """
+    again = run_study(load_study(write_spec(tmp_path, train_spec, "t.toml")), results=tmp_path, progress=False)
+    assert again.skipped == 1 and again.done == []
+
+
+def test_a_trained_probe_needs_its_training_run(tmp_path):
+    text = """
+    [study]
+    name = "p"
+    kind = "probe"
+    [settings]
+    stage = "{stage}"
+    train = {train}
+    """
+    with pytest.raises(GradestError, match="stage 'trained' needs a train table"):
+        load_study(write_spec(tmp_path, text.format(stage="trained", train="{}"))).cells(None, tmp_path)
+    with pytest.raises(GradestError, match="unknown probe stage 'later'; valid: init, trained"):
+        load_study(write_spec(tmp_path, text.format(stage="later", train="{}"))).cells(None, tmp_path)
+    with pytest.raises(GradestError, match="unknown key 'stepz' in a probe's train table"):
+        load_study(write_spec(tmp_path, text.format(stage="trained", train="{ stepz = 3 }"))).cells(None, tmp_path)
+
+
+# ------------------------------------------------------------------------------------ training study reports
+def test_steps_to_a_loss_interpolates_between_evaluations():
+    from gradest.study import steps_to
+    curve = pd.DataFrame({"step": [100, 200, 300], "val_loss": [3.0, 2.0, 1.5]})
+    assert steps_to(curve, 2.5) == pytest.approx(150.0)
+    assert steps_to(curve, 2.0) == pytest.approx(200.0)
+    assert steps_to(curve, 1.6) == pytest.approx(280.0)
+    assert steps_to(curve, 3.5) == 100.0  # already there at the first evaluation
+    assert steps_to(curve, 1.0) == float("inf")
+
+
+def test_train_report_ratios_against_the_baseline_on_a_fixed_fixture(tmp_path):
+    """Hand-written runs: per seed, `fast` reaches the baseline's final loss at 3/4 of its steps, `slow` never
+    does (the baseline reaches slow's final loss at half its steps); time and FLOPs ratios are per seed, then
+    averaged with their t-intervals."""
+    spec = write_spec(tmp_path, """
+    [study]
+    name = "fixture"
+    kind = "train"
+    baseline = "base"
+    [grid]
+    variant = [{ name = "base", estimator = "switch" }, { name = "fast", estimator = "sparsemixer" },
+               { name = "slow", estimator = "first-order" }]
+    seed = [0, 1, 2]
+    [settings]
+    steps = 400
+    [study.findings]
+    """.replace("[study.findings]\n", ""), "fixture.toml")
+    study = load_study(spec)
+    curves = {"base": [3.0, 2.5, 2.2, 2.0], "fast": [2.8, 2.2, 2.0, 1.9], "slow": [3.2, 2.8, 2.5, 2.25]}
+    seconds = {"base": 40.0, "fast": 44.0, "slow": 36.0}
+    flops = {"base": 1e9, "fast": 1e9, "slow": 3e9}
+    for cell in study.cells(None, tmp_path / "res"):
+        name, seed = cell.config["name"], cell.config["seed"]
+        shift = 0.01 * seed
+        metrics = pd.DataFrame({"step": [100, 200, 300, 400],
+                                "val_loss": [v + shift for v in curves[name]],
+                                "train_loss": [v + shift for v in curves[name]],
+                                "seconds": [seconds[name] * (1 + 0.1 * seed) * s / 400 for s in (100, 200, 300, 400)]})
+        (cell.directory / "run").mkdir(parents=True)
+        metrics.to_csv(cell.directory / "run" / "metrics.csv", index=False)
+        (cell.directory / "done.json").write_text(json.dumps({
+            "seconds": seconds[name] + 5, "summary": {"flops_per_update": flops[name]},
+            "git": {"commit": "abc123", "dirty": False}}))
+    out = write_report(study, None, tmp_path / "res", tmp_path / "out")
+    summary = pd.read_csv(out / "summary.csv").set_index("label")
+    assert summary.loc["fast", "time_ratio"] == pytest.approx(1.1)
+    assert summary.loc["slow", "time_ratio"] == pytest.approx(0.9)
+    assert summary.loc["slow", "flops_ratio"] == pytest.approx(3.0)
+    assert summary.loc["fast", "steps_ratio"] == "0.75 ± 0"  # 2.0 is reached at step 300 of 400, every seed
+    assert summary.loc["slow", "steps_ratio"] == "not reached in 3 of 3 seeds"
+    # the baseline reaches slow's final 2.25 halfway between its steps 200 (2.5) and 300 (2.2): 283.3 / 400
+    assert summary.loc["slow", "baseline_steps_ratio"] == f"{(200 + 100 * 0.25 / 0.3) / 400:.4g} ± 0"
+    assert summary.loc["fast", "steps_ratio_mean_curves"] == pytest.approx(0.75)
+    text = (out / "README.md").read_text()
+    assert "| fast " in text and "not reached in 3 of 3 seeds" in text and "| 3 ± 0 " in text
+    for name in ("val_loss.png", "ratios.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -69,6 +69,26 @@ def test_same_seed_same_numbers(tmp_path):
     assert not a.equals(c)
 
 
+def test_flops_per_update_counts_the_router_and_the_experts_run_and_changes_nothing(tmp_path):
+    """FLOPs of one update (torch.utils.flop_counter): a Switch model is the dense baseline of the same active
+    size plus exactly its routers' matrix products (forward x.W, backward for x and for W: 6 N d n per MoE layer,
+    N tokens); REINFORCE's zero-output baseline adds a forward pass; a dense-routing estimator (reinmax) runs all n
+    experts. Counting them leaves the run unchanged."""
+    N, d, n = 8 * 32, TINY["d_model"], 4
+    switch = tiny(tmp_path / "s", estimator="switch", steps=10)
+    dense = tiny(tmp_path / "d", estimator="switch", model=TINY | {"moe_every": 0})
+    moe_layers = len(switch.model.moe_layers())
+    assert switch.flops_per_update() - dense.flops_per_update() == 6 * N * d * n * moe_layers
+    reinforce = tiny(tmp_path / "r", estimator="reinforce:baseline=zero").flops_per_update()
+    assert switch.flops_per_update() < reinforce < 1.5 * switch.flops_per_update()
+    expert = 6 * N * 2 * d * TINY["d_ff"]  # one expert's two matrices, forward and backward
+    reinmax = tiny(tmp_path / "x", estimator="reinmax").flops_per_update()
+    assert reinmax >= switch.flops_per_update() + (n - 1) * expert * moe_layers
+    counted = switch.run().drop(columns=TIMING)
+    plain = tiny(tmp_path / "p", estimator="switch", steps=10).run().drop(columns=TIMING)
+    pd.testing.assert_frame_equal(counted, plain, check_exact=True)
+
+
 def test_cli_run_writes_its_files(tmp_path):
     out = tmp_path / "run"
     args = ["run", "--estimator", "sparsemixer", "--steps", "12", "--batch-size", "4", "--experts", "4",
