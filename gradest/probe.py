@@ -700,7 +700,8 @@ def mt_probe_batch(data, batch_size: int, seq_len: int):
 
 
 def switch_probe(task: str = "lm", *, estimators="all", samples: int = 256, seed: int = 0,
-                 checkpoint: str | Path | None = None, trainer=None, layer: int = 0, batch_size: int = 2, seq_len: int = 8,
+                 checkpoint: str | Path | None = None, trainer=None, layer: int = 0, batch_size: int = 2,
+                 seq_len: int = 8,
                  experts: int | None = None, top_k: int = 1, config: dict | None = None, reference: str = "auto",
                  draws: int = 64, wrt: str | tuple = "router", settings: dict | None = None,
                  score: str = "sequence", data_seed: int = 0, progress=None) -> pd.DataFrame:
@@ -708,7 +709,8 @@ def switch_probe(task: str = "lm", *, estimators="all", samples: int = 256, seed
     windows of `seq_len` characters) or "mt" (the first `batch_size` Multi30k validation pairs of at most
     `seq_len` tokens). The model is a tiny one at initialisation, seeded by `seed` (`TINY[task]`: d_model 32,
     `experts` = 4 experts, updated by `config`, any SwitchConfig field), the model of a Trainer `checkpoint`
-    (its run folder or checkpoint.pt), or a `trainer`'s model as it is. Layer `layer` (an index into the MoE layers) is probed; see `probe`."""
+    (its run folder or checkpoint.pt), or a `trainer`'s model as it is. Layer `layer` (an index into the MoE
+    layers) is probed; see `probe`."""
     if task not in TASK_PROBLEM:
         raise GradestError(f"unknown task '{task}'; valid: {', '.join(TASK_PROBLEM)}")
     from gradest.datasets import load_multi30k, load_shakespeare

@@ -7,15 +7,17 @@ override the base ones (a key a profile sets in `settings` leaves the grid, and 
 the cell as a whole, for arms that differ in several settings at once (the dense baseline of a training study).
 
 Kinds: "compare" (one cell = a synthetic problem configuration x an estimator spec x a seed: the rows of
-`measure.compare`), "probe" (`probe.switch_probe`: task x estimator x experts x top-k x seed) and "train" (one
-`TrainConfig`, trained in the cell's directory and resumed from its checkpoint if killed).
+`measure.compare`), "probe" (`probe.switch_probe`: task x estimator x experts x top-k x seed; with a `train` table
+the probed model is that training run's, at `stage` "init" or "trained", the run being a `train` cell of its own)
+and "train" (one `TrainConfig`, trained in the cell's directory and resumed from its checkpoint if killed).
 
 Cache: `RESULTS/<kind>/<hash>/` where hash is the sha256 of the canonical JSON of the cell's full configuration
 (kind, every resolved setting, FORMAT; not a variant's `name`, which is only its label). The cache is shared by
 the studies: the same run in two studies (the Switch arm of `lm-convergence` and of `ablations`) is computed once,
-and a probe of a trained model trains (or reuses) the `train` cell of its `train` table. A cell directory holds `cell.json`, the outputs, and `done.json`, written last: a cell
-is finished iff `done.json` exists. A failing cell writes `error.json` and is retried on the next run. Every file
-is written atomically, so a run killed at any moment leaves no half file, and re-running finishes each cell
+and a probe of a trained model trains (or reuses) the `train` cell of its `train` table. A cell directory holds
+`cell.json`, the outputs, and `done.json`, written last: a cell is finished iff `done.json` exists. A failing cell
+writes `error.json` and is retried on the next run. Every file is written atomically and one process at a time
+runs a cell (a lock file), so a run killed at any moment leaves no half file, and re-running finishes each cell
 exactly once.
 """
 
@@ -646,6 +648,13 @@ def steps_to(curve: pd.DataFrame, target: float) -> float:
     return float(steps[i - 1] + (steps[i] - steps[i - 1]) * (values[i - 1] - target) / (values[i - 1] - values[i]))
 
 
+def _in_group(frame: pd.DataFrame, group: dict) -> np.ndarray:
+    mask = np.ones(len(frame), bool)
+    for key, value in group.items():
+        mask &= (frame[key] == value).to_numpy()
+    return mask
+
+
 def _group_name(row, keys: list[str]) -> str:
     return ", ".join(f"{key}={row[key]}" for key in keys) or "all runs"
 
@@ -692,12 +701,8 @@ def _steps_cell(rows: pd.Series) -> str:
 def _mean_curve_ratio(curves: pd.DataFrame, finals: pd.DataFrame, label: str, group: dict, baseline: str) -> float:
     """The steps ratio of the mean curves over seeds: the steps the seed-mean validation curve of `label` takes to
     reach the seed-mean final loss of the baseline, over the baseline's steps."""
-    def select(frame, name):
-        mask = frame["label"] == name
-        for key, value in group.items():
-            mask &= frame[key] == value
-        return frame[mask]
-    base, run = select(finals, baseline), select(curves, label)
+    base = finals[_in_group(finals, group) & (finals["label"] == baseline).to_numpy()]
+    run = curves[_in_group(curves, group) & (curves["label"] == label).to_numpy()]
     if base.empty or run.empty:
         return float("nan")
     mean_curve = run.groupby("step", as_index=False)["val_loss"].mean()
@@ -744,15 +749,14 @@ def _train_report(study: Study, done: list[Cell], out: Path, profile: str | None
     metric_names = [m for m in TRAIN_METRICS + ["gflops_per_update", "time_ratio", "flops_ratio"] if m in finals]
     summary = aggregate_seeds(finals, group_keys + ["label"], metric_names)
     summary = summary.sort_values(group_keys + ["val_loss"], kind="stable", ignore_index=True)
-    if baseline:
-        summary["steps_ratio"] = [_steps_cell(finals[(finals["label"] == r["label"])
-                                                    & np.logical_and.reduce([finals[k] == r[k] for k in group_keys]
-                                                                            or [True])]["steps_ratio"])
-                                  for _, r in summary.iterrows()]
-        summary["baseline_steps_ratio"] = [
-            _steps_cell(finals[(finals["label"] == r["label"])
-                               & np.logical_and.reduce([finals[k] == r[k] for k in group_keys] or [True])]
-                        ["baseline_steps_ratio"]) for _, r in summary.iterrows()]
+    # steps to the baseline's loss need learning curves: not for short timing runs with one evaluation
+    convergence = bool(baseline) and curves.groupby("cell").size().min() >= 3
+    if convergence:
+        def runs_of(r):
+            return finals[_in_group(finals, {k: r[k] for k in group_keys}) & (finals["label"] == r["label"]).to_numpy()]
+        summary["steps_ratio"] = [_steps_cell(runs_of(r)["steps_ratio"]) for _, r in summary.iterrows()]
+        summary["baseline_steps_ratio"] = [_steps_cell(runs_of(r)["baseline_steps_ratio"])
+                                           for _, r in summary.iterrows()]
         summary["steps_ratio_mean_curves"] = [
             _mean_curve_ratio(curves, finals, r["label"], {k: r[k] for k in group_keys}, baseline)
             for _, r in summary.iterrows()]
@@ -772,12 +776,11 @@ def _train_report(study: Study, done: list[Cell], out: Path, profile: str | None
     columns["total s"] = "seconds"
     tables = []
     for group in group_rows:
-        mask = np.logical_and.reduce([summary[k] == v for k, v in group.items()] or [np.ones(len(summary), bool)])
-        rows = summary[mask]
+        rows = summary[_in_group(summary, group)]
         table = pd.DataFrame({"run": rows["label"], "seeds": rows["seeds"],
                               **{name: [plus_minus(r[m], r[f"{m}_lo"], r[f"{m}_hi"], r["seeds"])
                                         for _, r in rows.iterrows()] for name, m in columns.items()}})
-        if baseline:
+        if convergence:
             table.insert(3, f"steps to {baseline}'s final loss (ratio, per seed)", rows["steps_ratio"].tolist())
             table.insert(4, "(ratio, mean curves)", [f"{v:.3g}" if np.isfinite(v) else "not reached"
                                                      for v in rows["steps_ratio_mean_curves"]])
@@ -788,8 +791,7 @@ def _train_report(study: Study, done: list[Cell], out: Path, profile: str | None
     # figures: curves (a panel per group; a reference run in every panel), metrics against n when n varies
     panels = {}
     for group in group_rows:
-        mask = np.logical_and.reduce([curves[k] == v for k, v in group.items()] or [np.ones(len(curves), bool)])
-        mask |= curves["label"].isin(references)
+        mask = _in_group(curves, group) | curves["label"].isin(references).to_numpy()
         panels[_group_name(group, group_keys)] = {label: frame for label, frame in
                                                   curves[mask].groupby("label", sort=False)}
     atomic_savefig(curves_figure(panels), out / "val_loss.png", dpi=110)
@@ -818,8 +820,7 @@ def _train_report(study: Study, done: list[Cell], out: Path, profile: str | None
         figures.append("ratios.png")
     ranked = []
     for group in group_rows:
-        rows = summary[np.logical_and.reduce([summary[k] == v for k, v in group.items()]
-                                             or [np.ones(len(summary), bool)])]
+        rows = summary[_in_group(summary, group)]
         ranked.append((f"{_group_name(group, group_keys)}: " if group_keys else "") + "; ".join(
             f"{r['label']} {plus_minus(r['val_loss'], r['val_loss_lo'], r['val_loss_hi'], r['seeds'])}"
             for _, r in rows.iterrows()))
@@ -829,12 +830,14 @@ def _train_report(study: Study, done: list[Cell], out: Path, profile: str | None
                  f"loss (nats per token, mean ± 95% t-interval half-width over seeds), lowest first: "
                  + " | ".join(ranked) + ".")
     if baseline:
-        paragraph += (f" Ratios are against `{baseline}` in the same group and seed. The steps ratio is the first "
-                      f"step (interpolated between evaluations) at which a run's validation loss reaches "
-                      f"`{baseline}`'s final one, over `{baseline}`'s steps: below 1 is faster (the paper's \"2x faster\" "
-                      f"is 0.5). A run that never reaches it is slower; the next column says how much: the "
-                      f"fraction of its steps `{baseline}` needed to reach that run's final loss. `{baseline}` "
-                      f"itself can score below 1 when its curve dips under its final value earlier.")
+        paragraph += f" Ratios are against `{baseline}` in the same group and seed."
+    if convergence:
+        paragraph += (f" The steps ratio is the first step (interpolated between evaluations) at which a run's "
+                      f"validation loss reaches `{baseline}`'s final one, over `{baseline}`'s steps: below 1 is "
+                      f"faster (the paper's \"2x faster\" is 0.5). A run that never reaches it is slower; the next "
+                      f"column says how much: the fraction of its steps `{baseline}` needed to reach that run's "
+                      f"final loss. `{baseline}` itself can score below 1 when its curve dips under its final "
+                      f"value earlier.")
     data = ("- [results.csv](results.csv): final numbers of every finished run (one row per seed)\n"
             "- [curves.csv](curves.csv): validation (and train) loss at every evaluation of every run\n"
             "- [summary.csv](summary.csv): means over seeds with 95% t-intervals (`_lo`, `_hi`), the table's numbers")
