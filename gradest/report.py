@@ -250,6 +250,34 @@ def bias_interval_figure(df: pd.DataFrame) -> Figure:
     return fig
 
 
+def stage_figure(summary: pd.DataFrame, metric: str = "rel_bias", xlabel: str = "relative bias") -> Figure:
+    """A metric per estimator at each `stage` (the probe at initialisation and after training), mean over seeds
+    with 95% interval bars; one panel per probed layer (and whatever else distinguishes the rows)."""
+    frame = summary.copy()
+    frame["panel"] = [f"layer {row['layer']}" if "layer" in frame else "" for _, row in frame.iterrows()]
+    stages = sorted(set(frame["stage"]), key=lambda stage: (stage != "init", stage))  # init first
+    colours = dict(zip(stages, sns.color_palette("tab10", len(stages))))
+    panels = list(dict.fromkeys(frame["panel"]))
+    estimators = list(dict.fromkeys(frame["estimator"]))
+    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.8):
+        fig, axes = _panel_grid(len(panels), 5.5, 1.5 + 0.32 * len(estimators))
+        height = 0.8 / len(stages)
+        for ax, panel in zip(axes, panels):
+            for i, stage in enumerate(stages):
+                rows = frame[(frame["panel"] == panel) & (frame["stage"] == stage)].set_index("estimator")
+                rows = rows.reindex(estimators)
+                value = rows[metric].to_numpy(float)
+                below = np.clip(value - rows[f"{metric}_lo"].to_numpy(float), 0, None)
+                above = np.clip(rows[f"{metric}_hi"].to_numpy(float) - value, 0, None)
+                ax.barh(np.arange(len(estimators)) + i * height, value, height=height, xerr=[below, above],
+                        color=colours[stage], label=stage, capsize=2, error_kw={"elinewidth": 0.8})
+            ax.set_yticks(np.arange(len(estimators)) + height * (len(stages) - 1) / 2, estimators)
+            ax.invert_yaxis()
+            ax.set(xlabel=f"{xlabel}, mean over seeds, 95% CI", title=panel)
+            ax.legend(fontsize=7, title="stage")
+    return fig
+
+
 # ------------------------------------------------------------------------------------------------------ reports
 def write_compare_report(df: pd.DataFrame, out_dir, config: dict, command: list[str] | None = None) -> list[Path]:
     """summary.csv (every column compare() gives), summary.md, bias_variance.png, rel_bias.png and config.json

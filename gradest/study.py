@@ -556,7 +556,8 @@ def _winners(table: pd.DataFrame, groups: list, metric: str) -> str:
 def _estimator_report(study: Study, done: list[Cell], out: Path) -> tuple[str, str, list[str]]:
     """(summary paragraph, tables markdown, figure files) of a compare or probe study."""
     from gradest.report import (aggregate_seeds, atomic_savefig, atomic_write_text, bias_interval_figure,
-                                bias_variance_figure, configuration_label, metric_vs_experts_figure, plus_minus)
+                                bias_variance_figure, configuration_label, metric_vs_experts_figure, plus_minus,
+                                stage_figure)
     frames = []
     for cell in done:
         frame = pd.read_csv(cell.directory / "results.csv")
@@ -578,7 +579,9 @@ def _estimator_report(study: Study, done: list[Cell], out: Path) -> tuple[str, s
     atomic_write_text(out / "results.csv", raw.to_csv(index=False))
     atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
     config_keys = [key for key in keys if key not in ("estimator", "target")]
-    extra = [key for key in config_keys if key not in ("problem", "experts", "tokens", "top_k", "sharpness")
+    # (the probe's reference, enumeration or Rao-Blackwell, follows from each estimator's objective: a column)
+    extra = [key for key in config_keys
+             if key not in ("problem", "experts", "tokens", "top_k", "sharpness", "reference")
              and summary[key].nunique(dropna=False) > 1]
     summary["configuration"] = [configuration_label(row) + "".join(f", {key}={row[key]}" for key in extra)
                                 for _, row in summary.iterrows()]
@@ -586,7 +589,8 @@ def _estimator_report(study: Study, done: list[Cell], out: Path) -> tuple[str, s
     tables = []
     for label, rows in groups:
         table = pd.DataFrame({
-            "estimator": rows["estimator"], "target": rows["target"], "seeds": rows["seeds"],
+            "estimator": rows["estimator"], "target": rows["target"],
+            **({"reference": rows["reference"]} if "reference" in rows else {}), "seeds": rows["seeds"],
             **{name: [plus_minus(r[m], r[f"{m}_lo"], r[f"{m}_hi"], r["seeds"]) for _, r in rows.iterrows()]
                for name, m in (("relative bias", "rel_bias"), ("variance", "variance"), ("MSE", "mse"),
                                ("cos(mean, exact)", "cos_of_mean"), ("s/sample", "sec_per_sample"))}})
@@ -601,6 +605,9 @@ def _estimator_report(study: Study, done: list[Cell], out: Path) -> tuple[str, s
                                          ("cost_vs_experts.png", "sec_per_sample", "seconds per sample", True)):
             atomic_savefig(metric_vs_experts_figure(summary, metric, label, log), out / name, dpi=100)
             files.append(name)
+    if "stage" in summary and summary["stage"].nunique() > 1:  # the probe at initialisation and after training
+        atomic_savefig(stage_figure(summary), out / "rel_bias_by_stage.png", dpi=100)
+        files.append("rel_bias_by_stage.png")
     for name, draw in (("bias_variance.png", bias_variance_figure), ("rel_bias.png", bias_interval_figure)):
         atomic_savefig(draw(figure_frame), out / name, dpi=110)
         files.append(name)
