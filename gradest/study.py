@@ -744,7 +744,8 @@ def _train_report(study: Study, done: list[Cell], out: Path, profile: str | None
             points[key] = value
         curves.append(points)
     finals, curves = pd.DataFrame(finals), pd.concat(curves, ignore_index=True)
-    group_rows = finals[group_keys].drop_duplicates().to_dict("records") if group_keys else [{}]
+    group_rows = finals[group_keys].drop_duplicates().sort_values(group_keys).to_dict("records") if group_keys \
+        else [{}]
     label_groups = finals.groupby("label")[group_keys].apply(lambda g: len(g.drop_duplicates())) if group_keys \
         else pd.Series(dtype=int)
     references = {label for label, count in label_groups.items() if count == 1 and len(group_rows) > 1}
