@@ -668,12 +668,13 @@ def _group_name(row, keys: list[str]) -> str:
 
 def _baseline_ratios(finals: pd.DataFrame, curves: pd.DataFrame, group_keys: list[str], baseline: str,
                      references: set) -> pd.DataFrame:
-    """Per run: time per update and FLOPs per update over the baseline's (same group and seed), the steps it
+    """Per run: its final validation loss minus the baseline's, time per update and FLOPs per update over the
+    baseline's (same group and seed: the same initialisation and data order), the steps it
     takes to reach the baseline's final validation loss over the baseline's steps (inf: never reached), and the
     other way round, the steps the baseline takes to reach the run's final loss over its steps. A
     reference run (one present in a single group, such as the dense baseline) is compared in its group."""
     finals = finals.copy()
-    for column in ("time_ratio", "flops_ratio", "steps_ratio", "baseline_steps_ratio"):
+    for column in ("val_loss_diff", "time_ratio", "flops_ratio", "steps_ratio", "baseline_steps_ratio"):
         finals[column] = np.nan
     keyed = {}
     for _, row in finals[finals["label"] == baseline].iterrows():
@@ -682,6 +683,7 @@ def _baseline_ratios(finals: pd.DataFrame, curves: pd.DataFrame, group_keys: lis
         base = keyed.get((*(row[k] for k in group_keys), row["seed"]))
         if base is None:
             continue
+        finals.loc[index, "val_loss_diff"] = row["val_loss"] - base["val_loss"]  # paired: same init and data
         finals.loc[index, "time_ratio"] = row["sec_per_update"] / base["sec_per_update"]
         if "flops_per_update" in finals and np.isfinite(row["flops_per_update"]):
             finals.loc[index, "flops_ratio"] = row["flops_per_update"] / base["flops_per_update"]
@@ -754,7 +756,8 @@ def _train_report(study: Study, done: list[Cell], out: Path, profile: str | None
         finals = _baseline_ratios(finals, curves, group_keys, baseline, references)
     if finals["flops_per_update"].notna().any():
         finals["gflops_per_update"] = finals["flops_per_update"] / 1e9
-    metric_names = [m for m in TRAIN_METRICS + ["gflops_per_update", "time_ratio", "flops_ratio"] if m in finals]
+    metric_names = [m for m in TRAIN_METRICS + ["gflops_per_update", "val_loss_diff", "time_ratio", "flops_ratio"]
+                    if m in finals]
     summary = aggregate_seeds(finals, group_keys + ["label"], metric_names)
     summary = summary.sort_values(group_keys + ["val_loss"], kind="stable", ignore_index=True)
     # steps to the baseline's loss need learning curves: not for short timing runs with one evaluation
@@ -771,7 +774,10 @@ def _train_report(study: Study, done: list[Cell], out: Path, profile: str | None
     atomic_write_text(out / "results.csv", finals.to_csv(index=False))
     atomic_write_text(out / "curves.csv", curves.to_csv(index=False))
     atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
-    columns = {"final validation loss": "val_loss", "final train loss": "train_loss"}
+    columns = {"final validation loss": "val_loss"}
+    if baseline:
+        columns[f"minus {baseline}'s (paired by seed)"] = "val_loss_diff"
+    columns["final train loss"] = "train_loss"
     if "bleu_test" in summary:
         columns.update({"BLEU val": "bleu_val", "BLEU test": "bleu_test"})
     columns["s/update"] = "sec_per_update"
@@ -789,10 +795,10 @@ def _train_report(study: Study, done: list[Cell], out: Path, profile: str | None
                               **{name: [plus_minus(r[m], r[f"{m}_lo"], r[f"{m}_hi"], r["seeds"])
                                         for _, r in rows.iterrows()] for name, m in columns.items()}})
         if convergence:
-            table.insert(3, f"steps to {baseline}'s final loss (ratio, per seed)", rows["steps_ratio"].tolist())
-            table.insert(4, "(ratio, mean curves)", [f"{v:.3g}" if np.isfinite(v) else "not reached"
+            table.insert(4, f"steps to {baseline}'s final loss (ratio, per seed)", rows["steps_ratio"].tolist())
+            table.insert(5, "(ratio, mean curves)", [f"{v:.3g}" if np.isfinite(v) else "not reached"
                                                      for v in rows["steps_ratio_mean_curves"]])
-            table.insert(5, f"{baseline}'s steps to this run's final loss (ratio)",
+            table.insert(6, f"{baseline}'s steps to this run's final loss (ratio)",
                          rows["baseline_steps_ratio"].tolist())
         heading = f"### {_group_name(group, group_keys)}" if group_keys else "### Final numbers"
         tables.append(f"{heading}\n\n{table.to_markdown(index=False)}")

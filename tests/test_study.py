@@ -503,6 +503,7 @@ def test_train_report_ratios_against_the_baseline_on_a_fixed_fixture(tmp_path):
             "git": {"commit": "abc123", "dirty": False}}))
     out = write_report(study, None, tmp_path / "res", tmp_path / "out")
     summary = pd.read_csv(out / "summary.csv").set_index("label")
+    assert summary.loc["fast", "val_loss_diff"] == pytest.approx(-0.1)  # 1.9 - 2.0, paired by seed
     assert summary.loc["fast", "time_ratio"] == pytest.approx(1.1)
     assert summary.loc["slow", "time_ratio"] == pytest.approx(0.9)
     assert summary.loc["slow", "flops_ratio"] == pytest.approx(3.0)
