@@ -445,8 +445,11 @@ def curves_figure(panels: dict[str, dict[str, pd.DataFrame]], column: str = "val
 
 
 def ratios_figure(summary: pd.DataFrame, baseline: str, metrics: list[str]) -> Figure:
-    """Each run's ratio against the baseline (mean over seeds, 95% interval bars), one panel per metric."""
-    names = {"time_ratio": "time per update", "flops_ratio": "FLOPs per update"}
+    """Each run against the baseline (mean over seeds, 95% interval bars), one panel per metric: ratios (time,
+    FLOPs per update; 1 = the same) or paired differences (`*_diff`; 0 = the same)."""
+    names = {"time_ratio": ("time per update", f"/ {baseline}'s"),
+             "flops_ratio": ("FLOPs per update", f"/ {baseline}'s"),
+             "val_loss_diff": ("final validation loss", f"- {baseline}'s, paired by seed")}
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.85):
         fig = Figure(figsize=(4.5 * max(1, len(metrics)), 0.45 * len(summary) + 1.6), layout="constrained")
         FigureCanvasAgg(fig)
@@ -457,10 +460,11 @@ def ratios_figure(summary: pd.DataFrame, baseline: str, metrics: list[str]) -> F
             lo = (rows[metric] - rows[f"{metric}_lo"]).clip(lower=0)
             hi = (rows[f"{metric}_hi"] - rows[metric]).clip(lower=0)
             ax.barh(y, rows[metric], xerr=[lo, hi], color=sns.color_palette("tab10")[0], alpha=0.8, capsize=2)
-            ax.axvline(1, color="k", lw=0.8, ls="--")
+            ax.axvline(0 if metric.endswith("_diff") else 1, color="k", lw=0.8, ls="--")
             ax.set_yticks(y, rows["label"])
             ax.invert_yaxis()
-            ax.set(xlabel=f"{names.get(metric, metric)} / {baseline}'s", title=names.get(metric, metric))
+            title, unit = names.get(metric, (metric, ""))
+            ax.set(xlabel=f"{title} {unit}, 95% CI", title=title)
     return fig
 
 

@@ -821,6 +821,8 @@ def _train_report(study: Study, done: list[Cell], out: Path, profile: str | None
             spread += [row.assign(experts=n) for n in sorted(frame["experts"].unique())]
         frame = pd.concat(spread, ignore_index=True)
         for name, metric, ylabel, log in (("val_loss_vs_experts.png", "val_loss", "final validation loss", False),
+                                          ("val_loss_diff_vs_experts.png", "val_loss_diff",
+                                           f"final validation loss - {baseline}'s (paired)", False),
                                           ("time_ratio_vs_experts.png", "time_ratio",
                                            f"time per update / {baseline}'s", True),
                                           ("flops_ratio_vs_experts.png", "flops_ratio",
@@ -829,8 +831,9 @@ def _train_report(study: Study, done: list[Cell], out: Path, profile: str | None
                 atomic_savefig(metric_vs_experts_figure(frame, metric, ylabel, log), out / name, dpi=100)
                 figures.append(name)
     elif baseline:
-        atomic_savefig(ratios_figure(summary, baseline, [m for m in ("time_ratio", "flops_ratio") if m in summary]),
-                       out / "ratios.png", dpi=100)
+        metrics = [m for m in (("val_loss_diff",) if convergence else ()) + ("time_ratio", "flops_ratio")
+                   if m in summary and summary[m].notna().any()]
+        atomic_savefig(ratios_figure(summary, baseline, metrics), out / "ratios.png", dpi=100)
         figures.append("ratios.png")
     ranked = []
     for group in group_rows:
