@@ -516,3 +516,19 @@ def test_train_report_ratios_against_the_baseline_on_a_fixed_fixture(tmp_path):
     assert "| fast " in text and "not reached in 3 of 3 seeds" in text and "| 3 ± 0 " in text
     for name in ("val_loss.png", "ratios.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cost_and_top2_quick_profiles_run_and_report(tmp_path):
+    """The cost study's FLOPs ratios against Switch come out of its cells (a dense-routing reinmax runs every
+    expert, the dense baseline has no router), and a top-2 study trains and reports."""
+    cost = load_study(STUDIES / "cost.toml")
+    assert not run_study(cost, "quick", results=tmp_path, progress=False).failed
+    summary = pd.read_csv(write_report(cost, "quick", tmp_path, tmp_path / "cost") / "summary.csv").set_index("label")
+    assert summary.loc["switch", "flops_ratio"] == 1
+    assert summary.loc["reinmax", "flops_ratio"] > 1.1 and summary.loc["sparsemixer", "flops_ratio"] == 1
+    assert summary.loc["dense", "flops_ratio"] < 1
+    assert (tmp_path / "cost" / "ratios.png").is_file()
+    top2 = load_study(STUDIES / "top2.toml")
+    assert not run_study(top2, "quick", results=tmp_path, progress=False).failed
+    text = (write_report(top2, "quick", tmp_path, tmp_path / "top2") / "README.md").read_text()
+    assert "| sparsemixer-v2* " in text and "| topk " in text
