@@ -250,9 +250,11 @@ def bias_interval_figure(df: pd.DataFrame) -> Figure:
     return fig
 
 
-def stage_figure(summary: pd.DataFrame, metric: str = "rel_bias", xlabel: str = "relative bias") -> Figure:
+def stage_figure(summary: pd.DataFrame, metric: str = "rel_bias", xlabel: str = "relative bias",
+                 cap: float = 2.0) -> Figure:
     """A metric per estimator at each `stage` (the probe at initialisation and after training), mean over seeds
-    with 95% interval bars; one panel per probed layer (and whatever else distinguishes the rows)."""
+    with 95% interval bars; one panel per probed layer (and whatever else distinguishes the rows). Means above
+    `cap` are cut at the axis limit and printed."""
     frame = summary.copy()
     frame["panel"] = [f"layer {row['layer']}" if "layer" in frame else "" for _, row in frame.iterrows()]
     stages = sorted(set(frame["stage"]), key=lambda stage: (stage != "init", stage))  # init first
@@ -271,6 +273,15 @@ def stage_figure(summary: pd.DataFrame, metric: str = "rel_bias", xlabel: str = 
                 above = np.clip(rows[f"{metric}_hi"].to_numpy(float) - value, 0, None)
                 ax.barh(np.arange(len(estimators)) + i * height, value, height=height, xerr=[below, above],
                         color=colours[stage], label=stage, capsize=2, error_kw={"elinewidth": 0.8})
+            # a few noisy estimators (REINFORCE without a baseline) would squash the rest: cut the axis, say so
+            values = frame.loc[frame["panel"] == panel, metric].to_numpy(float)
+            limit = max(1.0, 1.15 * float(np.nanmax(np.where(values <= cap, values, np.nan), initial=0)))
+            for i, stage in enumerate(stages):
+                rows = frame[(frame["panel"] == panel) & (frame["stage"] == stage)].set_index("estimator")
+                for j, value in enumerate(rows.reindex(estimators)[metric].to_numpy(float)):
+                    if value > limit:
+                        ax.text(limit * 0.98, j + i * height, f"{value:.3g} →", ha="right", va="center", fontsize=6)
+            ax.set_xlim(0, limit)
             ax.set_yticks(np.arange(len(estimators)) + height * (len(stages) - 1) / 2, estimators)
             ax.invert_yaxis()
             ax.set(xlabel=f"{xlabel}, mean over seeds, 95% CI", title=panel)

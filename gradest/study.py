@@ -574,7 +574,7 @@ def _estimator_report(study: Study, done: list[Cell], out: Path) -> tuple[str, s
     several = summary["seeds"] > 1
     for suffix in ("", "_lo", "_hi"):
         summary.loc[several, "rel_bias" + suffix] = np.sqrt(summary.loc[several, "rel_bias_sq" + suffix].clip(lower=0))
-    order = [key for key in ("problem", "experts", "top_k", "sharpness") if key in keys]
+    order = [key for key in ("problem", "experts", "top_k", "sharpness", "stage", "layer") if key in keys]
     summary = summary.sort_values(order, kind="stable", ignore_index=True)  # estimators keep their order
     atomic_write_text(out / "results.csv", raw.to_csv(index=False))
     atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
