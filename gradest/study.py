@@ -642,6 +642,14 @@ def _train_label(config: dict, varying: list[str]) -> str:
                           for key in extra)
 
 
+def update_seconds(metrics: pd.DataFrame) -> float:
+    """A run's time per update: the median over its updates (from the cumulative `seconds` column), which a pause
+    caused by other work on the machine does not move, as it would the mean."""
+    seconds = np.diff(metrics["seconds"].to_numpy(float), prepend=0.0)
+    steps = np.diff(metrics["step"].to_numpy(float), prepend=0.0)
+    return float(np.median(seconds / np.maximum(steps, 1)))
+
+
 def steps_to(curve: pd.DataFrame, target: float) -> float:
     """The first step at which a run's validation loss reaches `target`, interpolated linearly between its
     evaluations (the step of the first evaluation if that one already does); inf if it never does."""
@@ -735,7 +743,7 @@ def _train_report(study: Study, done: list[Cell], out: Path, profile: str | None
         groups = {key: cell.config[key] for key in group_keys}
         row = {**groups, "label": label, "seed": cell.config["seed"], "cell": cell.hash, "steps": int(final["step"]),
                "val_loss": final["val_loss"], "train_loss": final["train_loss"],
-               "sec_per_update": final["seconds"] / max(1, int(final["step"])), "seconds": summary["seconds"],
+               "sec_per_update": update_seconds(metrics), "seconds": summary["seconds"],
                "flops_per_update": summary["summary"].get("flops_per_update", np.nan)}
         for key in ("bleu_val", "bleu_test"):
             if key in metrics:
@@ -780,7 +788,7 @@ def _train_report(study: Study, done: list[Cell], out: Path, profile: str | None
     columns["final train loss"] = "train_loss"
     if "bleu_test" in summary:
         columns.update({"BLEU val": "bleu_val", "BLEU test": "bleu_test"})
-    columns["s/update"] = "sec_per_update"
+    columns["s/update (median)"] = "sec_per_update"
     if baseline:
         columns[f"time/update vs {baseline}"] = "time_ratio"
     if "gflops_per_update" in summary:
