@@ -783,7 +783,7 @@ def _train_report(study: Study, done: list[Cell], out: Path, profile: str | None
     atomic_write_text(out / "curves.csv", curves.to_csv(index=False))
     atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
     columns = {"final validation loss": "val_loss"}
-    if baseline:
+    if convergence:
         columns[f"minus {baseline}'s (paired by seed)"] = "val_loss_diff"
     columns["final train loss"] = "train_loss"
     if "bleu_test" in summary:
@@ -835,7 +835,8 @@ def _train_report(study: Study, done: list[Cell], out: Path, profile: str | None
                                            f"time per update / {baseline}'s", True),
                                           ("flops_ratio_vs_experts.png", "flops_ratio",
                                            f"FLOPs per update / {baseline}'s", True)):
-            if metric in frame and frame[metric].notna().any() and not (metric != "val_loss" and not baseline):
+            wanted = {"val_loss": convergence or not baseline, "val_loss_diff": convergence}.get(metric, bool(baseline))
+            if wanted and metric in frame and frame[metric].notna().any():
                 atomic_savefig(metric_vs_experts_figure(frame, metric, ylabel, log), out / name, dpi=100)
                 figures.append(name)
     elif baseline:
@@ -884,6 +885,8 @@ def write_report(study: Study, profile: str | None = None, results=None, out=Non
         paragraph, tables, figures, data = _train_report(study, done, out, profile)
     else:
         paragraph, tables, figures, data = _estimator_report(study, done, out)
+    for stale in set(out.glob("*.png")) - {out / name for name in figures}:  # a figure this report no longer has
+        stale.unlink()
     total = len(done) + len(failed) + len(missing)
     status = f"{len(done)} of {total} cells finished"
     if failed or missing:
