@@ -726,14 +726,8 @@ def _mean_curve_ratio(curves: pd.DataFrame, finals: pd.DataFrame, label: str, gr
     return steps_to(mean_curve, float(base["val_loss"].mean())) / float(base["steps"].max())
 
 
-def _train_report(study: Study, done: list[Cell], out: Path, profile: str | None = None):
-    from gradest.report import (aggregate_seeds, atomic_savefig, atomic_write_text, curves_figure,
-                                metric_vs_experts_figure, plus_minus, ratios_figure)
-    configs = [cell.config for cell in done]
-    varying = _varying(configs, skip=("seed", "name"))
-    grid, _ = study.layout(profile)
-    group_keys = [key for key in grid if key not in NOT_GROUPS and key in varying]
-    label_keys = [key for key in varying if key not in group_keys]
+def _train_runs(done: list[Cell], group_keys: list[str], label_keys: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(finals, curves): one row per run with its final numbers, and its validation curve, both labelled."""
     finals, curves = [], []
     for cell in done:
         label = _train_label(cell.config, label_keys)
@@ -753,64 +747,17 @@ def _train_report(study: Study, done: list[Cell], out: Path, profile: str | None
         for key, value in {"cell": cell.hash, **groups, "label": label, "seed": cell.config["seed"]}.items():
             points[key] = value
         curves.append(points)
-    finals, curves = pd.DataFrame(finals), pd.concat(curves, ignore_index=True)
-    group_rows = finals[group_keys].drop_duplicates().sort_values(group_keys).to_dict("records") if group_keys \
-        else [{}]
-    label_groups = finals.groupby("label")[group_keys].apply(lambda g: len(g.drop_duplicates())) if group_keys \
-        else pd.Series(dtype=int)
-    references = {label for label, count in label_groups.items() if count == 1 and len(group_rows) > 1}
-    baseline = study.baseline if study.baseline in set(finals["label"]) else ""
-    if baseline:
-        finals = _baseline_ratios(finals, curves, group_keys, baseline, references)
+    finals = pd.DataFrame(finals)
     if finals["flops_per_update"].notna().any():
         finals["gflops_per_update"] = finals["flops_per_update"] / 1e9
-    metric_names = [m for m in TRAIN_METRICS + ["gflops_per_update", "val_loss_diff", "time_ratio", "flops_ratio"]
-                    if m in finals]
-    summary = aggregate_seeds(finals, group_keys + ["label"], metric_names)
-    summary = summary.sort_values(group_keys + ["val_loss"], kind="stable", ignore_index=True)
-    # steps to the baseline's loss need learning curves: not for short timing runs with one evaluation
-    convergence = bool(baseline) and curves.groupby("cell").size().min() >= 3
-    if convergence:
-        def runs_of(r):
-            return finals[_in_group(finals, {k: r[k] for k in group_keys}) & (finals["label"] == r["label"]).to_numpy()]
-        summary["steps_ratio"] = [_steps_cell(runs_of(r)["steps_ratio"]) for _, r in summary.iterrows()]
-        summary["baseline_steps_ratio"] = [_steps_cell(runs_of(r)["baseline_steps_ratio"])
-                                           for _, r in summary.iterrows()]
-        summary["steps_ratio_mean_curves"] = [
-            _mean_curve_ratio(curves, finals, r["label"], {k: r[k] for k in group_keys}, baseline)
-            for _, r in summary.iterrows()]
-    atomic_write_text(out / "results.csv", finals.to_csv(index=False))
-    atomic_write_text(out / "curves.csv", curves.to_csv(index=False))
-    atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
-    columns = {"final validation loss": "val_loss"}
-    if convergence:
-        columns[f"minus {baseline}'s (paired by seed)"] = "val_loss_diff"
-    columns["final train loss"] = "train_loss"
-    if "bleu_test" in summary:
-        columns.update({"BLEU val": "bleu_val", "BLEU test": "bleu_test"})
-    columns["s/update (median)"] = "sec_per_update"
-    if baseline:
-        columns[f"time/update vs {baseline}"] = "time_ratio"
-    if "gflops_per_update" in summary:
-        columns["GFLOPs/update"] = "gflops_per_update"
-        if baseline:
-            columns[f"FLOPs vs {baseline}"] = "flops_ratio"
-    columns["total s"] = "seconds"
-    tables = []
-    for group in group_rows:
-        rows = summary[_in_group(summary, group)]
-        table = pd.DataFrame({"run": rows["label"], "seeds": rows["seeds"],
-                              **{name: [plus_minus(r[m], r[f"{m}_lo"], r[f"{m}_hi"], r["seeds"])
-                                        for _, r in rows.iterrows()] for name, m in columns.items()}})
-        if convergence:
-            table.insert(4, f"steps to {baseline}'s final loss (ratio, per seed)", rows["steps_ratio"].tolist())
-            table.insert(5, "(ratio, mean curves)", [f"{v:.3g}" if np.isfinite(v) else "not reached"
-                                                     for v in rows["steps_ratio_mean_curves"]])
-            table.insert(6, f"{baseline}'s steps to this run's final loss (ratio)",
-                         rows["baseline_steps_ratio"].tolist())
-        heading = f"### {_group_name(group, group_keys)}" if group_keys else "### Final numbers"
-        tables.append(f"{heading}\n\n{table.to_markdown(index=False)}")
-    # figures: curves (a panel per group; a reference run in every panel), metrics against n when n varies
+    return finals, pd.concat(curves, ignore_index=True)
+
+
+def _train_figures(study: Study, summary: pd.DataFrame, curves: pd.DataFrame, group_rows: list[dict],
+                   group_keys: list[str], references: set, baseline: str, convergence: bool, out: Path) -> list[str]:
+    """Validation curves (a panel per group; a reference run in every panel), and the metrics against n when n
+    varies, else the ratios against the baseline."""
+    from gradest.report import atomic_savefig, curves_figure, metric_vs_experts_figure, ratios_figure
     panels = {}
     for group in group_rows:
         mask = _in_group(curves, group) | curves["label"].isin(references).to_numpy()
@@ -844,12 +791,73 @@ def _train_report(study: Study, done: list[Cell], out: Path, profile: str | None
                    if m in summary and summary[m].notna().any()]
         atomic_savefig(ratios_figure(summary, baseline, metrics), out / "ratios.png", dpi=100)
         figures.append("ratios.png")
-    ranked = []
+    return figures
+
+
+def _train_report(study: Study, done: list[Cell], out: Path, profile: str | None = None):
+    from gradest.report import aggregate_seeds, atomic_write_text, plus_minus
+    varying = _varying([cell.config for cell in done], skip=("seed", "name"))
+    grid, _ = study.layout(profile)
+    group_keys = [key for key in grid if key not in NOT_GROUPS and key in varying]
+    finals, curves = _train_runs(done, group_keys, [key for key in varying if key not in group_keys])
+    group_rows = finals[group_keys].drop_duplicates().sort_values(group_keys).to_dict("records") if group_keys \
+        else [{}]
+    label_groups = finals.groupby("label")[group_keys].apply(lambda g: len(g.drop_duplicates())) if group_keys \
+        else pd.Series(dtype=int)
+    references = {label for label, count in label_groups.items() if count == 1 and len(group_rows) > 1}
+    baseline = study.baseline if study.baseline in set(finals["label"]) else ""
+    if baseline:
+        finals = _baseline_ratios(finals, curves, group_keys, baseline, references)
+    metric_names = [m for m in TRAIN_METRICS + ["gflops_per_update", "val_loss_diff", "time_ratio", "flops_ratio"]
+                    if m in finals]
+    summary = aggregate_seeds(finals, group_keys + ["label"], metric_names)
+    summary = summary.sort_values(group_keys + ["val_loss"], kind="stable", ignore_index=True)
+    # steps to the baseline's loss need learning curves: not for short timing runs with one evaluation
+    convergence = bool(baseline) and curves.groupby("cell").size().min() >= 3
+    if convergence:
+        def runs_of(r):
+            return finals[_in_group(finals, {k: r[k] for k in group_keys}) & (finals["label"] == r["label"]).to_numpy()]
+        summary["steps_ratio"] = [_steps_cell(runs_of(r)["steps_ratio"]) for _, r in summary.iterrows()]
+        summary["baseline_steps_ratio"] = [_steps_cell(runs_of(r)["baseline_steps_ratio"])
+                                           for _, r in summary.iterrows()]
+        summary["steps_ratio_mean_curves"] = [
+            _mean_curve_ratio(curves, finals, r["label"], {k: r[k] for k in group_keys}, baseline)
+            for _, r in summary.iterrows()]
+    atomic_write_text(out / "results.csv", finals.to_csv(index=False))
+    atomic_write_text(out / "curves.csv", curves.to_csv(index=False))
+    atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
+    columns = {"final validation loss": "val_loss"}
+    if convergence:
+        columns[f"minus {baseline}'s (paired by seed)"] = "val_loss_diff"
+    columns["final train loss"] = "train_loss"
+    if "bleu_test" in summary:
+        columns.update({"BLEU val": "bleu_val", "BLEU test": "bleu_test"})
+    columns["s/update (median)"] = "sec_per_update"
+    if baseline:
+        columns[f"time/update vs {baseline}"] = "time_ratio"
+    if "gflops_per_update" in summary:
+        columns["GFLOPs/update"] = "gflops_per_update"
+        if baseline:
+            columns[f"FLOPs vs {baseline}"] = "flops_ratio"
+    columns["total s"] = "seconds"
+    tables, ranked = [], []
     for group in group_rows:
         rows = summary[_in_group(summary, group)]
+        table = pd.DataFrame({"run": rows["label"], "seeds": rows["seeds"],
+                              **{name: [plus_minus(r[m], r[f"{m}_lo"], r[f"{m}_hi"], r["seeds"])
+                                        for _, r in rows.iterrows()] for name, m in columns.items()}})
+        if convergence:
+            table.insert(4, f"steps to {baseline}'s final loss (ratio, per seed)", rows["steps_ratio"].tolist())
+            table.insert(5, "(ratio, mean curves)", [f"{v:.3g}" if np.isfinite(v) else "not reached"
+                                                     for v in rows["steps_ratio_mean_curves"]])
+            table.insert(6, f"{baseline}'s steps to this run's final loss (ratio)",
+                         rows["baseline_steps_ratio"].tolist())
+        heading = f"### {_group_name(group, group_keys)}" if group_keys else "### Final numbers"
+        tables.append(f"{heading}\n\n{table.to_markdown(index=False)}")
         ranked.append((f"{_group_name(group, group_keys)}: " if group_keys else "") + "; ".join(
             f"{r['label']} {plus_minus(r['val_loss'], r['val_loss_lo'], r['val_loss_hi'], r['seeds'])}"
             for _, r in rows.iterrows()))
+    figures = _train_figures(study, summary, curves, group_rows, group_keys, references, baseline, convergence, out)
     steps = sorted(finals["steps"].unique())
     paragraph = (f"{finals['label'].nunique()} arms{f' x {len(group_rows)} groups' if group_keys else ''} x up to "
                  f"{int(summary['seeds'].max())} seed(s), {'/'.join(str(s) for s in steps)} steps. Final validation "
