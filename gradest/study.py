@@ -160,10 +160,16 @@ class Study:
                         config[k] = merge(config.get(k), v)
                 else:
                     config[key] = merge(config.get(key), value)
-            config = resolve(self.kind, config, given)
-            digest = cell_hash(self.kind, config)
-            cells[digest] = Cell(self.kind, config, digest, Path(results) / self.kind / digest)
+            cell = make_cell(self.kind, config, results, given)
+            cells[cell.hash] = cell
         return [cells[digest] for digest in sorted(cells)]
+
+
+def make_cell(kind: str, config: dict, results, given=()) -> Cell:
+    """The cell of a configuration: resolved and checked, hashed, and where its results live."""
+    config = resolve(kind, config, given)
+    digest = cell_hash(kind, config)
+    return Cell(kind, config, digest, Path(results) / kind / digest)
 
 
 def merge(old, new):
@@ -350,7 +356,7 @@ def run_probe(config: dict, directory: Path) -> dict:
     train, trainer, model = probe_train_config(config), None, config["model"] or None
     if train is not None:
         model = None  # the run's model settings are in its TrainConfig
-        cell = train_cell(train, directory.parent.parent)
+        cell = make_cell("train", train, directory.parent.parent)
         if config["stage"] == "trained":
             status, message = execute(cell)
             if status == "failed":
@@ -371,12 +377,6 @@ def run_probe(config: dict, directory: Path) -> dict:
     df.insert(df.columns.get_loc("layer") + 1, "stage", config["stage"] if train is not None else "init")
     atomic_write_text(directory / "results.csv", df.to_csv(index=False))
     return {"rows": len(df), "rel_bias": df["rel_bias"].tolist(), "mse": df["mse"].tolist()}
-
-
-def train_cell(config: dict, results: Path) -> Cell:
-    config = resolve("train", config)
-    digest = cell_hash("train", config)
-    return Cell("train", config, digest, Path(results) / "train" / digest)
 
 
 def run_train(config: dict, directory: Path) -> dict:
@@ -674,8 +674,8 @@ def _group_name(row, keys: list[str]) -> str:
     return ", ".join(f"{key}={row[key]}" for key in keys) or "all runs"
 
 
-def _baseline_ratios(finals: pd.DataFrame, curves: pd.DataFrame, group_keys: list[str], baseline: str,
-                     references: set) -> pd.DataFrame:
+def _baseline_ratios(finals: pd.DataFrame, curves: pd.DataFrame, group_keys: list[str],
+                     baseline: str) -> pd.DataFrame:
     """Per run: its final validation loss minus the baseline's, time per update and FLOPs per update over the
     baseline's (same group and seed: the same initialisation and data order), the steps it
     takes to reach the baseline's final validation loss over the baseline's steps (inf: never reached), and the
@@ -807,7 +807,7 @@ def _train_report(study: Study, done: list[Cell], out: Path, profile: str | None
     references = {label for label, count in label_groups.items() if count == 1 and len(group_rows) > 1}
     baseline = study.baseline if study.baseline in set(finals["label"]) else ""
     if baseline:
-        finals = _baseline_ratios(finals, curves, group_keys, baseline, references)
+        finals = _baseline_ratios(finals, curves, group_keys, baseline)
     metric_names = [m for m in TRAIN_METRICS + ["gflops_per_update", "val_loss_diff", "time_ratio", "flops_ratio"]
                     if m in finals]
     summary = aggregate_seeds(finals, group_keys + ["label"], metric_names)

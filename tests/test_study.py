@@ -92,12 +92,12 @@ def test_shipped_specs_validate_and_quick_profiles_are_small(tmp_path):
     assert {c.config["experts"] for c in full} == {2, 4, 8, 16}
     # the cache is shared: ablations' switch and sparsemixer arms are lm-convergence's n = 8 runs, and the
     # probe's trained models are its n = 4 Switch runs
-    from gradest.study import probe_train_config, train_cell
+    from gradest.study import make_cell, probe_train_config
     shared = {c.hash for c in full}
     ablations = specs["ablations"].cells("full", tmp_path)
     assert {c.config["name"] for c in ablations if c.hash in shared} == {"switch", "sparsemixer"}
     probes = specs["switch-probe"].cells("full", tmp_path)
-    assert {train_cell(probe_train_config(c.config), tmp_path).hash for c in probes} == {
+    assert {make_cell("train", probe_train_config(c.config), tmp_path).hash for c in probes} == {
         c.hash for c in full if c.config["name"] == "switch" and c.config["experts"] == 4}
 
 
