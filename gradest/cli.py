@@ -25,7 +25,8 @@ from gradest import __version__
 from gradest.errors import GradestError, one_line
 from gradest.estimators import CATEGORICAL, GATED, REGISTRY
 from gradest.estimators.base import parse_as
-from gradest.measure import WRT, compare as compare_estimators, expand_estimators, parse_setting
+from gradest.estimators import expand_estimators, parse_setting
+from gradest.measure import WRT, compare as compare_estimators
 from gradest.model import SwitchConfig
 from gradest.probe import TASK_PROBLEM, switch_probe
 from gradest.problems import PROBLEMS, ProblemConfig
@@ -185,10 +186,12 @@ def list_estimators():
         rows.append({
             "name": name,
             "family": cls.family,
-            "experts": "sparse" if cls.sparse else "dense",
+            "experts": "dense" if cls.dense else "sparse",
             "applies to": ", ".join(kind for kind in (GATED, CATEGORICAL) if kind in cls.applies_to),
             "top-k": "yes" if cls.supports_topk else "no",
-            "hyper-parameters": ", ".join(f"{key}={param.default}" for key, param in cls.params.items()) or "-",
+            # k is not listed: it is set by --top-k, not --set
+            "hyper-parameters": ", ".join(f"{key}={param.default}" for key, param in cls.params.items()
+                                          if key != "k") or "-",
             "omega": "on" if cls.omega else "off",  # the MoE layer's learnable output scale, by default
             "reference": cls.reference,
         })

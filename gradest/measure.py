@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-
 import pandas as pd
 import torch
 from torch import Tensor
 
 from gradest.errors import GradestError
-from gradest.estimators import Estimator, applicable, exact_for, get_estimator, REGISTRY
+from gradest.estimators import Estimator, Objective, expand_estimators, parse_setting, parse_spec  # noqa: F401
 from gradest.problems import Problem, ProblemConfig, make_problem
 
 WRT = ("logits", "router", "all")  # what the gradient is taken with respect to
@@ -79,25 +77,10 @@ def gradient_samples_loop(problem: Problem, estimator: Estimator, samples: int, 
     return torch.cat([gradient_samples(problem, estimator, 1, wrt, noise=noise[i:i + 1]) for i in range(samples)])
 
 
-def exact_gradient(problem: Problem, objective: dict | None = None, wrt: str = "router") -> Tensor:
-    """grad J by enumeration (P,), for an objective as `Estimator.objective()` returns (default: the problem's
-    top-k of softmax(z), no mask)."""
-    objective = objective or common_objective(problem)
-    return gradient_samples(problem, exact_for(objective), 1, wrt)[0]
-
-
-def common_objective(problem: Problem) -> dict:
-    """The default target of every row: E over sequential top-k of softmax(z), no sparsity mask (issue 2 §5)."""
-    return {"k": problem.k, "mask": "none", "r": 0.0, "temperature": 1.0}
-
-
-def objective_label(objective: dict) -> str:
-    parts = [f"k={objective['k']}"]
-    if objective["temperature"] != 1:
-        parts.append(f"temperature={objective['temperature']:g}")
-    if objective["mask"] != "none":
-        parts.append(f"mask={objective['mask']} r={objective['r']:g}")
-    return f"exact({', '.join(parts)})"
+def exact_gradient(problem: Problem, objective: Objective | None = None, wrt: str = "router") -> Tensor:
+    """grad J by enumeration (P,) for an objective (default: the problem's top-k of softmax(z), no mask)."""
+    objective = objective or Objective(k=problem.k)
+    return gradient_samples(problem, objective.exact(), 1, wrt)[0]
 
 
 # --------------------------------------------------------------------------------------------------- metrics
@@ -170,68 +153,6 @@ def with_relative_bias(metrics: dict, ref_norm: float) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------- compare
-@dataclass(frozen=True)
-class EstimatorSpec:
-    """An estimator name with hyper-parameters, as typed: `reinforce:baseline=mean`."""
-
-    name: str
-    hparams: tuple = ()
-
-    def build(self, k: int) -> Estimator:
-        cls = REGISTRY.get(self.name)
-        hparams = dict(self.hparams)
-        if cls is not None and cls.supports_topk:
-            hparams["k"] = k
-        return get_estimator(self.name, **hparams)
-
-
-def expand_estimators(names: list[str] | str, kind: str, k: int, settings: dict | None = None) -> list[Estimator]:
-    """The estimators to measure on a problem: `all` means every one that applies, with its variants; `settings`
-    (from `--set`) go to each estimator that declares them."""
-    settings = settings or {}
-    if names == "all" or names == ["all"]:
-        specs = [EstimatorSpec(name, tuple(v.items())) for name in applicable(kind, k) for v in REGISTRY[name].variants]
-    else:
-        specs = [parse_spec(s) if isinstance(s, str) else s for s in names]
-    out = []
-    for spec in specs:
-        cls = REGISTRY.get(spec.name)
-        if cls is None:
-            raise GradestError(f"unknown estimator '{spec.name}'; valid: {', '.join(REGISTRY)}, all")
-        extra = {key: cls.params[key].parse(value) if isinstance(value, str) else value
-                 for key, value in settings.items() if key in cls.params}
-        estimator = EstimatorSpec(spec.name, tuple({**extra, **dict(spec.hparams)}.items())).build(k)
-        if k > 1 and not cls.supports_topk:
-            valid = ", ".join(applicable(kind, k))
-            raise GradestError(f"estimator '{spec.name}' does not support top-{k} routing; valid: {valid}")
-        out.append(estimator)
-    unused = [key for key in settings if not any(key in e.params for e in out)]
-    if unused:
-        raise GradestError(f"no chosen estimator has the hyper-parameter '{unused[0]}'; valid: "
-                           + ", ".join(sorted({key for e in out for key in e.params if key != "k"})))
-    return out
-
-
-def parse_spec(text: str) -> EstimatorSpec:
-    name, *pairs = text.strip().split(":")
-    cls = REGISTRY.get(name)
-    if cls is None:
-        raise GradestError(f"unknown estimator '{name}'; valid: {', '.join(REGISTRY)}, all")
-    settings = {}
-    for pair in pairs:
-        settings.update(parse_setting(pair, cls.params))
-    return EstimatorSpec(name, tuple(settings.items()))
-
-
-def parse_setting(text: str, params: dict) -> dict:
-    """`key=value` typed on the command line, with the value read as the parameter's default type."""
-    if "=" not in text:
-        raise GradestError(f"a setting must look like key=value, got '{text}'")
-    key, value = text.split("=", 1)
-    key = key.strip()
-    return {key: params[key].parse(value.strip()) if key in params else value.strip()}
-
-
 def measure(problem: Problem, estimator: Estimator, samples: int, wrt: str = "router", seed: int = 0,
             reference: Tensor | None = None) -> dict:
     """One row: the estimator's metrics against the exact gradient of the objective it is measured against."""
@@ -243,9 +164,9 @@ def measure(problem: Problem, estimator: Estimator, samples: int, wrt: str = "ro
     grads = gradient_samples(problem, estimator, samples, wrt, seed=seed)
     seconds = time.perf_counter() - start
     computed = 1 if estimator.noise_dim(problem.n) == 0 else samples  # deterministic: one sample computed
-    branches = math.perm(problem.n, problem.k) if estimator.name == "exact" else 1
+    branches = math.perm(problem.n, problem.k) if estimator.enumerates else 1
     config = {key: value for key, value in problem.config.to_dict().items() if key not in ("problem", "seed")}
-    row = {"problem": problem.config.problem, "estimator": estimator.label, "target": objective_label(objective),
+    row = {"problem": problem.config.problem, "estimator": estimator.label, "target": objective.label,
            "wrt": wrt, "samples": samples, **config, "seed": seed}
     row.update(bias_variance(grads, reference))
     row.update({"sec_per_sample": seconds / computed,
@@ -266,7 +187,7 @@ def compare(configs: list[ProblemConfig], estimators: list[str] | str = "all", s
             jobs.append((problem, estimator))
     rows, references = [], {}
     for problem, estimator in (progress(jobs) if progress else jobs):
-        key = (id(problem), objective_label(estimator.objective()))
+        key = (id(problem), estimator.objective())
         if key not in references:
             references[key] = exact_gradient(problem, estimator.objective(), wrt)
         rows.append(measure(problem, estimator, samples, wrt, seed, references[key]))

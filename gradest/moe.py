@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradest.errors import GradestError
-from gradest.estimators import GATED, Estimator, Routing, applicable
+from gradest.estimators import GATED, Estimator, Routing, trainable
 from gradest.estimators.base import nonnegative, positive, positive_integer, unit_interval
 
 
@@ -109,7 +109,7 @@ class MoE(nn.Module):
 
     def check_routing(self, routing: Routing) -> None:
         if routing.branch_prob is not None:
-            names = ", ".join(name for name in applicable(GATED, self.k) if name != self.estimator.name)
+            names = ", ".join(trainable(GATED, self.k))
             raise GradestError(
                 f"estimator '{self.estimator.name}' cannot be used inside an MoE layer: it enumerates every expert "
                 f"tuple as a weighted branch and needs one downstream pass per branch; measure it on a synthetic "

@@ -62,9 +62,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gradest.errors import GradestError
-from gradest.estimators import GATED, Estimator, Routing
-from gradest.estimators.base import sequential_route
-from gradest.measure import Z95, bias_variance, expand_estimators, objective_label, with_relative_bias
+from gradest.estimators import GATED, Estimator, Objective, Routing
+from gradest.estimators import expand_estimators
+from gradest.measure import Z95, bias_variance, with_relative_bias
 from gradest.model import SwitchConfig, SwitchLM, SwitchModel, SwitchSeq2Seq
 from gradest.moe import MoE
 
@@ -105,17 +105,17 @@ class ForcedRouting(_ProbeRouting):
 
     name = "forced"
 
-    def __init__(self, objective: dict, experts: Tensor, leaf: bool = True):
+    def __init__(self, objective: Objective, experts: Tensor, leaf: bool = True):
         super().__init__(leaf)
-        self.obj, self.experts = dict(objective), experts
+        self.obj, self.experts = objective, experts
         self.gates: Tensor | None = None
 
     @property
     def k(self) -> int:
-        return self.obj["k"]
+        return self.obj.k
 
-    def objective(self) -> dict:
-        return dict(self.obj)
+    def objective(self) -> Objective:
+        return self.obj
 
     def route(self, logits, *, kind=GATED, training=True, noise=None) -> Routing:
         self.check(logits.shape[-1], kind)
@@ -123,8 +123,7 @@ class ForcedRouting(_ProbeRouting):
             raise GradestError(f"forced routing got experts of shape {tuple(self.experts.shape)} for logits of "
                                f"shape {tuple(logits.shape)}")
         z = self.capture(logits)
-        experts, self.gates, _ = sequential_route(z, self.k, mask=self.obj["mask"], r=self.obj["r"],
-                                                  temperature=self.obj["temperature"], experts=self.experts)
+        experts, self.gates, _ = self.obj.route(z, experts=self.experts)
         return Routing(experts.unsqueeze(-2), self.gates.unsqueeze(-2))
 
 
@@ -319,19 +318,16 @@ class Site:
         """Every ordered k-tuple of distinct experts (A, k)."""
         return torch.tensor(list(itertools.permutations(range(self.n), k)), dtype=torch.long, device=self.device)
 
-    def tuple_probs(self, objective: dict) -> Tensor:
+    def tuple_probs(self, objective: Objective) -> Tensor:
         """P_t(a) (B, T, A): each token's probability of each tuple under the objective (no gradient)."""
-        k = objective["k"]
-        tuples = self.tuples(k)
+        tuples = self.tuples(objective.k)
         z = self.z0.detach().unsqueeze(-2)  # (B, T, 1, n) against (B, T, A, k)
-        _, gates, _ = sequential_route(z, k, mask=objective["mask"], r=objective["r"],
-                                       temperature=objective["temperature"],
-                                       experts=tuples.expand(self.B, self.T, *tuples.shape))
+        _, gates, _ = objective.route(z, experts=tuples.expand(self.B, self.T, *tuples.shape))
         return gates.prod(-1)
 
     def argmax_experts(self, k: int) -> Tensor:
         """Inference routing's experts (B, T, k): where the tokens that cannot change L are sent."""
-        return sequential_route(self.z0.detach(), k)[0]
+        return Objective(k).route(self.z0.detach())[0]
 
     def router_gradient(self, grad_z: Tensor) -> Tensor:
         """Router-weight gradients (..., n * d) from logit gradients (..., B, T, n): sum_t grad z_t (outer) x_t."""
@@ -346,7 +342,7 @@ class Site:
         return max(1, max_elements // (self.T * width))
 
 
-def forced_gradients(site: Site, objective: dict, rows: Tensor, experts: Tensor, weight_mask: Tensor,
+def forced_gradients(site: Site, objective: Objective, rows: Tensor, experts: Tensor, weight_mask: Tensor,
                      grad_mask: Tensor) -> Tensor:
     """grad_z of sum_rows w_row L_row / B, each row's weight w the product of P_t(D_t) over its tokens in
     weight_mask: rows (R,) sequence indices, experts (R, T, k), masks (R, T). Returns the logit gradients
@@ -368,7 +364,7 @@ class Reference:
     per-token logit gradient (B, T, n) and, for rao-blackwell, one such gradient per draw (S, B, T, n)."""
 
     kind: str
-    objective: dict
+    objective: Objective
     grad_z: Tensor
     draws: Tensor | None
     rows: int  # sequences the layers above l were run on
@@ -389,18 +385,18 @@ class Reference:
         return se / max(float(mean.norm()), 1e-300)
 
 
-def enumeration_rows(site: Site, objective: dict) -> int:
+def enumeration_rows(site: Site, objective: Objective) -> int:
     """Sequences enumeration runs: sum over the batch of the product over relevant tokens of allowed tuples."""
     allowed = (site.tuple_probs(objective) > 0).sum(-1)
     return sum(math.prod(int(a) for a, r in zip(row, rel) if r) for row, rel in
                zip(allowed.tolist(), site.relevant.tolist()) if any(rel))
 
 
-def enumerate_reference(site: Site, objective: dict, max_elements: int = 2 ** 22) -> Reference:
+def enumerate_reference(site: Site, objective: Objective, max_elements: int = 2 ** 22) -> Reference:
     """grad_z J exactly: for each sequence, every assignment of tuples with positive probability to its relevant
     tokens (the others at their arg-max), as rows weighted by prod_t P_t(D_t); autograd of sum_rows w L / B."""
     start = time.perf_counter()
-    k = objective["k"]
+    k = objective.k
     tuples = site.tuples(k)
     allowed = site.tuple_probs(objective) > 0
     base = site.argmax_experts(k)
@@ -424,10 +420,10 @@ def enumerate_reference(site: Site, objective: dict, max_elements: int = 2 ** 22
             grad[b] += forced_gradients(site, objective, sequences, part, mask[:len(part)],
                                         mask[:len(part)]).sum(0)
             rows += len(part)
-    return Reference("enumeration", dict(objective), grad, None, rows, time.perf_counter() - start)
+    return Reference("enumeration", objective, grad, None, rows, time.perf_counter() - start)
 
 
-def rao_blackwell_reference(site: Site, objective: dict, draws: int = 64, seed: int = 0,
+def rao_blackwell_reference(site: Site, objective: Objective, draws: int = 64, seed: int = 0,
                             max_elements: int = 2 ** 22) -> Reference:
     """An unbiased Monte-Carlo reference with a standard error. Draw S assignments D ~ p (all tokens); for draw
     s and each relevant token t, grad_{z_t} E_{D_t}[L | D_{-t}] = sum_a grad_{z_t}[P_t(a) L(D_{-t}, a)] exactly,
@@ -437,13 +433,12 @@ def rao_blackwell_reference(site: Site, objective: dict, draws: int = 64, seed: 
         raise GradestError(f"draws must be an integer >= 3 (the reference's standard error needs them), "
                            f"got {draws!r}")
     start = time.perf_counter()
-    k, B, T, n = objective["k"], site.B, site.T, site.n
+    k, B, T, n = objective.k, site.B, site.T, site.n
     tuples = site.tuples(k)
     generator = torch.Generator().manual_seed(2 * seed + 1)  # a stream apart from the samples' (2 * seed)
     u = torch.rand(draws, B * T, k, generator=generator, dtype=torch.float64).to(site.device, site.z0.dtype)
     z = site.z0.detach().reshape(1, B * T, n).expand(draws, -1, -1)
-    drawn = sequential_route(z, k, mask=objective["mask"], r=objective["r"], temperature=objective["temperature"],
-                             u=u)[0].reshape(draws, B, T, k)
+    drawn = objective.route(z, u=u)[0].reshape(draws, B, T, k)
     drawn = torch.where(site.relevant[..., None], drawn, site.argmax_experts(k))
     variants = ((site.tuple_probs(objective) > 0) & site.relevant[..., None]).nonzero()  # (V, 3): b, t, a
     V = len(variants)
@@ -459,11 +454,11 @@ def rao_blackwell_reference(site: Site, objective: dict, draws: int = 64, seed: 
         only_t = positions == t[:, None]
         out.index_add_(0, s * B + b, forced_gradients(site, objective, b, experts, only_t, only_t))
     per_draw = out.reshape(draws, B, T, n)
-    return Reference("rao-blackwell", dict(objective), per_draw.mean(0), per_draw, draws * V,
+    return Reference("rao-blackwell", objective, per_draw.mean(0), per_draw, draws * V,
                      time.perf_counter() - start)
 
 
-def reference_gradient(site: Site, objective: dict, method: str = "auto", draws: int = 64, seed: int = 0,
+def reference_gradient(site: Site, objective: Objective, method: str = "auto", draws: int = 64, seed: int = 0,
                        max_enumeration: int = 4096, max_elements: int = 2 ** 22) -> Reference:
     """Enumeration when it runs at most `max_enumeration` sequences (auto), else Rao-Blackwell."""
     if method not in REFERENCES:
@@ -529,7 +524,7 @@ def gradient_samples(site: Site, estimator: Estimator, samples: int, seed: int =
     estimator.check(site.n, GATED)
     deterministic = estimator.noise_dim(site.n) == 0
     seeds = sample_seeds(seed, 1 if deterministic else samples)
-    per_chunk = max(1, site.chunk_rows(max_elements, dense=not estimator.sparse) // site.B)
+    per_chunk = max(1, site.chunk_rows(max_elements, dense=estimator.dense) // site.B)
     out = []
     for first in range(0, len(seeds), per_chunk):
         part = seeds[first:first + per_chunk]
@@ -606,10 +601,12 @@ def probe_estimators(names, k: int, settings: dict | None = None) -> list[Estima
     if named:
         estimators += expand_estimators(named, GATED, k, settings)
     if every:
-        estimators = [e for e in estimators if e.name != "exact"]
-    elif any(e.name == "exact" for e in estimators):
-        raise GradestError("estimator 'exact' cannot route an MoE layer (it needs one pass of the layers above "
-                           "per expert tuple); the probe's reference column is the exact gradient")
+        estimators = [e for e in estimators if not e.enumerates]
+    for e in estimators:
+        if e.enumerates:
+            raise GradestError(f"estimator '{e.name}' cannot route an MoE layer (it enumerates expert tuples: one "
+                               "pass of the layers above per tuple); the probe's reference column is the exact "
+                               "gradient")
     if not estimators:
         raise GradestError("no estimator to probe")
     return estimators
@@ -652,7 +649,7 @@ def probe(model: SwitchModel, batch, layer: int = 0, estimators="all", samples: 
     with probing(model):
         for estimator in (progress(chosen) if progress else chosen):
             objective = estimator.objective()
-            key = objective_label(objective)
+            key = objective.label
             if key not in references:
                 references[key] = reference_gradient(site, objective, reference, draws, seed, max_enumeration,
                                                      max_elements)
@@ -666,7 +663,7 @@ def probe(model: SwitchModel, batch, layer: int = 0, estimators="all", samples: 
                 target = ref.values(site, w)
                 metrics = bias_variance(values, target) if ref.draws is None else bias_variance_mc(values, target)
                 row = {"problem": site.problem, "estimator": estimator.label, "target": key, "wrt": w,
-                       "samples": samples, **config, "top_k": objective["k"], "seed": seed, **metrics,
+                       "samples": samples, **config, "top_k": objective.k, "seed": seed, **metrics,
                        "sec_per_sample": seconds / computed,
                        "experts_per_token": estimator.k if estimator.sparse else site.n,
                        "downstream_per_token": 1 + (1 if estimator.needs_zero_output else 0),

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from gradest.errors import GradestError
-from gradest.estimators import CATEGORICAL, GATED, Estimator, Routing, exact_for
+from gradest.estimators import CATEGORICAL, GATED, Estimator, Objective, Routing
 
 
 @dataclass
@@ -114,11 +114,11 @@ class Problem:
             if estimator.needs_zero_output else None
         return estimator.surrogate(f, routing, f_zero).mean(-1), z
 
-    def objective_value(self, params=None, objective: dict | None = None) -> float:
+    def objective_value(self, params=None, objective: Objective | None = None) -> float:
         """J at `params` (default: the initial ones) for an objective (default: top-k of softmax(z), no mask)."""
-        objective = objective or {"k": self.k, "mask": "none", "r": 0.0, "temperature": 1.0}
+        objective = objective or Objective(k=self.k)
         with torch.no_grad():
-            return self.loss(params or self.params, exact_for(objective))[0].item()
+            return self.loss(params or self.params, objective.exact())[0].item()
 
 
 def mix(expert_outputs: Tensor, routing: Routing) -> Tensor:

@@ -29,8 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from gradest.errors import GradestError
-from gradest.estimators import REGISTRY, Estimator
-from gradest.measure import expand_estimators
+from gradest.estimators import GATED, Estimator, expand_estimators, trainable
 from gradest.model import SwitchConfig, SwitchLM, SwitchSeq2Seq
 from gradest.report import atomic_write_bytes, atomic_write_text, run_metadata, write_json
 
@@ -86,11 +85,10 @@ class TrainConfig:
                                + ", ".join(f.name for f in dataclasses.fields(SwitchConfig)))
 
     def build_estimator(self) -> Estimator:
-        (estimator,) = expand_estimators([self.estimator], "gated", self.top_k, self.hparams)
-        if estimator.name == "exact":
-            valid = ", ".join(n for n in REGISTRY if n != "exact" and (self.top_k == 1 or REGISTRY[n].supports_topk))
-            raise GradestError("estimator 'exact' cannot train an MoE layer (it needs one pass of the layers above "
-                               f"per expert tuple); valid: {valid}")
+        (estimator,) = expand_estimators([self.estimator], GATED, self.top_k, self.hparams)
+        if estimator.enumerates:
+            raise GradestError(f"estimator '{estimator.name}' cannot train an MoE layer (it needs one pass of the "
+                               f"layers above per expert tuple); valid: {', '.join(trainable(GATED, self.top_k))}")
         return estimator
 
 

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from gradest.measure import exact_gradient, gradient_samples, replicate
-from gradest.estimators import exact_for, get_estimator
+from gradest.estimators import Objective, get_estimator
 from gradest.problems import make_problem
 
 OBJECTIVES = [
-    {"k": 1, "mask": "none", "r": 0.0, "temperature": 1.0},
-    {"k": 2, "mask": "none", "r": 0.0, "temperature": 1.0},
-    {"k": 1, "mask": "reference", "r": 0.3, "temperature": 1.0},
-    {"k": 2, "mask": "paper", "r": 0.3, "temperature": 2.0},
+    Objective(k=1),
+    Objective(k=2),
+    Objective(k=1, mask="reference", r=0.3),
+    Objective(k=2, mask="paper", r=0.3, temperature=2.0),
 ]
 
 
@@ -32,12 +32,12 @@ def finite_differences(problem, objective, h=1e-6):
     return torch.tensor(grads, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("objective", OBJECTIVES, ids=lambda o: f"k{o['k']}-{o['mask']}-t{o['temperature']}")
+@pytest.mark.parametrize("objective", OBJECTIVES, ids=lambda o: f"k{o.k}-{o.mask}-t{o.temperature}")
 @pytest.mark.parametrize("name", ["moe-regression", "moe-classify", "poly"])
 def test_exact_gradient_equals_finite_differences(name, objective):
     """grad J by enumeration = central differences of J, for every problem, top-1 and top-2, with and without the
     sparsity mask and the temperature of sparsemixer-v2*."""
-    problem = make_problem(problem=name, experts=3, tokens=3, dim=3, out_dim=2, classes=3, top_k=objective["k"],
+    problem = make_problem(problem=name, experts=3, tokens=3, dim=3, out_dim=2, classes=3, top_k=objective.k,
                            sharpness=2.0, power=1.5 if name == "poly" else 2.0, seed=1)
     exact = exact_gradient(problem, objective, wrt="all")
     fd = finite_differences(problem, objective)
@@ -74,7 +74,7 @@ def test_objective_is_probability_weighted_sum_over_tuples():
 def test_router_gradient_is_sum_of_token_outer_products(name):
     """Per-sample router-weight gradients = sum_t grad z_t (outer) x_t (DESIGN §4), for exact and a sampler."""
     problem = make_problem(problem=name, experts=4, tokens=5, dim=3, seed=4)
-    for estimator in (exact_for({"k": 1, "mask": "none", "r": 0.0, "temperature": 1.0}),
+    for estimator in (Objective(k=1).exact(),
                       get_estimator("sparsemixer", mask="none"), get_estimator("reinmax")):
         g_logits = gradient_samples(problem, estimator, 3, "logits", seed=7).reshape(3, 5, 4)
         g_router = gradient_samples(problem, estimator, 3, "router", seed=7).reshape(3, 4, 3)

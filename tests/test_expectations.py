@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import norm
 
-from gradest.estimators import GATED, REGISTRY, get_estimator
+from gradest.estimators import GATED, REGISTRY, Objective, get_estimator
 from gradest.measure import bias_variance, draw_noise, exact_gradient, gradient_samples
 from gradest.problems import make_problem
 
@@ -375,30 +375,28 @@ def test_masked_problems_exercise_both_branches(name):
     assert bool((p == 0).any())
 
 
-EXACT_OBJECTIVES = [dict(k=1, mask="none", r=0.0, temperature=1.0), dict(k=1, mask="reference", r=0.1,
-                    temperature=1.0), dict(k=2, mask="none", r=0.0, temperature=1.0),
-                    dict(k=2, mask="reference", r=0.1, temperature=2.0), dict(k=2, mask="paper", r=0.3,
-                    temperature=1.0)]
+EXACT_OBJECTIVES = [Objective(k=1), Objective(k=1, mask="reference", r=0.1), Objective(k=2),
+                    Objective(k=2, mask="reference", r=0.1, temperature=2.0), Objective(k=2, mask="paper", r=0.3)]
 
 
 # On poly a masked top-2 objective is constant (y = v_D1 + v_D2 is symmetric and each token keeps two experts at
 # most), so its gradient is identically zero: that case would be vacuous.
 EXACT_CASES = [(name, objective) for name in PROBLEMS for objective in EXACT_OBJECTIVES
-               if not (name == "poly" and objective["k"] == 2 and objective["mask"] != "none")]
+               if not (name == "poly" and objective.k == 2 and objective.mask != "none")]
 
 
 @pytest.mark.parametrize("name,objective", EXACT_CASES,
-                         ids=[f"{n}-k{o['k']}-{o['mask']}-t{o['temperature']:g}" for n, o in EXACT_CASES])
+                         ids=[f"{n}-k{o.k}-{o.mask}-t{o.temperature:g}" for n, o in EXACT_CASES])
 def test_exact_gradient_matches_our_enumeration(name, objective):
     """gradest.measure.exact_gradient (wrt logits) equals our own enumeration of DESIGN §2's objective to 1e-10,
     and for top-1 DESIGN's nabla_1 + nabla_0 decomposition equals it too."""
-    model = Model(build(name, objective["k"]))
-    ours = exact_enumeration(model, objective["k"], objective["mask"], objective["r"], objective["temperature"])
+    model = Model(build(name, objective.k))
+    ours = exact_enumeration(model, objective.k, objective.mask, objective.r, objective.temperature)
     assert float(ours.abs().max()) > 1e-3
     theirs = exact_gradient(model.problem, objective, wrt="logits")
     torch.testing.assert_close(theirs, ours, rtol=1e-10, atol=1e-12)
-    if objective["k"] == 1 and objective["temperature"] == 1 and model.gated:
-        nabla_1, nabla_0 = exact_top1_terms(model, objective["mask"], objective["r"])
+    if objective.k == 1 and objective.temperature == 1 and model.gated:
+        nabla_1, nabla_0 = exact_top1_terms(model, objective.mask, objective.r)
         torch.testing.assert_close((nabla_1 + nabla_0).sum(0).reshape(-1), ours, rtol=1e-10, atol=1e-12)
 
 

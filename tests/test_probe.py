@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from scipy.stats import norm
 
 from gradest.errors import GradestError
-from gradest.estimators import Routing, get_estimator
+from gradest.estimators import Objective, Routing, get_estimator
 from gradest.measure import bias_variance, compare, expand_estimators
 from gradest.model import SwitchConfig, SwitchLM, SwitchSeq2Seq
 from gradest.probe import (ForcedRouting, Site, bias_variance_mc, enumerate_reference, gradient_samples, installed,
@@ -19,9 +19,9 @@ from gradest.probe import (ForcedRouting, Site, bias_variance_mc, enumerate_refe
 from gradest.problems import ProblemConfig
 from gradest.report import CONFIG_COLUMNS, SUMMARY_COLUMNS, write_compare_report
 
-PLAIN = dict(k=1, mask="none", r=0.0, temperature=1.0)
-OBJECTIVES = [PLAIN, dict(k=1, mask="reference", r=0.5, temperature=1.0), dict(k=2, mask="none", r=0.0, temperature=1.0),
-              dict(k=1, mask="paper", r=0.8, temperature=2.0)]
+PLAIN = Objective(k=1)
+OBJECTIVES = [PLAIN, Objective(k=1, mask="reference", r=0.5), Objective(k=2),
+              Objective(k=1, mask="paper", r=0.8, temperature=2.0)]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -83,7 +83,7 @@ def brute_force_J(model, batch, layer, objective, tokens):
     """J = sum over every joint assignment of ALL `tokens` tokens at the layer of prod_t P_t L, by the model's
     full forward on one copy of the batch per assignment (no prefix re-use, no per-sequence split, no leaf)."""
     moe = model.moe_layers()[layer]
-    k = objective["k"]
+    k = objective.k
     tuples = torch.tensor(list(itertools.permutations(range(moe.experts), k)))
     joint = torch.tensor(list(itertools.product(range(len(tuples)), repeat=tokens)))
     forced = ForcedRouting(objective, tuples[joint].reshape(-1, k), leaf=False)
@@ -212,7 +212,7 @@ def test_vectorised_samples_equal_a_per_sample_loop(spec, k):
     fast = site.router_gradient(gradient_samples(site, estimator, 5, seed=7, max_elements=2 * 2 * 3 * 24))
     slow = loop_samples(model, batch, 0, estimator, sample_seeds(7, 5))
     torch.testing.assert_close(fast, slow, rtol=1e-9, atol=1e-13)
-    if estimator.noise_dim(3) > 0 and spec != "switch" and estimator.objective()["mask"] == "none":
+    if estimator.noise_dim(3) > 0 and spec != "switch" and estimator.objective().mask == "none":
         assert not torch.equal(fast[0], fast[1])  # the samples' noise differs
 
 

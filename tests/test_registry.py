@@ -28,7 +28,7 @@ def test_declarations(name):
     assert cls().label == name  # the defaults construct, and are the unlabelled default
     for key, param in cls.params.items():
         assert param.constraint(param.default) and param.doc, key
-    assert ("k" in cls.params) == cls.supports_topk or name == "exact"
+    assert ("k" in cls.params) == cls.supports_topk
     for variant in cls.variants:
         cls(**variant)
 
@@ -41,10 +41,10 @@ def test_routing_shapes(name, k):
     estimator = cls(k=k) if cls.supports_topk else cls()
     z = logits(2, 7, 5)
     routing = estimator.route(z)
-    B = math.perm(5, k) if name == "exact" else 1
-    width = k if estimator.sparse or name == "exact" else 5
+    B = math.perm(5, k) if estimator.enumerates else 1
+    width = k if estimator.sparse or estimator.enumerates else 5
     assert routing.gates.shape == (2, 7, B, width) and torch.isfinite(routing.gates).all()
-    if estimator.sparse or name == "exact":
+    if estimator.sparse or estimator.enumerates:
         experts = routing.experts.expand(2, 7, B, width)  # may be stored broadcastable (exact: (B, k))
         assert (experts.sort(-1).values.diff(dim=-1) > 0).all()  # distinct experts
     else:
@@ -67,8 +67,7 @@ def test_inference_is_deterministic_argmax(name):
     if name == "topk":
         expected = z.softmax(-1).topk(k).values
     else:
-        obj = estimator.objective()
-        expected = sequential_route(z, k, mask=obj["mask"], r=obj["r"], temperature=obj["temperature"])[1]
+        expected = estimator.objective().route(z)[1]
     torch.testing.assert_close(first.gates[..., 0, :], expected)
 
 
@@ -78,7 +77,7 @@ def test_surrogate_value_is_the_loss_of_the_drawn_routing():
     for name in applicable(GATED):
         estimator = get_estimator(name, baseline="mean") if name == "reinforce" else get_estimator(name)
         loss, z = problem.loss(problem.params, estimator, noise=torch.rand(6, estimator.noise_dim(4)))
-        if name == "exact":
+        if estimator.enumerates:
             assert loss.item() == pytest.approx(problem.objective_value(), rel=1e-12)
         else:
             assert loss.item() > 0 and math.isfinite(loss.item())

@@ -1,25 +1,21 @@
-"""The estimator registry: every routing-gradient estimator of DESIGN.md §3, looked up by name."""
+"""The estimator registry: every routing-gradient estimator of docs/estimators.md §3, looked up by name.
 
-from gradest.errors import GradestError
-from gradest.estimators import exact, reinforce, sparsemixer, straight_through, switch  # noqa: F401  (register)
-from gradest.estimators.base import CATEGORICAL, GATED, REGISTRY, Estimator, Routing
-from gradest.estimators.exact import exact_for
+Every module of this package other than `base` and `spec` is imported here, and its `@register`ed classes join the
+registry: a new estimator is one new file (docs/adding-an-estimator.md).
+"""
 
-__all__ = ["CATEGORICAL", "GATED", "REGISTRY", "Estimator", "Routing", "exact_for", "get_estimator",
-           "estimator_names", "applicable"]
+import importlib
+import pkgutil
 
+from gradest.estimators.base import (CATEGORICAL, GATED, REGISTRY, Estimator, Objective, Param, Routing, hparam,
+                                     register, unregister)
+from gradest.estimators.spec import (EstimatorSpec, applicable, estimator_names, expand_estimators, get_estimator,
+                                     parse_setting, parse_spec, trainable)
 
-def estimator_names() -> list[str]:
-    return list(REGISTRY)
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in ("base", "spec"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
-
-def get_estimator(name: str, **hparams) -> Estimator:
-    """The estimator `name` with hyper-parameters `hparams` (validated against its `params`)."""
-    if name not in REGISTRY:
-        raise GradestError(f"unknown estimator '{name}'; valid: {', '.join(REGISTRY)}")
-    return REGISTRY[name](**hparams)
-
-
-def applicable(kind: str, k: int = 1) -> list[str]:
-    """Names of the estimators defined for a problem of this kind with k experts per token."""
-    return [name for name, cls in REGISTRY.items() if kind in cls.applies_to and (k == 1 or cls.supports_topk)]
+__all__ = ["CATEGORICAL", "GATED", "REGISTRY", "Estimator", "EstimatorSpec", "Objective", "Param", "Routing",
+           "applicable", "estimator_names", "expand_estimators", "get_estimator", "hparam", "parse_setting",
+           "parse_spec", "register", "trainable", "unregister"]

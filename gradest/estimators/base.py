@@ -62,6 +62,16 @@ class Param:
         return parse_as(text, self.default)
 
 
+def hparam(default, constraint: Constraint, doc: str) -> Any:
+    """Declare a hyper-parameter as a typed class attribute, as `dataclasses.field` does:
+
+        class Switch(Estimator):
+            jitter_eps: float = hparam(0.01, unit_interval, "multiplicative logit jitter")
+
+    The class keeps the `Param` (in `params`, validated generically); an instance holds the plain value."""
+    return Param(default, constraint, doc)
+
+
 def parse_as(text: str, default):
     """A command-line value read as the type of `default` (any number, or a boolean, when the default is None);
     text that does not parse is returned as it is, for the constraint check to name."""
@@ -93,6 +103,7 @@ class Routing:
     gates: Tensor  # (..., B, k) or (..., B, n): the weight on each expert's output; carries the backward
     branch_prob: Tensor | None = None  # (..., B): probability of each branch, with gradient (exact only)
     log_prob: Tensor | None = None  # (...): log-probability of the sampled experts (score-function estimators)
+    offset: Tensor | None = None  # (..., B, d): added to the mixed output (a stateful estimator's default outputs)
 
 
 def sparsity_mask(z: Tensor, z_star: Tensor, kind: str, r: float) -> Tensor | None:
@@ -165,55 +176,134 @@ def value_with_gradient(p: Tensor, value_scale, grad_scale: float) -> Tensor:
     return grad_scale * p - ((grad_scale - value_scale) * p).detach()
 
 
+# ---------------------------------------------------------------------------------------------------- objective
+@dataclass(frozen=True)
+class Objective:
+    """The expected loss a routing rule's forward samples from (docs/estimators.md §2):
+
+        J = E[ f(sum_j p^(j)_{D_j} e_{D_j}) ],   D by sequential top-k from the (masked) softmax of z / temperature.
+
+    Every estimator is measured against one (`Estimator.objective()`); its exact gradient is that of the `exact`
+    estimator routing it (`Objective.exact()`). `r` is the sparsity-mask width, 0 when `mask` is none."""
+
+    k: int = 1
+    mask: str = "none"
+    r: float = 0.0
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.mask not in MASKS:
+            raise GradestError(f"unknown mask '{self.mask}'; valid: {', '.join(MASKS)}")
+        if self.mask == "none":  # the width of no mask is no setting: one objective, one label
+            object.__setattr__(self, "r", 0.0)
+
+    @property
+    def label(self) -> str:
+        """e.g. `exact(k=1)`, `exact(k=2, temperature=2, mask=reference r=0.1)`: the `target` column of reports."""
+        parts = [f"k={self.k}"]
+        if self.temperature != 1:
+            parts.append(f"temperature={self.temperature:g}")
+        if self.mask != "none":
+            parts.append(f"mask={self.mask} r={self.r:g}")
+        return f"exact({', '.join(parts)})"
+
+    def route(self, logits: Tensor, *, u: Tensor | None = None, experts: Tensor | None = None):
+        """`sequential_route` under this objective: drawn from uniforms `u`, forced to `experts`, or the arg-max."""
+        return sequential_route(logits, self.k, mask=self.mask, r=self.r, temperature=self.temperature, u=u,
+                                experts=experts)
+
+    def exact(self) -> "Estimator":
+        """The estimator whose routing is this objective itself, enumerated: its gradient is grad J exactly."""
+        from gradest.estimators.exact import Exact  # the one estimator every objective has
+        return Exact.of(self)
+
+
 # ---------------------------------------------------------------------------------------------------- estimator
 REGISTRY: dict[str, type["Estimator"]] = {}
 
 
 def register(cls):
+    """Class decorator: add an estimator to the registry under `cls.name`. A second class with a taken name is
+    refused (re-importing the same module is not a second class)."""
+    old = REGISTRY.get(cls.name)
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise GradestError(f"an estimator named '{cls.name}' is already registered ({old.__module__}."
+                           f"{old.__qualname__}); choose another name")
     REGISTRY[cls.name] = cls
     return cls
 
 
-class Estimator:
-    """Base contract. Subclasses declare what they are and implement `noise_dim` and `sample`.
+def unregister(name: str) -> None:
+    """Remove an estimator from the registry (for throwaway estimators, e.g. in tests)."""
+    REGISTRY.pop(name, None)
 
-    Class attributes:
-      name, family, reference   registry name, the row of DESIGN §3 it implements, the paper it comes from;
-      sparse                    whether it needs only the chosen experts' outputs;
-      applies_to                problem kinds it is defined for (GATED, CATEGORICAL);
-      supports_topk             whether k >= 2 is allowed;
-      params                    hyper-parameters with defaults and constraints (validated generically);
-      variants                  hyper-parameter settings that `--estimators all` measures as separate rows;
-      omega                     whether an MoE layer holding it scales its output by a learnable omega by default
-                                (DESIGN §3: omega is the layer's option, usable with any estimator).
+
+class Estimator:
+    """The contract every estimator honours (the model: `torch.distributions.Distribution`).
+
+    A subclass declares what it is in class attributes and implements `noise_dim` and `sample`; it may override
+    `objective`, `infer`, `with_score`, `init_state` and `update_state`, each documented below. Everything else
+    (validation, the registry, `route`, the CLI, `compare`, the MoE layer, studies) works from these.
+
+    Identity:
+      name, family, reference   registry name, the row of docs/estimators.md §3 it implements, its paper.
+    Hyper-parameters: typed class attributes declared with `hparam(default, constraint, doc)`; collected in
+      `params` (name -> Param, `k` first) and validated by one generic check; an instance holds plain values.
+    Capabilities (callers test these, never the name):
+      dense             needs every expert's output on every token (`Routing.experts` is None); else sparse;
+      enumerates        routes every expert tuple as a weighted branch (`Routing.branch_prob`): no MoE layer;
+      score_function    adds a score-function term through `with_score` (needs `Routing.log_prob`);
+      needs_zero_output `with_score` needs f(0), the loss with the layer's output zeroed (one extra pass);
+      stateful          keeps state between steps in buffers the layer owns (`init_state`, `update_state`);
+      applies_to        problem kinds it is defined for (GATED, CATEGORICAL);
+      supports_topk     whether k >= 2 is allowed (then it declares the hyper-parameter `k`).
+    Defaults for users:
+      variants          hyper-parameter settings that `--estimators all` measures as separate rows;
+      omega             whether an MoE layer holding it scales its output by a learnable omega by default.
     """
 
     name: ClassVar[str]
     family: ClassVar[str]
     reference: ClassVar[str]
-    sparse: ClassVar[bool] = True
+    dense: ClassVar[bool] = False
+    enumerates: ClassVar[bool] = False
+    score_function: ClassVar[bool] = False
+    needs_zero_output: bool = False  # may be a property of the hyper-parameters (reinforce's baseline)
+    stateful: ClassVar[bool] = False
     applies_to: ClassVar[frozenset] = frozenset({GATED})
     supports_topk: ClassVar[bool] = False
     params: ClassVar[dict[str, Param]] = {}
     variants: ClassVar[tuple[dict, ...]] = ({},)
     omega: ClassVar[bool] = False
+    k: int = 1  # experts per token; a top-k estimator declares it as a hyper-parameter
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        params = {}
+        for klass in reversed(cls.__mro__):
+            params.update({key: value for key, value in vars(klass).items() if isinstance(value, Param)})
+        cls.params = dict(sorted(params.items(), key=lambda item: item[0] != "k"))  # k first: the shape
 
     def __init__(self, **hparams):
         for key in hparams:
             if key not in self.params:
                 valid = ", ".join(self.params) or "none"
                 raise GradestError(f"unknown hyper-parameter '{key}' for estimator '{self.name}'; valid: {valid}")
-        self.hparams = {key: hparams.get(key, param.default) for key, param in self.params.items()}
-        for key, value in self.hparams.items():
-            if not self.params[key].constraint(value):
+        for key, param in self.params.items():
+            value = hparams.get(key, param.default)
+            if not param.constraint(value):
                 raise GradestError(f"invalid {key}={value!r} for estimator '{self.name}': must be "
-                                   f"{self.params[key].constraint.text}")
+                                   f"{param.constraint.text}")
+            setattr(self, key, value)
 
-    def __getattr__(self, key):
-        hparams = self.__dict__.get("hparams", {})
-        if key in hparams:
-            return hparams[key]
-        raise AttributeError(key)
+    @property
+    def sparse(self) -> bool:
+        return not self.dense
+
+    @property
+    def hparams(self) -> dict:
+        """Every hyper-parameter's value, in declaration order (`k` first)."""
+        return {key: getattr(self, key) for key in self.params}
 
     def __repr__(self) -> str:
         return self.label
@@ -225,16 +315,10 @@ class Estimator:
         return self.name + (f"({', '.join(changed)})" if changed else "")
 
     # ------------------------------------------------------------------------------------------ what it targets
-    @property
-    def k(self) -> int:
-        return self.hparams.get("k", 1)
-
-    def objective(self) -> dict:
-        """The objective its sampling is unbiased for in the forward: E over sequential top-k from a masked
-        softmax of z / temperature (DESIGN §3: a bias figure is measured against this, or a declared target)."""
-        return {"k": self.k, "mask": "none", "r": 0.0, "temperature": 1.0}
-
-    needs_zero_output = False  # whether `surrogate` needs f(0), the loss with the layer's output zeroed
+    def objective(self) -> Objective:
+        """The objective its forward samples from; its bias is measured against this objective's exact gradient.
+        Default: sequential top-k of softmax(z), no mask, temperature 1 (docs/estimators.md §3)."""
+        return Objective(k=self.k)
 
     # ------------------------------------------------------------------------------------------------ routing
     def check(self, n: int, kind: str = GATED) -> None:
@@ -248,35 +332,48 @@ class Estimator:
             raise GradestError(f"k={self.k} is larger than the number of experts n={n}; valid: 1 <= k <= {n}")
 
     def noise_dim(self, n: int) -> int:
-        """How many U[0, 1) numbers one token's routing consumes in training."""
+        """Override: how many U[0, 1) numbers one token's routing consumes in training, for n experts. 0 means
+        the estimator is deterministic given the logits (the measurement engine then computes one sample)."""
         raise NotImplementedError
 
-    def route(self, logits: Tensor, *, kind: str = GATED, training: bool = True,
-              noise: Tensor | None = None) -> Routing:
-        """Route tokens with logits (..., n). `noise` (..., noise_dim) fixes the randomness; drawn if None."""
+    def route(self, logits: Tensor, *, kind: str = GATED, training: bool = True, noise: Tensor | None = None,
+              state: dict[str, Tensor] | None = None) -> Routing:
+        """Route tokens with logits (..., n). `noise` (..., noise_dim) fixes the randomness; drawn if None.
+        `state`: a stateful estimator's buffers (from `init_state`, owned by the layer); None for the others."""
         self.check(logits.shape[-1], kind)
         # On an accelerator this check would stall every layer of every step on a host sync; there the trainer's
         # check of the loss catches a NaN instead.
         if logits.device.type == "cpu" and not torch.isfinite(logits).all():
             raise GradestError("router logits contain NaN or inf; valid: finite numbers")
+        if self.stateful and state is None:
+            raise GradestError(f"estimator '{self.name}' keeps state: route it with the buffers of init_state "
+                               f"(an MoE layer owns them)")
         if not training:
-            return self.infer(logits, kind)
-        m = self.noise_dim(logits.shape[-1])
-        if noise is None:
-            noise = torch.rand(*logits.shape[:-1], m, dtype=logits.dtype, device=logits.device)
-        elif noise.shape != (*logits.shape[:-1], m):
-            raise GradestError(f"noise for '{self.name}' must have shape {(*logits.shape[:-1], m)}, "
-                               f"got {tuple(noise.shape)}")
-        return self.sample(logits, noise, kind)
+            routing = self.infer(logits, kind)
+        else:
+            m = self.noise_dim(logits.shape[-1])
+            if noise is None:
+                noise = torch.rand(*logits.shape[:-1], m, dtype=logits.dtype, device=logits.device)
+            elif noise.shape != (*logits.shape[:-1], m):
+                raise GradestError(f"noise for '{self.name}' must have shape {(*logits.shape[:-1], m)}, "
+                                   f"got {tuple(noise.shape)}")
+            routing = self.sample(logits, noise, kind)
+        return self.with_state(routing, logits, state, training) if self.stateful else routing
 
     def sample(self, logits: Tensor, noise: Tensor, kind: str) -> Routing:
+        """Override: training routing of logits (..., n) with uniforms `noise` (..., noise_dim(n)).
+
+        Return a `Routing` with ONE branch (B = 1): `experts` (..., 1, k) and `gates` (..., 1, k), or, for a dense
+        estimator, `experts` None and `gates` (..., 1, n). The forward value of the gates is the weight each
+        expert's output gets; their gradient is the estimator's backward. In a CATEGORICAL problem there is no
+        gate: the forward value of the weights must be onehot (1 on each chosen expert). A score-function
+        estimator also sets `log_prob` (...,), with gradient."""
         raise NotImplementedError
 
     def infer(self, logits: Tensor, kind: str) -> Routing:
-        """Inference: the arg-max expert(s), gates from the same (masked) softmax; no jitter, no coin flips."""
-        obj = self.objective()
-        experts, gates, _ = sequential_route(logits, self.k, mask=obj["mask"], r=obj["r"],
-                                             temperature=obj["temperature"])
+        """Override only to change inference routing. Default: the arg-max expert(s) of the objective's (masked,
+        tempered) softmax, gates from that softmax; no jitter, no coin flips; one branch."""
+        experts, gates, _ = self.objective().route(logits)
         if kind == CATEGORICAL:
             gates = torch.ones_like(gates)
         return Routing(experts.unsqueeze(-2), gates.unsqueeze(-2))
@@ -284,14 +381,32 @@ class Estimator:
     def surrogate(self, f: Tensor, routing: Routing, f_zero: Tensor | None = None) -> Tensor:
         """The loss to back-propagate, given the downstream loss f (..., B) of each branch; its value is f.
 
-        Sampling estimators have one branch; `exact` weighs its branches by their probability.
+        Sampling estimators have one branch; an enumerating one weighs its branches by their probability.
         """
         if routing.branch_prob is not None:
             return (routing.branch_prob * f).sum(-1)
         return self.with_score(f.squeeze(-1), routing.log_prob, f_zero)
 
     def with_score(self, f: Tensor, log_prob: Tensor | None, f_zero: Tensor | None = None) -> Tensor:
-        """The loss of items (sequences, tokens) whose sampled experts have total log-probability `log_prob`:
-        value f; a score-function estimator adds its term to the gradient. f itself for every other estimator.
-        A trainer whose loss is per sequence calls this with log P summed over each sequence's tokens."""
+        """Override (score-function estimators): the loss of items (sequences, tokens) whose sampled experts have
+        total log-probability `log_prob`: its value must be f; its gradient adds the score-function term. Returns f
+        itself for every other estimator. A trainer whose loss is per sequence calls this with log P summed over
+        each sequence's tokens; `f_zero` is f with the layer's output zeroed (when `needs_zero_output`)."""
         return f
+
+    # -------------------------------------------------------------------------------------------------- state
+    def init_state(self, n: int, d: int, *, dtype=torch.float32, device=None) -> dict[str, Tensor]:
+        """Override (stateful estimators): the buffers one layer with n experts of output width d keeps for this
+        estimator. The layer registers them (so they move with it and are saved in its checkpoints)."""
+        return {}
+
+    def with_state(self, routing: Routing, logits: Tensor, state: dict[str, Tensor], training: bool) -> Routing:
+        """Override (stateful estimators): the routing completed from the state, e.g. an `offset` (..., B, d) that
+        the layer adds to its output."""
+        return routing
+
+    @torch.no_grad()
+    def update_state(self, state: dict[str, Tensor], experts: Tensor, outputs: Tensor) -> None:
+        """Override (stateful estimators): update `state` in place after a training forward pass, from the
+        (token, choice) pairs' experts (P,) and those experts' outputs (P, d), without gradient. The layer calls it
+        only in training."""

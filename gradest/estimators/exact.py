@@ -6,8 +6,8 @@ import itertools
 
 import torch
 
-from gradest.estimators.base import (CATEGORICAL, GATED, MASKS, Estimator, Param, Routing, nonnegative, one_of,
-                                     positive, positive_integer, register, sequential_route)
+from gradest.estimators.base import (CATEGORICAL, GATED, MASKS, Estimator, Objective, Routing, hparam, nonnegative,
+                                     one_of, positive, positive_integer, register)
 
 
 @register
@@ -21,17 +21,23 @@ class Exact(Estimator):
     name = "exact"
     family = "exact"
     reference = "DESIGN.md §2: exact dense-routing gradient by enumeration"
-    sparse = False
+    dense = True
+    enumerates = True
     applies_to = frozenset({GATED, CATEGORICAL})
     supports_topk = True
-    params = {"k": Param(1, positive_integer, "experts per token"),
-              "mask": Param("none", one_of(*MASKS), "sparsity mask of the objective's softmax"),
-              "jitter_eps": Param(0.1, nonnegative, "mask width r (used when mask is not none)"),
-              "temperature": Param(1.0, positive, "softmax temperature of the objective's sampling")}
+    k: int = hparam(1, positive_integer, "experts per token")
+    mask: str = hparam("none", one_of(*MASKS), "sparsity mask of the objective's softmax")
+    jitter_eps: float = hparam(0.1, nonnegative, "mask width r (used when mask is not none)")
+    temperature: float = hparam(1.0, positive, "softmax temperature of the objective's sampling")
+
+    @classmethod
+    def of(cls, objective: Objective) -> "Exact":
+        """The exact estimator of an objective (its own mask width only when it has a mask)."""
+        r = objective.r if objective.mask != "none" else cls.params["jitter_eps"].default
+        return cls(k=objective.k, mask=objective.mask, jitter_eps=r, temperature=objective.temperature)
 
     def objective(self):
-        return {"k": self.k, "mask": self.mask, "r": self.jitter_eps if self.mask != "none" else 0.0,
-                "temperature": self.temperature}
+        return Objective(self.k, self.mask, self.jitter_eps, self.temperature)
 
     def noise_dim(self, n):
         return 0
@@ -40,18 +46,11 @@ class Exact(Estimator):
         n = logits.shape[-1]
         # the same tuples for every token: (B, k), broadcast against the gates (..., B, k)
         experts = torch.tensor(list(itertools.permutations(range(n), self.k)), device=logits.device)
-        obj = self.objective()
         # logits (..., 1, n) broadcast against the branches: stage 1's softmax is computed once, not per branch
-        _, gates, _ = sequential_route(logits.unsqueeze(-2), self.k, mask=obj["mask"], r=obj["r"],
-                                       temperature=obj["temperature"],
-                                       experts=experts.expand(*logits.shape[:-1], *experts.shape))
+        _, gates, _ = self.objective().route(logits.unsqueeze(-2),
+                                             experts=experts.expand(*logits.shape[:-1], *experts.shape))
         branch_prob = gates.prod(-1)
         if kind == CATEGORICAL:
             gates = torch.ones_like(gates)
         return Routing(experts, gates, branch_prob=branch_prob)
 
-
-def exact_for(objective: dict) -> Exact:
-    """The `exact` estimator of an objective as returned by `Estimator.objective()`."""
-    return Exact(k=objective["k"], mask=objective["mask"], jitter_eps=objective["r"] if objective["mask"] != "none"
-                 else Exact.params["jitter_eps"].default, temperature=objective["temperature"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from gradest.errors import GradestError
-from gradest.estimators.base import (CATEGORICAL, GATED, Estimator, Param, Routing, one_of, positive_integer,
+from gradest.estimators.base import (CATEGORICAL, GATED, Estimator, Routing, hparam, one_of, positive_integer,
                                      register, sequential_route)
 
 
@@ -23,8 +23,9 @@ class Reinforce(Estimator):
     reference = "Williams 1992, Simple statistical gradient-following algorithms (Mach. Learn. 8)"
     applies_to = frozenset({GATED, CATEGORICAL})
     supports_topk = True
-    params = {"k": Param(1, positive_integer, "experts per token"),
-              "baseline": Param("none", one_of("none", "zero", "mean"), "control variate b subtracted from f")}
+    score_function = True
+    k: int = hparam(1, positive_integer, "experts per token")
+    baseline: str = hparam("none", one_of("none", "zero", "mean"), "control variate b subtracted from f")
     variants = ({"baseline": "none"}, {"baseline": "zero"}, {"baseline": "mean"})
 
     @property

@@ -10,30 +10,28 @@ from __future__ import annotations
 
 import torch
 
-from gradest.estimators.base import (MASKS, Estimator, Param, Routing, nonnegative, one_of, positive_integer,
-                                     register, sequential_route, value_with_gradient)
+from gradest.estimators.base import (MASKS, Estimator, Objective, Routing, hparam, nonnegative, one_of,
+                                     positive_integer, register, value_with_gradient)
 
 
 class SparseMixerFamily(Estimator):
     family = "SparseMixer"
-    params = {"jitter_eps": Param(0.1, nonnegative, "sparsity-mask width r (named as in the SparseMixer code)"),
-              "mask": Param("reference", one_of(*MASKS), "sparsity mask: reference code, GRIN paper Eq. 2, or none")}
+    jitter_eps: float = hparam(0.1, nonnegative, "sparsity-mask width r (named as in the SparseMixer code)")
+    mask: str = hparam("reference", one_of(*MASKS), "sparsity mask: reference code, GRIN paper Eq. 2, or none")
     temperature = 1.0
     # `--estimators all` also measures each without its mask, to separate the mask's effect from the ODE step's
     variants = ({}, {"mask": "none"})
 
     def objective(self):
-        return {"k": self.k, "mask": self.mask, "r": self.jitter_eps if self.mask != "none" else 0.0,
-                "temperature": self.temperature}
+        return Objective(self.k, self.mask, self.jitter_eps, self.temperature)
 
     def draw(self, logits, noise):
         """Sequential top-k from the masked softmax; the first k uniforms pick the experts."""
-        obj = self.objective()
-        return sequential_route(logits, self.k, mask=obj["mask"], r=obj["r"], temperature=self.temperature,
-                                u=noise[..., :self.k])
+        return self.objective().route(logits, u=noise[..., :self.k])
 
 
-TOPK = {"k": Param(1, positive_integer, "experts per token (GRIN Alg. 3 sequential sampling)")}
+def topk_param():
+    return hparam(1, positive_integer, "experts per token (GRIN Alg. 3 sequential sampling)")
 
 
 @register
@@ -45,7 +43,7 @@ class FirstOrder(SparseMixerFamily):
     omega = True  # an ablation of SparseMixer, so it keeps SparseMixer's omega
     reference = "Liu et al. 2023, Sparse Backpropagation for MoE Training (arXiv:2310.00811), Euler"
     supports_topk = True
-    params = {**TOPK, **SparseMixerFamily.params}
+    k: int = topk_param()
 
     def noise_dim(self, n):
         return self.k
@@ -79,7 +77,7 @@ class HeunFamily(SparseMixerFamily):
     backward `grad_scale` f'(y).e_D grad p_D, s detached."""
 
     supports_topk = True
-    params = {**TOPK, **SparseMixerFamily.params}
+    k: int = topk_param()
     coin = 0.25
     grad_scale = 1.0
 

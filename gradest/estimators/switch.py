@@ -5,7 +5,7 @@ No routing gradient nabla_0 at all; these are the baselines every other estimato
 
 from __future__ import annotations
 
-from gradest.estimators.base import (Estimator, Param, Routing, boolean, positive_integer, register, softmax,
+from gradest.estimators.base import (Estimator, Routing, boolean, hparam, positive_integer, register, softmax,
                                      unit_interval)
 
 
@@ -20,7 +20,7 @@ class Switch(Estimator):
     name = "switch"
     family = "gate as proxy"
     reference = "Fedus et al. 2021, Switch Transformers (arXiv:2101.03961)"
-    params = {"jitter_eps": Param(0.01, unit_interval, "multiplicative logit jitter eps: u ~ U[1-eps, 1+eps]")}
+    jitter_eps: float = hparam(0.01, unit_interval, "multiplicative logit jitter eps: u ~ U[1-eps, 1+eps]")
 
     def noise_dim(self, n):
         return n
@@ -45,8 +45,8 @@ class TopK(Estimator):
     family = "gate as proxy"
     reference = "Lepikhin et al. 2021, GShard (arXiv:2006.16668)"
     supports_topk = True
-    params = {"k": Param(1, positive_integer, "experts per token"),
-              "renormalize": Param(False, boolean, "renormalise the k gates to sum to 1 (GShard, Mixtral)")}
+    k: int = hparam(1, positive_integer, "experts per token")
+    renormalize: bool = hparam(False, boolean, "renormalise the k gates to sum to 1 (GShard, Mixtral)")
 
     def noise_dim(self, n):
         return 0
