@@ -70,12 +70,12 @@ class MoE(nn.Module):
             raise GradestError(f"MoE capacity_factor must be {positive.text} or None (no dropping), "
                                f"got {capacity_factor!r}")
         estimator.check(experts, GATED)
-        self.d_model, self.d_ff, self.experts, self.k = d_model, d_ff, experts, estimator.k
-        self.estimator = estimator
+        self.d_model, self.d_ff, self.experts = d_model, d_ff, experts
         self.balance_coef, self.z_loss_coef = balance_coef, z_loss_coef
         self.capacity_factor, self.expert_dropout = capacity_factor, expert_dropout
 
         self.router = nn.Linear(d_model, experts, bias=False)
+        self.hold(estimator)
         self.w_in = nn.Parameter(torch.empty(experts, d_model, d_ff))
         self.w_out = nn.Parameter(torch.empty(experts, d_ff, d_model))
         self.b_in = nn.Parameter(torch.empty(experts, d_ff)) if bias else None
@@ -90,7 +90,23 @@ class MoE(nn.Module):
 
         # fail at construction, not at the first training step, if the estimator enumerates branches (exact)
         probe = torch.zeros(1, experts)
-        self.check_routing(estimator.route(probe, noise=torch.full((1, estimator.noise_dim(experts)), 0.5)))
+        self.check_routing(estimator.route(probe, noise=torch.full((1, estimator.noise_dim(experts)), 0.5),
+                                           state=self.estimator_state()))
+
+    def hold(self, estimator: Estimator) -> None:
+        """Route with `estimator` from now on. A stateful estimator's state becomes buffers of this layer
+        (`state_<name>`): they move with it, are saved in its state_dict (checkpoints) and restored on resume."""
+        estimator.check(self.experts, GATED)
+        self.estimator, self.k = estimator, estimator.k
+        for key, value in estimator.init_state(self.experts, self.d_model).items():
+            if not hasattr(self, f"state_{key}"):
+                self.register_buffer(f"state_{key}", value.to(self.router.weight.device))
+
+    def estimator_state(self) -> dict[str, Tensor] | None:
+        """The buffers the held estimator keeps (None for a stateless one)."""
+        if not self.estimator.stateful:
+            return None
+        return {key: getattr(self, f"state_{key}") for key in self.estimator.init_state(self.experts, self.d_model)}
 
     def reset_parameters(self) -> None:
         """GPT-2's initialisation: weights N(0, 0.02), biases 0, omega 1."""
@@ -158,11 +174,12 @@ class MoE(nn.Module):
         tokens = x.reshape(-1, self.d_model)
         T = tokens.shape[0]
         logits = self.router_logits(tokens)
-        routing = self.estimator.route(logits, training=self.training)
+        state = self.estimator_state()
+        routing = self.estimator.route(logits, training=self.training, state=state)
         self.check_routing(routing)
         gates = routing.gates[:, 0]  # one branch per token: (T, k), or (T, n) for a dense estimator
         # the experts each token's forward value uses; a dense estimator's gates are onehot(D) * p_D in value
-        choice = gates.detach().argmax(-1, keepdim=True) if routing.experts is None else routing.experts[:, 0]
+        choice = gates.detach().topk(self.k, -1).indices if routing.experts is None else routing.experts[:, 0]
         pair_expert = choice.reshape(-1)  # pair t * k + j: token t's j-th choice
         counts = torch.bincount(pair_expert, minlength=self.experts)
 
@@ -183,9 +200,14 @@ class MoE(nn.Module):
         rows_per_expert = tokens_per_expert if capacity is None else [min(c, capacity) for c in tokens_per_expert]
         if routing.experts is None:
             kept = None if capacity is None else self.dispatch_order(pair_expert, counts, capacity)
-            y = self.dense_mix(tokens, gates, kept)
+            y = self.dense_mix(tokens, gates, choice, kept)
         else:
-            y = self.sparse_mix(tokens, gates, self.dispatch_order(pair_expert, counts, capacity), rows_per_expert)
+            order = self.dispatch_order(pair_expert, counts, capacity)
+            y, y_sorted = self.sparse_mix(tokens, gates, order, rows_per_expert)
+            if state is not None and self.training:
+                self.estimator.update_state(state, pair_expert[order], y_sorted.detach())
+        if routing.offset is not None:
+            y = y + routing.offset[:, 0].to(y.dtype)
         if self.omega is not None:
             y = y * self.omega.to(y.dtype)
 
@@ -210,8 +232,10 @@ class MoE(nn.Module):
             order = order[rank < capacity]
         return order
 
-    def sparse_mix(self, tokens: Tensor, gates: Tensor, order: Tensor, rows_per_expert: list[int]) -> Tensor:
-        """sum_j g_j E_{D_j}(x), running each expert once on the block of pairs routed to it. A Python loop over
+    def sparse_mix(self, tokens: Tensor, gates: Tensor, order: Tensor,
+                   rows_per_expert: list[int]) -> tuple[Tensor, Tensor]:
+        """sum_j g_j E_{D_j}(x), and the experts' outputs on the pairs in `order` (ungated), running each expert
+        once on the block of pairs routed to it. A Python loop over
         the n experts rather than one padded batched matmul: on the CPU it is as fast when loads are even and
         several times faster when they are not (padding computes the busiest expert's load n times)."""
         token = torch.div(order, self.k, rounding_mode="floor")
@@ -219,15 +243,18 @@ class MoE(nn.Module):
         outputs = [self.expert_ffn(block, *weights) for block, weights in zip(blocks, self.expert_weights())
                    if len(block)]
         if not outputs:  # no tokens, or none within capacity
-            return tokens.new_zeros(tokens.shape)
+            return tokens.new_zeros(tokens.shape), tokens.new_zeros(0, self.d_model)
         y_sorted = torch.cat(outputs)
         weighted = y_sorted * gates.reshape(-1)[order].unsqueeze(-1).to(y_sorted.dtype)
-        return y_sorted.new_zeros(tokens.shape).index_add(0, token, weighted)
+        return y_sorted.new_zeros(tokens.shape).index_add(0, token, weighted), y_sorted
 
-    def dense_mix(self, tokens: Tensor, gates: Tensor, kept: Tensor | None) -> Tensor:
+    def dense_mix(self, tokens: Tensor, gates: Tensor, choice: Tensor, kept: Tensor | None) -> Tensor:
         """sum_i g_i E_i(x) over every expert (gradest.problems.mix, dense case), in one batched matmul.
-        `kept`: the tokens within capacity (a dense estimator makes one choice per token); the others get 0."""
+        `kept`: the (token, choice) pairs within capacity, `choice` (T, k) the experts the forward value uses: a
+        pair beyond capacity gets gate 0, and a token with none left gets 0 from every expert."""
         if kept is not None:
-            gates = gates * torch.zeros(len(gates), 1, dtype=gates.dtype, device=gates.device).index_fill(0, kept, 1)
+            pair_kept = gates.new_zeros(choice.numel()).index_fill(0, kept, 1).view(choice.shape)
+            mask = pair_kept.amax(-1, keepdim=True).expand(gates.shape).scatter(-1, choice, pair_kept)
+            gates = gates * mask
         y_all = self.expert_ffn(tokens, self.w_in, self.b_in, self.w_out, self.b_out)  # (n, T, d_model)
         return torch.einsum("tn,ntd->td", gates.to(y_all.dtype), y_all)

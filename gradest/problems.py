@@ -107,12 +107,20 @@ class Problem:
         """The per-sample surrogate loss (...,): its value is the mean token loss of the routing drawn, and its
         gradient is the estimator's gradient of J. Also returns the logits (for gradients w.r.t. them)."""
         z = self.logits(params)
-        routing = estimator.route(z, kind=self.kind, training=training, noise=noise)
-        y = mix(self.expert_outputs(params), routing)
+        e = self.expert_outputs(params)
+        state = self.steady_state(estimator) if estimator.stateful else None
+        routing = estimator.route(z, kind=self.kind, training=training, noise=noise, state=state)
+        y = mix(e, routing)
         f = self.token_loss(params, y)
         f_zero = self.token_loss(params, torch.zeros_like(y[..., :1, :]))[..., 0] \
             if estimator.needs_zero_output else None
         return estimator.surrogate(f, routing, f_zero).mean(-1), z
+
+    def steady_state(self, estimator: Estimator) -> dict[str, Tensor]:
+        """A stateful estimator's state at the initial parameters, as training would leave it there: a synthetic
+        problem is measured at fixed parameters, with no training run to produce one."""
+        with torch.no_grad():
+            return estimator.steady_state(self.expert_outputs(self.params), self.logits(self.params))
 
     def objective_value(self, params=None, objective: Objective | None = None) -> float:
         """J at `params` (default: the initial ones) for an objective (default: top-k of softmax(z), no mask)."""
@@ -123,14 +131,15 @@ class Problem:
 
 def mix(expert_outputs: Tensor, routing: Routing) -> Tensor:
     """y (..., T, B, d) = sum_j gates_j e_{experts_j}: gather each branch's experts and weigh them."""
+    offset = 0 if routing.offset is None else routing.offset
     if routing.experts is None:  # dense: every expert, in order
-        return routing.gates @ expert_outputs
+        return routing.gates @ expert_outputs + offset
     e = expert_outputs.unsqueeze(-3)  # (..., T, 1, n, d)
     index = routing.experts.unsqueeze(-1)  # (..., T, B, k, 1), or fewer leading dims (broadcast)
     ndim = max(e.dim(), index.dim())
     chosen = torch.take_along_dim(e.reshape((1,) * (ndim - e.dim()) + e.shape),
                                   index.reshape((1,) * (ndim - index.dim()) + index.shape), dim=-2)
-    return (routing.gates.unsqueeze(-1) * chosen).sum(-2)
+    return (routing.gates.unsqueeze(-1) * chosen).sum(-2) + offset
 
 
 class MoERegression(Problem):

@@ -520,6 +520,142 @@ def test_top2_unbiased_estimator_mean_is_the_exact_gradient(name, hparams, probl
     assert_mean_matches(samples, exact_enumeration(model, k=2))
 
 
+# ------------------------------------------------------------------- dense router gradients at sparse forwards
+def densemixer_backward(model, k, renormalize):
+    """densemixer: S = top-k of p, forward y = sum_{i in S} g_i e_i; router gradient = that of the dense mixture
+    sum_i w_i e_i over every expert at f'(y): w = p, or renormalised p_i / N on S and p_i / sg(N) off S,
+    N = sum_S p (the package's `partscale_fix_expert`). Deterministic. Flattened."""
+    z = model.z.clone().requires_grad_()
+    p = z.softmax(-1)
+    S = p.detach().topk(k, dim=-1).indices
+    on = torch.zeros_like(p).scatter(-1, S, 1.0)
+    w = p
+    if renormalize:
+        N = (p * on).sum(-1, keepdim=True)
+        w = p * on / N + p * (1 - on) / N.detach()
+    y = ((w * on).detach()[..., None] * model.e).sum(-2)
+    c = (model.fprime(y)[:, None, :] * model.e).sum(-1)  # c_i = f'(y).e_i, every expert
+    (grad,) = torch.autograd.grad((c * w).sum() / model.T, z)
+    return grad.reshape(-1)
+
+
+def default_moe_backward(model, k, forward, renormalize):
+    """default-moe: S = top-k of p; e^_i = the mean of e_i over the tokens whose top-k holds i (where the EMA of a
+    layer whose parameters stay fixed settles); y = sum_{i in S} g_i e_i (+ sum_{i not in S} p_i e^_i when the
+    defaults enter the forward); router gradient sum_{i in S} f'(y).e_i grad g_i + sum_{i not in S} f'(y).e^_i
+    grad p_i. Deterministic. Flattened."""
+    z = model.z.clone().requires_grad_()
+    p = z.softmax(-1)
+    S = p.detach().topk(k, dim=-1).indices
+    on = torch.zeros_like(p).scatter(-1, S, 1.0)
+    default = torch.einsum("tn,tnd->nd", on, model.e) / on.sum(0).clamp_min(1)[:, None]
+    g = p * on
+    if renormalize:
+        g = g / g.sum(-1, keepdim=True)
+    y = (g.detach()[..., None] * model.e).sum(-2)
+    if forward == "substitute":
+        y = y + ((p * (1 - on)).detach()[..., None] * default).sum(-2)
+    fp = model.fprime(y)
+    c_on = (fp[:, None, :] * model.e).sum(-1)
+    c_off = fp @ default.T
+    (grad,) = torch.autograd.grad(((c_on * g) + (c_off * p * (1 - on))).sum() / model.T, z)
+    return grad.reshape(-1)
+
+
+def gapped_logits(z, D, gap):
+    """GST's perturbed logits m(z, D): m_D = max z, m_i = min(z_i, max z - gap); gap "p" = -log(1 - p_D) / p_D."""
+    z_star = z.max(-1, keepdim=True).values
+    h = F.one_hot(D, z.shape[-1]).to(z.dtype)
+    if gap == "p":
+        p_D = z.softmax(-1).gather(-1, D[..., None]) * (1 - 1e-5)
+        gap = -torch.log1p(-p_D) / p_D
+    return torch.where(h.bool(), z_star, torch.minimum(z, z_star - gap))
+
+
+def gapped_expectation(model, gap, tau):
+    """gapped-st: the backward is deterministic given D ~ p (st's, through softmax(m(z, D) / tau)), so
+    E = sum_D p_D backward(D). Flattened."""
+    D = torch.arange(model.n)[:, None].expand(model.n, model.T)
+    soft = (gapped_logits(model.z.expand(model.n, -1, -1), D, gap) / tau).softmax(-1)
+    grads = relaxed_backward(model, D, soft, "st", tau)
+    return (model.z.softmax(-1).T[..., None] * grads).sum(0).reshape(-1) / model.T
+
+
+DENSEMIXER_CASES = cover([("densemixer", {"k": k, "renormalize": renormalize}) for k in (1, 2)
+                          for renormalize in (False, True)] + [("densemixer", {})])
+
+
+@pytest.mark.parametrize("problem_name", GATED_PROBLEMS)
+@pytest.mark.parametrize("name,hparams", DENSEMIXER_CASES, ids=case_id)
+def test_densemixer_is_the_dense_mixture_gradient(name, hparams, problem_name):
+    """densemixer: no randomness, so every sample equals J(w)^T [f'(y).e_i]_i over all experts at the top-k
+    forward y (renormalised: the package's rule); the conventional top-k gradient is only its S-part."""
+    model = Model(build(problem_name))
+    k, renormalize = hparams.get("k", 1), hparams.get("renormalize", False)
+    expected = densemixer_backward(model, k, renormalize)
+    samples = samples_of(model.problem, name, samples=100, **hparams)
+    assert_mean_matches(samples, expected)
+    assert (expected - topk_backward(model, k, renormalize)).abs().max() > 1e-3  # not the gate path alone
+
+
+DEFAULT_MOE_CASES = cover([("default-moe", {"k": k, "forward": forward}) for k in (1, 2)
+                           for forward in ("substitute", "backward-only")]
+                          + [("default-moe", {"k": 2, "renormalize": True}), ("default-moe", {})])
+
+
+@pytest.mark.parametrize("problem_name", GATED_PROBLEMS)
+@pytest.mark.parametrize("name,hparams", DEFAULT_MOE_CASES, ids=case_id)
+def test_default_moe_is_the_gate_path_plus_the_defaults(name, hparams, problem_name):
+    """default-moe at its settled state: every sample equals the gate path of the routed experts plus
+    f'(y).e^_i grad p_i for every other expert, y with (or without) the default outputs."""
+    model = Model(build(problem_name))
+    expected = default_moe_backward(model, hparams.get("k", 1), hparams.get("forward", "substitute"),
+                                    hparams.get("renormalize", False))
+    assert_mean_matches(samples_of(model.problem, name, samples=100, **hparams), expected)
+
+
+GAPPED_CASES = cover([("gapped-st", {}), ("gapped-st", {"gap": "p"}), ("gapped-st", {"tau": 0.5}),
+                      ("gapped-st", {"gap": 2.0, "tau": 2.0})])
+
+
+@pytest.mark.parametrize("problem_name", list(PROBLEMS))
+@pytest.mark.parametrize("name,hparams", GAPPED_CASES, ids=case_id)
+def test_gapped_st_matches_sum_over_choices(name, hparams, problem_name):
+    """gapped-st: deterministic backward given D ~ p, so the MC mean equals sum_D p_D backward(D), with the
+    perturbed logits m(z, D) written here from the paper (gated and categorical)."""
+    model = Model(build(problem_name))
+    expected = gapped_expectation(model, hparams.get("gap", 1.0), hparams.get("tau", 1.0))
+    assert_mean_matches(samples_of(model.problem, name, **hparams), expected)
+
+
+RB_GUMBEL_CASES = cover([("rb-gumbel", {}, problem) for problem in PROBLEMS]
+                        + [("rb-gumbel", {"tau": 0.5, "draws": 4}, "moe-classify")])
+
+
+@pytest.mark.parametrize("name,hparams,problem_name", RB_GUMBEL_CASES)
+def test_rb_gumbel_has_gumbel_st_mean(name, hparams, problem_name):
+    """rb-gumbel: Rao-Blackwellisation keeps the mean, E[rb-gumbel] = E[gumbel-st] at the same tau: its MC mean
+    equals a 4x larger independent sample of gumbel-st's formula (two-sample z-test)."""
+    model = Model(build(problem_name))
+    tau = hparams.get("tau", 1.0)
+    mean, se = monte_carlo(lambda g, m: gumbel_st_draws(model, tau, g, m), 4 * K, seed=SEED + 2)
+    assert_mean_matches(samples_of(model.problem, name, **hparams), mean, se)
+
+
+@pytest.mark.parametrize("problem_name", list(PROBLEMS))
+def test_rb_gumbel_variance_is_at_most_gumbel_st(problem_name):
+    """Rao-Blackwellisation cannot add variance: rb-gumbel's variance (trace) is at most gumbel-st's at the same
+    tau (within the interval), and on the ungated problem, where the relaxation is the whole gradient, it is
+    measurably smaller (disjoint intervals at level ALPHA)."""
+    model = Model(build(problem_name))
+    reference = exact_enumeration(model)
+    rb = bias_variance(samples_of(model.problem, "rb-gumbel"), reference, z=Z_CI)
+    gumbel = bias_variance(samples_of(model.problem, "gumbel-st"), reference, z=Z_CI)
+    assert rb["variance_lo"] <= gumbel["variance_hi"]
+    if problem_name == "poly":
+        assert rb["variance_hi"] < gumbel["variance_lo"]
+
+
 def test_every_registered_estimator_is_covered():
     """Every estimator of the registry, with every variant it declares, has an expectation test above."""
     names = {name for name, _ in COVERED}

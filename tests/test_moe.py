@@ -12,7 +12,7 @@ from gradest.moe import MoE
 from gradest.problems import mix
 
 D_MODEL, D_FF, N = 6, 10, 4
-LAYER_NAMES = [name for name in REGISTRY if name != "exact"]
+LAYER_NAMES = [name for name in REGISTRY if not REGISTRY[name].enumerates]
 NAME_K = [(name, k) for name in LAYER_NAMES for k in (1, 2) if k == 1 or REGISTRY[name].supports_topk]
 
 
@@ -26,6 +26,8 @@ def make_layer(name, k=1, *, seed=0, omega=True, **options):
             param.copy_(torch.randn(param.shape, generator=g, dtype=torch.float64) * 0.5)
         if layer.omega is not None:
             layer.omega.add_(1.0)
+        for buffer in layer.buffers():  # a stateful estimator's state, as training would leave it
+            buffer.copy_(torch.randn(buffer.shape, generator=g, dtype=buffer.dtype))
     return layer
 
 
@@ -41,7 +43,8 @@ def expert(layer, i, x):
 def reference_routing(layer, x, seed, training=True):
     """The routing the layer draws from the same RNG state: the estimator called on the same logits."""
     torch.manual_seed(seed)
-    return layer.estimator.route(x.reshape(-1, D_MODEL) @ layer.router.weight.T, training=training)
+    return layer.estimator.route(x.reshape(-1, D_MODEL) @ layer.router.weight.T, training=training,
+                                 state=layer.estimator_state())
 
 
 def naive_moe(layer, x, routing):
@@ -51,7 +54,8 @@ def naive_moe(layer, x, routing):
     for t in range(len(flat)):
         gates = routing.gates[t, 0]
         experts = range(N) if routing.experts is None else routing.experts[t, 0].tolist()
-        rows.append(sum(g * expert(layer, int(i), flat[t]) for g, i in zip(gates, experts)))
+        offset = 0 if routing.offset is None else routing.offset[t, 0]
+        rows.append(sum(g * expert(layer, int(i), flat[t]) for g, i in zip(gates, experts)) + offset)
     y = torch.stack(rows)
     return (y if layer.omega is None else y * layer.omega).reshape(x.shape)
 
@@ -68,8 +72,8 @@ def test_output_equals_naive_moe_and_mix(name, k):
     routing, and equals gradest.problems.mix of all experts' outputs; log_prob is the routing's."""
     layer = make_layer(name, k)
     x = tokens(2, 5)
+    routing = reference_routing(layer, x, seed=3)  # before the forward, which updates a stateful one's state
     y = forward(layer, x, seed=3)
-    routing = reference_routing(layer, x, seed=3)
     torch.testing.assert_close(y, naive_moe(layer, x, routing), rtol=1e-12, atol=1e-12)
     every_expert = torch.stack([expert(layer, i, x.reshape(-1, D_MODEL)) for i in range(N)], dim=-2)  # (T, n, d)
     torch.testing.assert_close(y, (mix(every_expert, routing)[:, 0] * layer.omega).reshape(x.shape),
@@ -329,3 +333,50 @@ def test_zero_output_pass_routes_nothing():
     layer.zero_output = False
     torch.testing.assert_close(forward(layer, x, seed=8), y, rtol=0, atol=0)
     assert layer.experts == N and layer.k == 2
+
+
+# ---------------------------------------------------------------------------------------------- estimator state
+def test_stateful_estimator_state_is_a_buffer_updated_only_in_training():
+    """default-moe's default outputs are a buffer of the layer (in its state_dict, so in checkpoints): zero at
+    first, e^_i <- beta e^_i + (1 - beta) mean of e_i over the tokens routed to i after a training forward, left
+    alone for an expert no token chose and in eval mode; a layer loaded from the state_dict continues identically."""
+    layer = make_layer("default-moe", 1)
+    with torch.no_grad():
+        layer.state_default.zero_()
+    assert "state_default" in layer.state_dict() and layer.state_default.shape == (N, D_MODEL)
+    x = tokens(12)
+    x = x[(x @ layer.router.weight.T).argmax(-1) != N - 1]  # no token for the last expert
+    chosen = (x @ layer.router.weight.T).argmax(-1)
+    assert len(x) >= 3 and len(set(chosen.tolist())) >= 2
+    forward(layer, x, seed=0)
+    outputs = torch.stack([expert(layer, i, x) for i in range(N)], 1)  # (T, n, d)
+    beta = layer.estimator.beta
+    for i in range(N):
+        routed = chosen == i
+        expected = (1 - beta) * outputs[routed, i].mean(0) if routed.any() else torch.zeros(D_MODEL)
+        torch.testing.assert_close(layer.state_default[i], expected.to(layer.state_default.dtype))
+    before = layer.state_default.clone()
+    layer.eval()
+    forward(layer, tokens(5, seed=3), seed=1)
+    assert torch.equal(layer.state_default, before)  # inference reads the state, never writes it
+    layer.train()
+    copy = make_layer("default-moe", 1, seed=9)
+    copy.load_state_dict(layer.state_dict())
+    x2 = tokens(6, seed=4)
+    torch.testing.assert_close(forward(copy, x2, seed=2), forward(layer, x2, seed=2), rtol=0, atol=0)
+    assert torch.equal(copy.state_default, layer.state_default)
+
+
+def test_default_outputs_enter_the_forward_value_unless_backward_only():
+    """With forward=substitute the layer's output includes sum_{i not in S} p_i e^_i; with backward-only the value
+    is the top-k MoE's and only the router's gradient changes."""
+    x = tokens(7)
+    outputs = {}
+    for mode in ("substitute", "backward-only"):
+        layer = MoE(D_MODEL, D_FF, N, get_estimator("default-moe", forward=mode), omega=False, bias=True).double()
+        torch.manual_seed(0)
+        layer.load_state_dict(make_layer("default-moe", 1, omega=False).state_dict())
+        outputs[mode] = layer.eval()(x)
+    plain = make_layer("topk", 1, omega=False).eval()(x)
+    torch.testing.assert_close(outputs["backward-only"], plain, rtol=1e-12, atol=1e-12)
+    assert (outputs["substitute"] - plain).abs().max() > 1e-3

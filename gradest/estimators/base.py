@@ -405,6 +405,12 @@ class Estimator:
         the layer adds to its output."""
         return routing
 
+    def steady_state(self, expert_outputs: Tensor, logits: Tensor) -> dict[str, Tensor]:
+        """Override (stateful estimators): the state that training would converge to with the parameters held
+        fixed, from every expert's outputs (T, n, d) and the logits (T, n) of T tokens; used where no training run
+        produced one (synthetic problems)."""
+        raise NotImplementedError
+
     @torch.no_grad()
     def update_state(self, state: dict[str, Tensor], experts: Tensor, outputs: Tensor) -> None:
         """Override (stateful estimators): update `state` in place after a training forward pass, from the
