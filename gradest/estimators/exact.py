@@ -20,7 +20,7 @@ class Exact(Estimator):
 
     name = "exact"
     family = "exact"
-    reference = "DESIGN.md §2: exact dense-routing gradient by enumeration"
+    reference = "docs/estimators.md §2: the exact dense-routing gradient, by enumeration"
     dense = True
     enumerates = True
     applies_to = frozenset({GATED, CATEGORICAL})
