@@ -208,15 +208,17 @@ def test_a_failing_cell_is_recorded_and_the_others_go_on(tmp_path, monkeypatch):
     assert (tmp_path / "compare" / digest / "done.json").exists()
     assert not (tmp_path / "compare" / digest / "error.json").exists()
     # from the CLI, a real failure (a bad hyper-parameter value at run time) is exit 1 after the other cells
+    import dataclasses
+
     import gradest.study as study_module
-    real = study_module.RUNNERS["compare"]
+    real = study_module.CELL_KINDS["compare"]
 
     def flaky(config, directory):
         if config["seed"] == 2:
             raise ValueError("no luck")
-        return real(config, directory)
+        return real.run(config, directory)
 
-    monkeypatch.setitem(study_module.RUNNERS, "compare", flaky)
+    monkeypatch.setitem(study_module.CELL_KINDS, "compare", dataclasses.replace(real, run=flaky))
     result = cli("study", "run", str(write_spec(tmp_path)), "--results", str(tmp_path / "cli"))
     assert result.exit_code == 1
     assert "2 failed" in result.output and "ValueError: no luck" in result.output

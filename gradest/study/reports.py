@@ -1,518 +1,24 @@
-"""Declarative studies: a grid of cells run once each, cached by a hash of their configuration (issue #4 §1).
+"""Reports: `reports/<name>/README.md` with its tables, CSVs and figures, from the finished cells of a study.
 
-A spec (`studies/NAME.toml`) has a `[study]` table (name, kind, description), a `[grid]` of lists whose cartesian
-product gives the cells, fixed `[settings]`, and `[profiles.quick|full|paper]` tables whose `grid` and `settings`
-override the base ones (a key a profile sets in `settings` leaves the grid, and the other way round; tables such as
-`model` and `hparams` are merged key by key). The grid key `variant` is special: a list of tables, each merged into
-the cell as a whole, for arms that differ in several settings at once (the dense baseline of a training study).
-
-Kinds: "compare" (one cell = a synthetic problem configuration x an estimator spec x a seed: the rows of
-`measure.compare`), "probe" (`probe.switch_probe`: task x estimator x experts x top-k x seed; with a `train` table
-the probed model is that training run's, at `stage` "init" or "trained", the run being a `train` cell of its own)
-and "train" (one `TrainConfig`, trained in the cell's directory and resumed from its checkpoint if killed).
-
-Cache: `RESULTS/<kind>/<hash>/` where hash is the sha256 of the canonical JSON of the cell's full configuration
-(kind, every resolved setting, FORMAT; not a variant's `name`, which is only its label). The cache is shared by
-the studies: the same run in two studies (the Switch arm of `lm-convergence` and of `ablations`) is computed once,
-and a probe of a trained model trains (or reuses) the `train` cell of its `train` table. A cell directory holds
-`cell.json`, the outputs, and `done.json`, written last: a cell is finished iff `done.json` exists. A failing cell
-writes `error.json` and is retried on the next run. Every file is written atomically and one process at a time
-runs a cell (a lock file), so a run killed at any moment leaves no half file, and re-running finishes each cell
-exactly once.
+A compare or probe study's report has the estimators' bias, variance, MSE and cost per configuration (means over
+seeds with t-intervals); a train study's, each run's final losses, its time and FLOPs per update, and its steps to a
+baseline's final loss, as ratios against that baseline. Which of the two a study gets is its kind's `report` in
+`runner.CELL_KINDS`.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import copy
-import dataclasses
-import fcntl
-import hashlib
-import itertools
 import json
 import math
-import multiprocessing
-import os
-import sys
-import time
-import traceback
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from gradest.errors import GradestError
+from gradest.study.runner import CELL_KINDS, finished
+from gradest.study.spec import DEFAULT_PROFILE, Cell, Study, canonical, load_study, results_root
 
-from gradest.errors import GradestError, one_line
-
-FORMAT = 1  # bump when a cell's outputs change meaning: every cell is then run again
-KINDS = ("compare", "probe", "train")
-PROFILES = ("quick", "full", "paper")
-DEFAULT_PROFILE = "full"
-RESULTS_ENV = "GRADEST_RESULTS"
-TOP_KEYS = ("study", "grid", "settings", "profiles")
-# findings: what the numbers show, in words; baseline: the run label (train studies) that ratios are taken against
-STUDY_KEYS = ("name", "kind", "description", "findings", "baseline")
-LABEL_KEYS = ("name",)  # settings that only label a cell: not hashed
-PROFILE_KEYS = ("grid", "settings", "description")
-PROBLEM_DEFAULTS = {"poly": {"experts": 2}}  # as `gradest compare`: ReinMax's polynomial programming is binary
-
-
-def _compare_defaults() -> dict:
-    from gradest.problems import ProblemConfig
-    fields = {f.name: f.default for f in dataclasses.fields(ProblemConfig) if f.name not in ("seed",)}
-    return {**fields, "estimator": "all", "samples": 2000, "wrt": "router", "seed": 0, "hparams": {}}
-
-
-def _probe_defaults() -> dict:
-    return {"task": "lm", "estimator": "all", "experts": 4, "top_k": 1, "samples": 256, "seed": 0, "wrt": "router",
-            "layer": 0, "draws": 64, "reference": "auto", "batch_size": 2, "seq_len": 8, "score": "sequence",
-            "data_seed": 0, "hparams": {}, "model": {}, "train": {}, "stage": "init"}
-
-
-def _train_defaults() -> dict:
-    from gradest.train import TrainConfig
-    defaults = {}
-    for f in dataclasses.fields(TrainConfig):
-        defaults[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    return {"name": None, **defaults}
-
-
-DEFAULTS: dict[str, Callable[[], dict]] = {"compare": _compare_defaults, "probe": _probe_defaults,
-                                          "train": _train_defaults}
-
-
-# --------------------------------------------------------------------------------------------------------- spec
-@dataclass
-class Cell:
-    """One unit of work: its resolved configuration (hashed) and where its results live."""
-
-    kind: str
-    config: dict
-    hash: str
-    directory: Path
-
-    @property
-    def done(self) -> bool:
-        return (self.directory / "done.json").is_file()
-
-    @property
-    def failed(self) -> bool:
-        return not self.done and (self.directory / "error.json").is_file()
-
-
-@dataclass
-class Study:
-    name: str
-    kind: str
-    description: str
-    grid: dict
-    settings: dict
-    profiles: dict
-    path: Path | None = None
-    findings: str = ""  # a person's reading of the full profile's numbers; the report opens with it
-    baseline: str = ""  # train studies: ratios (time, FLOPs, steps to its final loss) are against this run
-
-    @property
-    def profile_names(self) -> list[str]:
-        return list(self.profiles)
-
-    def resolve_profile(self, profile: str | None) -> str | None:
-        """The profile to use: the one asked for (which must exist), else `full` if defined, else none."""
-        if profile is None:
-            return DEFAULT_PROFILE if DEFAULT_PROFILE in self.profiles else None
-        if profile not in self.profiles:
-            valid = ", ".join(self.profiles) or "(none: this study defines no profiles)"
-            raise GradestError(f"unknown profile '{profile}' for study '{self.name}'; valid: {valid}")
-        return profile
-
-    def layout(self, profile: str | None) -> tuple[dict, dict]:
-        """(grid, settings) of a profile: the base ones with the profile's overrides."""
-        grid, settings = copy.deepcopy(self.grid), copy.deepcopy(self.settings)
-        override = self.profiles.get(profile, {}) if profile else {}
-        p_grid, p_settings = override.get("grid", {}), override.get("settings", {})
-        for key, value in p_settings.items():
-            grid.pop(key, None)
-            settings[key] = merge(settings.get(key), value)
-        for key, values in p_grid.items():
-            settings.pop(key, None)
-            grid[key] = copy.deepcopy(values)
-        return grid, settings
-
-    def cells(self, profile: str | None, results: Path) -> list[Cell]:
-        """Every cell of the profile, sorted by hash (the order shards split), each configuration once."""
-        grid, settings = self.layout(profile)
-        defaults = DEFAULTS[self.kind]()
-        base = merge(defaults, settings)
-        cells = {}
-        keys = list(grid)
-        given = set(settings) | set(keys) | {k for v in grid.get("variant", []) for k in v}
-        for combination in itertools.product(*(grid[key] for key in keys)):
-            config = copy.deepcopy(base)
-            for key, value in zip(keys, combination):
-                if key == "variant":
-                    for k, v in value.items():
-                        config[k] = merge(config.get(k), v)
-                else:
-                    config[key] = merge(config.get(key), value)
-            cell = make_cell(self.kind, config, results, given)
-            cells[cell.hash] = cell
-        return [cells[digest] for digest in sorted(cells)]
-
-
-def make_cell(kind: str, config: dict, results, given=()) -> Cell:
-    """The cell of a configuration: resolved and checked, hashed, and where its results live."""
-    config = resolve(kind, config, given)
-    digest = cell_hash(kind, config)
-    return Cell(kind, config, digest, Path(results) / kind / digest)
-
-
-def merge(old, new):
-    """`new`, except that a table updates a table key by key (recursively)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = copy.deepcopy(old)
-        for key, value in new.items():
-            out[key] = merge(out.get(key), value)
-        return out
-    return copy.deepcopy(new)
-
-
-def resolve(kind: str, config: dict, given=()) -> dict:
-    """Fill the defaults that depend on other settings, and check the configuration once, before any runs."""
-    config = dict(config)
-    if kind == "compare":
-        from gradest.measure import expand_estimators
-        from gradest.problems import PROBLEMS, ProblemConfig
-        if config["problem"] not in PROBLEMS:
-            raise GradestError(f"unknown problem '{config['problem']}'; valid: {', '.join(PROBLEMS)}")
-        for key, value in PROBLEM_DEFAULTS.get(config["problem"], {}).items():
-            if key not in given:  # poly's default is 2 categories, as in `gradest compare`
-                config[key] = value
-        problem = ProblemConfig(**problem_fields(config), seed=config["seed"])
-        estimators = "all" if config["estimator"] == "all" else [config["estimator"]]
-        expand_estimators(estimators, PROBLEMS[problem.problem].kind, problem.top_k, config["hparams"])
-    elif kind == "probe":
-        from gradest.probe import probe_estimators
-        probe_estimators(config["estimator"] if config["estimator"] == "all" else [config["estimator"]],
-                         config["top_k"], config["hparams"])
-        if config["stage"] not in STAGES:
-            raise GradestError(f"unknown probe stage '{config['stage']}'; valid: {', '.join(STAGES)}")
-        if not isinstance(config["train"], dict):
-            raise GradestError(f"a probe's train must be a table of training settings, got {config['train']!r}")
-        if config["stage"] == "trained" and not config["train"]:
-            raise GradestError("probe stage 'trained' needs a train table (the run whose model is probed)")
-        if config["train"]:
-            valid = [key for key in _train_defaults() if key != "name"]
-            _check_keys(config["train"], valid, "a probe's train table")
-            resolve("train", probe_train_config(config))
-    elif kind == "train":
-        from gradest.train import TrainConfig
-        TrainConfig(**train_fields(config)).build_estimator()
-    return config
-
-
-def problem_fields(config: dict) -> dict:
-    from gradest.problems import ProblemConfig
-    return {f.name: config[f.name] for f in dataclasses.fields(ProblemConfig) if f.name != "seed"}
-
-
-def train_fields(config: dict) -> dict:
-    from gradest.train import TrainConfig
-    return {f.name: config[f.name] for f in dataclasses.fields(TrainConfig)}
-
-
-def canonical(data) -> str:
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def cell_hash(kind: str, config: dict) -> str:
-    hashed = {key: value for key, value in config.items() if key not in LABEL_KEYS}
-    return hashlib.sha256(canonical({"format": FORMAT, "kind": kind, "config": hashed}).encode()).hexdigest()[:16]
-
-
-def load_study(path) -> Study:
-    """Read and check a spec; every problem is a one-line GradestError naming what is valid."""
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GradestError(f"no study spec at {path}") from None
-    except tomllib.TOMLDecodeError as error:
-        raise GradestError(f"{path} is not valid TOML: {error}") from None
-    return parse_study(data, path)
-
-
-def _check_keys(table: dict, valid, where: str):
-    if not isinstance(table, dict):
-        raise GradestError(f"{where} must be a table")
-    for key in table:
-        if key not in valid:
-            raise GradestError(f"unknown key '{key}' in {where}; valid: {', '.join(valid)}")
-
-
-def parse_study(data: dict, path: Path | None = None) -> Study:
-    source = f" in {path}" if path else ""
-    _check_keys(data, TOP_KEYS, f"the spec{source}")
-    study = data.get("study", {})
-    _check_keys(study, STUDY_KEYS, f"[study]{source}")
-    for key in ("name", "kind"):
-        if not isinstance(study.get(key), str) or not study.get(key):
-            raise GradestError(f"[study] needs a {key}{source}")
-    kind = study["kind"]
-    if kind not in KINDS:
-        raise GradestError(f"unknown study kind '{kind}'{source}; valid: {', '.join(KINDS)}")
-    valid = list(DEFAULTS[kind]())
-    grid_valid = valid + ["variant"]
-
-    def check_grid(grid: dict, where: str):
-        _check_keys(grid, grid_valid, where)
-        for key, values in grid.items():
-            if not isinstance(values, list) or not values:
-                raise GradestError(f"{where} {key} must be a non-empty list, got {values!r}")
-            if key == "variant":
-                for value in values:  # a variant may be named (a label only, see LABEL_KEYS)
-                    _check_keys(value, valid + [k for k in LABEL_KEYS if k not in valid], f"a variant of {where}")
-
-    def check_settings(settings: dict, where: str):
-        _check_keys(settings, valid, where)
-        for key, value in settings.items():
-            if isinstance(value, list):
-                raise GradestError(f"{where} {key} is a list; lists of values go in the grid")
-
-    grid, settings = data.get("grid", {}), data.get("settings", {})
-    check_grid(grid, f"[grid]{source}")
-    check_settings(settings, f"[settings]{source}")
-    profiles = data.get("profiles", {})
-    _check_keys(profiles, PROFILES, f"[profiles]{source}")
-    for name, profile in profiles.items():
-        _check_keys(profile, PROFILE_KEYS, f"[profiles.{name}]{source}")
-        check_grid(profile.get("grid", {}), f"[profiles.{name}.grid]{source}")
-        check_settings(profile.get("settings", {}), f"[profiles.{name}.settings]{source}")
-    return Study(name=study["name"], kind=kind, description=study.get("description", ""), grid=grid,
-                 settings=settings, profiles=profiles, path=path, findings=study.get("findings", ""),
-                 baseline=study.get("baseline", ""))
-
-
-def results_root(results=None) -> Path:
-    return Path(results or os.environ.get(RESULTS_ENV) or "results")
-
-
-def parse_shard(text: str | None) -> tuple[int, int]:
-    if not text:
-        return 0, 1
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise GradestError(f"--shard must look like i/N (0 <= i < N), got '{text}'") from None
-    if count < 1 or not 0 <= index < count:
-        raise GradestError(f"--shard must look like i/N with 0 <= i < N, got '{text}'")
-    return index, count
-
-
-def shard(cells: list[Cell], index: int, count: int) -> list[Cell]:
-    """The cells whose position in the hash-sorted list is index mod count."""
-    return [cell for position, cell in enumerate(cells) if position % count == index]
-
-
-# ------------------------------------------------------------------------------------------------------ runners
-def run_compare(config: dict, directory: Path) -> dict:
-    from gradest.measure import compare
-    from gradest.problems import ProblemConfig
-    from gradest.report import atomic_write_text
-    problem = ProblemConfig(**problem_fields(config), seed=config["seed"])
-    estimators = "all" if config["estimator"] == "all" else [config["estimator"]]
-    df = compare([problem], estimators, samples=config["samples"], wrt=config["wrt"], seed=config["seed"],
-                 settings=config["hparams"])
-    atomic_write_text(directory / "results.csv", df.to_csv(index=False))
-    return {"rows": len(df), "rel_bias": df["rel_bias"].tolist(), "mse": df["mse"].tolist()}
-
-
-STAGES = ("init", "trained")
-
-
-def probe_train_config(config: dict) -> dict | None:
-    """The training run a probe cell's model comes from: its `train` table over the train defaults and the probe's
-    task, experts, top-k, seed and model (so it is the same cell as that run in a train study). None (an empty
-    table): the tiny model of `probe.TINY`, updated by `model`."""
-    if not config["train"]:
-        return None
-    base = {**_train_defaults(), "task": config["task"], "experts": config["experts"], "top_k": config["top_k"],
-            "seed": config["seed"], "model": config["model"]}
-    return merge(base, config["train"])
-
-
-def run_probe(config: dict, directory: Path) -> dict:
-    """The probe of `probe.switch_probe`, on the tiny model or, with a `train` table, on that run's model at
-    initialisation (stage "init") or after training (stage "trained": the train cell is run first unless cached)."""
-    from gradest.probe import switch_probe
-    from gradest.report import atomic_write_text
-    from gradest.train import Trainer, TrainConfig
-    estimators = "all" if config["estimator"] == "all" else [config["estimator"]]
-    train, trainer, model = probe_train_config(config), None, config["model"] or None
-    if train is not None:
-        model = None  # the run's model settings are in its TrainConfig
-        cell = make_cell("train", train, directory.parent.parent)
-        if config["stage"] == "trained":
-            status, message = execute(cell)
-            if status == "failed":
-                raise GradestError(f"the training run of this probe (cell {cell.hash}) failed: {message}")
-            if not (cell.directory / "run" / "checkpoint.pt").is_file():
-                raise GradestError(f"the trained model's checkpoint is missing from {cell.directory}/run; delete "
-                                   f"that cell's directory to train it again")
-            trainer = Trainer.resume(cell.directory / "run")
-        else:
-            import torch
-            with torch.random.fork_rng(devices=[]):  # a Trainer seeds the global RNG
-                trainer = Trainer(TrainConfig(**train_fields(train)), cell.directory / "run")
-    df = switch_probe(config["task"], estimators=estimators, samples=config["samples"], seed=config["seed"],
-                      trainer=trainer, layer=config["layer"], batch_size=config["batch_size"],
-                      seq_len=config["seq_len"], experts=config["experts"], top_k=config["top_k"], config=model,
-                      reference=config["reference"], draws=config["draws"], wrt=config["wrt"],
-                      settings=config["hparams"], score=config["score"], data_seed=config["data_seed"])
-    df.insert(df.columns.get_loc("layer") + 1, "stage", config["stage"] if train is not None else "init")
-    atomic_write_text(directory / "results.csv", df.to_csv(index=False))
-    return {"rows": len(df), "rel_bias": df["rel_bias"].tolist(), "mse": df["mse"].tolist()}
-
-
-def run_train(config: dict, directory: Path) -> dict:
-    """A Trainer run in `directory/run`, continued from its checkpoint when a previous attempt was killed."""
-    from gradest.train import Trainer, TrainConfig
-    out = directory / "run"
-    if (out / "checkpoint.pt").is_file():
-        trainer = Trainer.resume(out)
-    else:
-        trainer = Trainer(TrainConfig(**train_fields(config)), out)
-    try:
-        metrics = trainer.run()
-    finally:
-        trainer.close()
-    final = metrics.iloc[-1]
-    summary = {"steps": int(final["step"]), "train_loss": float(final["train_loss"]),
-               "val_loss": float(final["val_loss"]), "train_seconds": float(final["seconds"]),
-               "sec_per_update": float(final["seconds"]) / max(1, int(final["step"])),
-               "flops_per_update": trainer.flops_per_update()}
-    for key in ("bleu_val", "bleu_test"):
-        if key in final:
-            summary[key] = float(final[key])
-    return summary
-
-
-RUNNERS: dict[str, Callable[[dict, Path], dict]] = {"compare": run_compare, "probe": run_probe, "train": run_train}
-
-
-
-def execute(cell: Cell, runner: Callable[[dict, Path], dict] | None = None, command=None) -> tuple[str, str]:
-    """Run one cell: cell.json, the runner's outputs, then done.json last (or error.json). ("done" | "failed",
-    message). Only Exceptions are recorded: an interrupt (KeyboardInterrupt, a kill) leaves the cell unfinished,
-    to be run again."""
-    directory = cell.directory
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as lock:
-        # one process at a time runs a cell: a probe's training run may be wanted by several probe cells (and
-        # shards on a shared disk); whoever comes second finds it done
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if cell.done:
-            return "done", ""
-        return _execute(cell, runner, command)
-
-
-def _execute(cell: Cell, runner, command) -> tuple[str, str]:
-    from gradest.report import run_metadata, write_json
-    directory = cell.directory
-    write_json(directory / "cell.json", {"kind": cell.kind, "format": FORMAT, "hash": cell.hash,
-                                         "config": cell.config})
-    start = time.perf_counter()
-    try:
-        summary = (runner or RUNNERS[cell.kind])(cell.config, directory)
-    except Exception as error:  # noqa: BLE001 - recorded; the other cells go on
-        message = one_line(f"{type(error).__name__}: {error}")
-        write_json(directory / "error.json", {"error": message, "traceback": traceback.format_exc(),
-                                              "seconds": time.perf_counter() - start,
-                                              **run_metadata(cell.config, cell.config.get("seed"), command)})
-        return "failed", message
-    seconds = time.perf_counter() - start
-    (directory / "error.json").unlink(missing_ok=True)
-    write_json(directory / "done.json", {"summary": summary, "seconds": seconds, "hash": cell.hash,
-                                         **run_metadata(cell.config, cell.config.get("seed"), command)})
-    return "done", ""
-
-
-def _init_worker():
-    import torch
-    torch.set_num_threads(1)
-
-
-@dataclass
-class RunSummary:
-    total: int
-    skipped: int
-    done: list = field(default_factory=list)
-    failed: list = field(default_factory=list)  # (hash, message)
-
-    def text(self, name: str, profile: str | None) -> str:
-        line = (f"study {name} (profile {profile or 'base'}): {self.total} cells, {self.skipped} already done, "
-                f"{len(self.done)} run, {len(self.failed)} failed")
-        for digest, message in self.failed:
-            line += f"\n  failed {digest}: {message}"
-        return line
-
-
-def run_study(study: Study, profile: str | None = None, results=None, jobs: int = 1, shard_spec: str | None = None,
-              runner: Callable[[dict, Path], dict] | None = None, progress: bool = True,
-              command=None) -> RunSummary:
-    """Run every unfinished cell of the profile (of this shard); finished cells are skipped."""
-    profile = study.resolve_profile(profile)
-    index, count = parse_shard(shard_spec)
-    cells = shard(study.cells(profile, results_root(results)), index, count)
-    todo = [cell for cell in cells if not cell.done]
-    summary = RunSummary(total=len(cells), skipped=len(cells) - len(todo))
-    from tqdm import tqdm
-    bar = tqdm(total=len(todo), desc=f"{study.name} cells", file=sys.stderr, disable=None if progress else True,
-               leave=False, dynamic_ncols=True)
-
-    def record(cell, status, message):
-        (summary.done.append(cell.hash) if status == "done" else summary.failed.append((cell.hash, message)))
-        bar.update(1)
-        bar.set_postfix(failed=len(summary.failed))
-
-    try:
-        if jobs <= 1 or len(todo) <= 1:
-            for cell in todo:
-                record(cell, *execute(cell, runner, command))
-        else:
-            context = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker) as pool:
-                futures = {pool.submit(execute, cell, runner, command): cell for cell in todo}
-                try:
-                    for future in concurrent.futures.as_completed(futures):
-                        record(futures[future], *future.result())
-                except BaseException:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    raise
-    except concurrent.futures.process.BrokenProcessPool:
-        raise GradestError("a worker process died (killed or out of memory); run the study again to finish "
-                           "the remaining cells") from None
-    finally:
-        bar.close()
-    return summary
-
-
-# ------------------------------------------------------------------------------------------------------ status
-def finished(study: Study, profile: str | None, results=None) -> tuple[list[Cell], list[Cell], list[Cell]]:
-    """(done, failed, missing) cells of the profile."""
-    cells = study.cells(profile, results_root(results))
-    done = [c for c in cells if c.done]
-    failed = [c for c in cells if c.failed]
-    missing = [c for c in cells if not c.done and not c.failed]
-    return done, failed, missing
-
-
-# ------------------------------------------------------------------------------------------------------ reports
 METRICS = ["rel_bias", "bias_sq", "variance", "mse", "cos_mean", "cos_of_mean", "sec_per_sample"]
 COMPARE_KEYS = ["problem", "experts", "tokens", "dim", "out_dim", "classes", "power", "center", "top_k",
                 "sharpness", "wrt", "samples", "estimator", "target"]
@@ -540,11 +46,26 @@ def _commits(done: list[Cell]) -> str:
     return ", ".join(f"{commit} ({count} cells)" if len(commits) > 1 else commit for commit, count in commits.items())
 
 
+# ------------------------------------------------------------------------------------ compare and probe studies
+def is_reference_row(label) -> bool:
+    """Whether a row's estimator is the reference the others are measured against: the estimator registered under
+    the label's name (a label is `name` or `name(hparam=value, ...)`) enumerates every expert tuple (`enumerates`,
+    the exact gradient). An unknown name is not."""
+    from gradest.estimators import REGISTRY
+    cls = REGISTRY.get(str(label).split("(")[0])
+    return cls is not None and cls.enumerates
+
+
+def _without_reference(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the estimators measured, without the reference's (`is_reference_row`)."""
+    return frame[~frame["estimator"].map(is_reference_row).astype(bool)]
+
+
 def _winners(table: pd.DataFrame, groups: list, metric: str) -> str:
     """'st in 3 of 4 configurations, sparsemixer in 1': which estimator (exact excluded) has the lowest mean."""
     counts = {}
     for _, rows in groups:
-        rows = rows[~rows["estimator"].astype(str).str.startswith("exact")].dropna(subset=[metric])
+        rows = _without_reference(rows).dropna(subset=[metric])
         if len(rows):
             best = rows.loc[rows[metric].idxmin(), "estimator"]
             counts[best] = counts.get(best, 0) + 1
@@ -553,7 +74,7 @@ def _winners(table: pd.DataFrame, groups: list, metric: str) -> str:
                      for name, count in ranked) or "none"
 
 
-def _estimator_report(study: Study, done: list[Cell], out: Path) -> tuple[str, str, list[str]]:
+def _estimator_report(study: Study, done: list[Cell], out: Path, columns: list[str]) -> tuple[str, str, list[str], str]:
     """(summary paragraph, tables markdown, figure files) of a compare or probe study."""
     from gradest.report import (aggregate_seeds, atomic_savefig, atomic_write_text, bias_interval_figure,
                                 bias_variance_figure, configuration_label, metric_vs_experts_figure, plus_minus,
@@ -564,7 +85,7 @@ def _estimator_report(study: Study, done: list[Cell], out: Path) -> tuple[str, s
         frame["cell"] = cell.hash
         frames.append(frame)
     raw = pd.concat(frames, ignore_index=True)
-    keys = [key for key in (COMPARE_KEYS if study.kind == "compare" else PROBE_KEYS) if key in raw]
+    keys = [key for key in columns if key in raw]
     # Relative bias over seeds: averaging each seed's sqrt(max(B^2, 0)) would be biased upwards (an unbiased
     # estimator's interval would exclude 0); the noise-corrected B^2 / ||g*||^2 is unbiased per seed, so average
     # that and take the square root of its mean and interval.
@@ -618,7 +139,7 @@ def _estimator_report(study: Study, done: list[Cell], out: Path) -> tuple[str, s
                  f"Lowest mean MSE against the exact gradient (exact itself excluded): "
                  f"{_winners(summary, groups, 'mse')}. Lowest mean relative bias: "
                  f"{_winners(summary, groups, 'rel_bias')}.")
-    best = summary[~summary["estimator"].astype(str).str.startswith("exact")].dropna(subset=["rel_bias"])
+    best = _without_reference(summary).dropna(subset=["rel_bias"])
     if len(best):
         lo, hi = best.loc[best["rel_bias"].idxmin()], best.loc[best["rel_bias"].idxmax()]
         paragraph += (f" Relative bias ranges from {lo['rel_bias']:.3g} ({lo['estimator']}, {lo['configuration']}) "
@@ -629,6 +150,17 @@ def _estimator_report(study: Study, done: list[Cell], out: Path) -> tuple[str, s
     return paragraph, "\n\n".join(tables), files, data
 
 
+
+def _compare_report(study: Study, done: list[Cell], out: Path, profile: str | None = None):
+    """The report of a compare study (`runner.CELL_KINDS`): its rows are configured by COMPARE_KEYS."""
+    return _estimator_report(study, done, out, COMPARE_KEYS)
+
+
+def _probe_report(study: Study, done: list[Cell], out: Path, profile: str | None = None):
+    """The report of a probe study (`runner.CELL_KINDS`): its rows are configured by PROBE_KEYS."""
+    return _estimator_report(study, done, out, PROBE_KEYS)
+
+# ------------------------------------------------------------------------------------------------ train studies
 NOT_GROUPS = ("variant", "seed", "estimator", "hparams", "omega", "name")  # grid keys that make arms, not groups
 
 
@@ -878,6 +410,7 @@ def _train_report(study: Study, done: list[Cell], out: Path, profile: str | None
     return paragraph, "\n\n".join(tables), figures, data
 
 
+# --------------------------------------------------------------------------------------------------- the report
 def write_report(study: Study, profile: str | None = None, results=None, out=None, command=None) -> Path:
     """reports/<name>/README.md with tables, figures and the CSVs, from the finished cells of the profile."""
     from gradest.report import atomic_write_text, run_metadata, write_json
@@ -889,10 +422,7 @@ def write_report(study: Study, profile: str | None = None, results=None, out=Non
                            f"{study.path or study.name}"
                            f"{f' --profile {profile}' if profile else ''}` first")
     out = Path(out or Path("reports") / study.name)
-    if study.kind == "train":
-        paragraph, tables, figures, data = _train_report(study, done, out, profile)
-    else:
-        paragraph, tables, figures, data = _estimator_report(study, done, out)
+    paragraph, tables, figures, data = CELL_KINDS[study.kind].report(study, done, out, profile)
     for stale in set(out.glob("*.png")) - {out / name for name in figures}:  # a figure this report no longer has
         stale.unlink()
     total = len(done) + len(failed) + len(missing)

@@ -1,0 +1,327 @@
+"""Study specs: a spec read and checked, its profiles, and its cells (each resolved, hashed, and placed in the cache).
+
+A spec (`studies/NAME.toml`) has a `[study]` table (name, kind, description), a `[grid]` of lists whose cartesian
+product gives the cells, fixed `[settings]`, and `[profiles.quick|full|paper]` tables whose `grid` and `settings`
+override the base ones (a key a profile sets in `settings` leaves the grid, and the other way round; tables such as
+`model` and `hparams` are merged key by key). The grid key `variant` is special: a list of tables, each merged into
+the cell as a whole, for arms that differ in several settings at once (the dense baseline of a training study).
+
+What differs between the kinds of cell (their settings and defaults, their checks) is looked up in the registry of
+`runner.CELL_KINDS`; the per-kind defaults and checks it refers to are defined here.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from gradest.errors import GradestError
+
+FORMAT = 1  # bump when a cell's outputs change meaning: every cell is then run again
+PROFILES = ("quick", "full", "paper")
+DEFAULT_PROFILE = "full"
+RESULTS_ENV = "GRADEST_RESULTS"
+TOP_KEYS = ("study", "grid", "settings", "profiles")
+# findings: what the numbers show, in words; baseline: the run label (train studies) that ratios are taken against
+STUDY_KEYS = ("name", "kind", "description", "findings", "baseline")
+LABEL_KEYS = ("name",)  # settings that only label a cell: not hashed
+PROFILE_KEYS = ("grid", "settings", "description")
+PROBLEM_DEFAULTS = {"poly": {"experts": 2}}  # as `gradest compare`: ReinMax's polynomial programming is binary
+STAGES = ("init", "trained")  # a probe's model: its training run's at initialisation, or trained
+
+
+# --------------------------------------------------------------------------------------------------------- spec
+@dataclass
+class Cell:
+    """One unit of work: its resolved configuration (hashed) and where its results live."""
+
+    kind: str
+    config: dict
+    hash: str
+    directory: Path
+
+    @property
+    def done(self) -> bool:
+        return (self.directory / "done.json").is_file()
+
+    @property
+    def failed(self) -> bool:
+        return not self.done and (self.directory / "error.json").is_file()
+
+
+@dataclass
+class Study:
+    name: str
+    kind: str
+    description: str
+    grid: dict
+    settings: dict
+    profiles: dict
+    path: Path | None = None
+    findings: str = ""  # a person's reading of the full profile's numbers; the report opens with it
+    baseline: str = ""  # train studies: ratios (time, FLOPs, steps to its final loss) are against this run
+
+    @property
+    def profile_names(self) -> list[str]:
+        return list(self.profiles)
+
+    def resolve_profile(self, profile: str | None) -> str | None:
+        """The profile to use: the one asked for (which must exist), else `full` if defined, else none."""
+        if profile is None:
+            return DEFAULT_PROFILE if DEFAULT_PROFILE in self.profiles else None
+        if profile not in self.profiles:
+            valid = ", ".join(self.profiles) or "(none: this study defines no profiles)"
+            raise GradestError(f"unknown profile '{profile}' for study '{self.name}'; valid: {valid}")
+        return profile
+
+    def layout(self, profile: str | None) -> tuple[dict, dict]:
+        """(grid, settings) of a profile: the base ones with the profile's overrides."""
+        grid, settings = copy.deepcopy(self.grid), copy.deepcopy(self.settings)
+        override = self.profiles.get(profile, {}) if profile else {}
+        p_grid, p_settings = override.get("grid", {}), override.get("settings", {})
+        for key, value in p_settings.items():
+            grid.pop(key, None)
+            settings[key] = merge(settings.get(key), value)
+        for key, values in p_grid.items():
+            settings.pop(key, None)
+            grid[key] = copy.deepcopy(values)
+        return grid, settings
+
+    def cells(self, profile: str | None, results: Path) -> list[Cell]:
+        """Every cell of the profile, sorted by hash (the order shards split), each configuration once."""
+        grid, settings = self.layout(profile)
+        defaults = _kinds()[self.kind].defaults()
+        base = merge(defaults, settings)
+        cells = {}
+        keys = list(grid)
+        given = set(settings) | set(keys) | {k for v in grid.get("variant", []) for k in v}
+        for combination in itertools.product(*(grid[key] for key in keys)):
+            config = copy.deepcopy(base)
+            for key, value in zip(keys, combination):
+                if key == "variant":
+                    for k, v in value.items():
+                        config[k] = merge(config.get(k), v)
+                else:
+                    config[key] = merge(config.get(key), value)
+            cell = make_cell(self.kind, config, results, given)
+            cells[cell.hash] = cell
+        return [cells[digest] for digest in sorted(cells)]
+
+
+def make_cell(kind: str, config: dict, results, given=()) -> Cell:
+    """The cell of a configuration: resolved and checked, hashed, and where its results live."""
+    config = resolve(kind, config, given)
+    digest = cell_hash(kind, config)
+    return Cell(kind, config, digest, Path(results) / kind / digest)
+
+
+def merge(old, new):
+    """`new`, except that a table updates a table key by key (recursively)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = copy.deepcopy(old)
+        for key, value in new.items():
+            out[key] = merge(out.get(key), value)
+        return out
+    return copy.deepcopy(new)
+
+
+def resolve(kind: str, config: dict, given=()) -> dict:
+    """Fill the defaults that depend on other settings, and check the configuration once, before any runs."""
+    return _kinds()[kind].resolve(dict(config), given)
+
+
+def problem_fields(config: dict) -> dict:
+    from gradest.problems import ProblemConfig
+    return {f.name: config[f.name] for f in dataclasses.fields(ProblemConfig) if f.name != "seed"}
+
+
+def train_fields(config: dict) -> dict:
+    from gradest.train import TrainConfig
+    return {f.name: config[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def canonical(data) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def cell_hash(kind: str, config: dict) -> str:
+    hashed = {key: value for key, value in config.items() if key not in LABEL_KEYS}
+    return hashlib.sha256(canonical({"format": FORMAT, "kind": kind, "config": hashed}).encode()).hexdigest()[:16]
+
+
+def load_study(path) -> Study:
+    """Read and check a spec; every problem is a one-line GradestError naming what is valid."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GradestError(f"no study spec at {path}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise GradestError(f"{path} is not valid TOML: {error}") from None
+    return parse_study(data, path)
+
+
+def _check_keys(table: dict, valid, where: str):
+    if not isinstance(table, dict):
+        raise GradestError(f"{where} must be a table")
+    for key in table:
+        if key not in valid:
+            raise GradestError(f"unknown key '{key}' in {where}; valid: {', '.join(valid)}")
+
+
+def parse_study(data: dict, path: Path | None = None) -> Study:
+    source = f" in {path}" if path else ""
+    _check_keys(data, TOP_KEYS, f"the spec{source}")
+    study = data.get("study", {})
+    _check_keys(study, STUDY_KEYS, f"[study]{source}")
+    for key in ("name", "kind"):
+        if not isinstance(study.get(key), str) or not study.get(key):
+            raise GradestError(f"[study] needs a {key}{source}")
+    kind = study["kind"]
+    kinds = _kinds()
+    if kind not in kinds:
+        raise GradestError(f"unknown study kind '{kind}'{source}; valid: {', '.join(kinds)}")
+    valid = list(kinds[kind].defaults())
+    grid_valid = valid + ["variant"]
+
+    def check_grid(grid: dict, where: str):
+        _check_keys(grid, grid_valid, where)
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise GradestError(f"{where} {key} must be a non-empty list, got {values!r}")
+            if key == "variant":
+                for value in values:  # a variant may be named (a label only, see LABEL_KEYS)
+                    _check_keys(value, valid + [k for k in LABEL_KEYS if k not in valid], f"a variant of {where}")
+
+    def check_settings(settings: dict, where: str):
+        _check_keys(settings, valid, where)
+        for key, value in settings.items():
+            if isinstance(value, list):
+                raise GradestError(f"{where} {key} is a list; lists of values go in the grid")
+
+    grid, settings = data.get("grid", {}), data.get("settings", {})
+    check_grid(grid, f"[grid]{source}")
+    check_settings(settings, f"[settings]{source}")
+    profiles = data.get("profiles", {})
+    _check_keys(profiles, PROFILES, f"[profiles]{source}")
+    for name, profile in profiles.items():
+        _check_keys(profile, PROFILE_KEYS, f"[profiles.{name}]{source}")
+        check_grid(profile.get("grid", {}), f"[profiles.{name}.grid]{source}")
+        check_settings(profile.get("settings", {}), f"[profiles.{name}.settings]{source}")
+    return Study(name=study["name"], kind=kind, description=study.get("description", ""), grid=grid,
+                 settings=settings, profiles=profiles, path=path, findings=study.get("findings", ""),
+                 baseline=study.get("baseline", ""))
+
+
+def results_root(results=None) -> Path:
+    return Path(results or os.environ.get(RESULTS_ENV) or "results")
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return 0, 1
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise GradestError(f"--shard must look like i/N (0 <= i < N), got '{text}'") from None
+    if count < 1 or not 0 <= index < count:
+        raise GradestError(f"--shard must look like i/N with 0 <= i < N, got '{text}'")
+    return index, count
+
+
+def shard(cells: list[Cell], index: int, count: int) -> list[Cell]:
+    """The cells whose position in the hash-sorted list is index mod count."""
+    return [cell for position, cell in enumerate(cells) if position % count == index]
+
+
+# -------------------------------------------------------------------------------------------------------- kinds
+# Each kind's settings with their defaults, and its `resolve` (the checks `make_cell` runs before anything does):
+# registered, with the kind's runner and report, in `runner.CELL_KINDS`.
+def _kinds() -> dict:
+    """The registry of cell kinds, `runner.CELL_KINDS` (imported when needed: the runner imports this module)."""
+    from gradest.study.runner import CELL_KINDS
+    return CELL_KINDS
+
+
+def _compare_defaults() -> dict:
+    from gradest.problems import ProblemConfig
+    fields = {f.name: f.default for f in dataclasses.fields(ProblemConfig) if f.name not in ("seed",)}
+    return {**fields, "estimator": "all", "samples": 2000, "wrt": "router", "seed": 0, "hparams": {}}
+
+
+def _probe_defaults() -> dict:
+    return {"task": "lm", "estimator": "all", "experts": 4, "top_k": 1, "samples": 256, "seed": 0, "wrt": "router",
+            "layer": 0, "draws": 64, "reference": "auto", "batch_size": 2, "seq_len": 8, "score": "sequence",
+            "data_seed": 0, "hparams": {}, "model": {}, "train": {}, "stage": "init"}
+
+
+def _train_defaults() -> dict:
+    from gradest.train import TrainConfig
+    defaults = {}
+    for f in dataclasses.fields(TrainConfig):
+        defaults[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return {"name": None, **defaults}
+
+
+def _resolve_compare(config: dict, given=()) -> dict:
+    """A synthetic problem configuration: the problem's own defaults for the keys the spec does not set, then the
+    problem and the estimator spec checked."""
+    from gradest.measure import expand_estimators
+    from gradest.problems import PROBLEMS, ProblemConfig
+    if config["problem"] not in PROBLEMS:
+        raise GradestError(f"unknown problem '{config['problem']}'; valid: {', '.join(PROBLEMS)}")
+    for key, value in PROBLEM_DEFAULTS.get(config["problem"], {}).items():
+        if key not in given:  # poly's default is 2 categories, as in `gradest compare`
+            config[key] = value
+    problem = ProblemConfig(**problem_fields(config), seed=config["seed"])
+    estimators = "all" if config["estimator"] == "all" else [config["estimator"]]
+    expand_estimators(estimators, PROBLEMS[problem.problem].kind, problem.top_k, config["hparams"])
+    return config
+
+
+def _resolve_probe(config: dict, given=()) -> dict:
+    """The estimators, the stage and the `train` table checked (that training run resolved as a cell of its own)."""
+    from gradest.probe import probe_estimators
+    probe_estimators(config["estimator"] if config["estimator"] == "all" else [config["estimator"]],
+                     config["top_k"], config["hparams"])
+    if config["stage"] not in STAGES:
+        raise GradestError(f"unknown probe stage '{config['stage']}'; valid: {', '.join(STAGES)}")
+    if not isinstance(config["train"], dict):
+        raise GradestError(f"a probe's train must be a table of training settings, got {config['train']!r}")
+    if config["stage"] == "trained" and not config["train"]:
+        raise GradestError("probe stage 'trained' needs a train table (the run whose model is probed)")
+    if config["train"]:
+        valid = [key for key in _train_defaults() if key != "name"]
+        _check_keys(config["train"], valid, "a probe's train table")
+        resolve("train", probe_train_config(config))
+    return config
+
+
+def _resolve_train(config: dict, given=()) -> dict:
+    """A `TrainConfig` that builds its estimator."""
+    from gradest.train import TrainConfig
+    TrainConfig(**train_fields(config)).build_estimator()
+    return config
+
+
+def probe_train_config(config: dict) -> dict | None:
+    """The training run a probe cell's model comes from: its `train` table over the train defaults and the probe's
+    task, experts, top-k, seed and model (so it is the same cell as that run in a train study). None (an empty
+    table): the tiny model of `probe.TINY`, updated by `model`."""
+    if not config["train"]:
+        return None
+    base = {**_train_defaults(), "task": config["task"], "experts": config["experts"], "top_k": config["top_k"],
+            "seed": config["seed"], "model": config["model"]}
+    return merge(base, config["train"])
