@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from gradest.estimators.base import (Estimator, Routing, boolean, hparam, one_of, positive_integer, register,
-                                     softmax, unit_interval)
+from gradest.estimators.base import hparam, one_of, register, softmax, unit_interval
+from gradest.estimators.switch import TopK
 
 
 @register
-class DefaultMoE(Estimator):
+class DefaultMoE(TopK):
     """Default MoE (Panda, Baherwani, Sarwar, Therien, Chakraborty, Goldstein 2025, "Dense Backpropagation
     Improves Training for Sparse Mixture-of-Experts", arXiv:2504.12463).
 
-    Deterministic top-k S of p = softmax(z) (optionally renormalised over S); an expert i outside S contributes
-    p_i e^_i, e^_i an exponential moving average (stop-gradient) of expert i's outputs on the tokens it processed:
+    The routing of `topk`: S = the k largest of p = softmax(z) (optionally renormalised); an expert i outside S
+    contributes p_i e^_i, e^_i an exponential moving average (stop-gradient) of its outputs on the tokens it saw:
     y = sum_{i in S} p_i e_i + sum_{i not in S} p_i e^_i, so the router gets J(p)^T c~ with c~_i = f'(y).e_i on S
     and f'(y).e^_i off S: a dense gradient at sparse compute. `forward=backward-only` keeps the default term out of
     the forward value. State per layer: e^ (n, d), zero at first; after each training forward,
@@ -25,24 +25,9 @@ class DefaultMoE(Estimator):
     family = "dense backward"
     reference = "Panda et al. 2025, Dense Backpropagation Improves Training for Sparse MoE (arXiv:2504.12463)"
     stateful = True
-    supports_topk = True
-    k: int = hparam(1, positive_integer, "experts per token")
     beta: float = hparam(0.9, unit_interval, "EMA decay of the default outputs")
     forward: str = hparam("substitute", one_of("substitute", "backward-only"),
                           "whether the default outputs enter the forward value or only the router's gradient")
-    renormalize: bool = hparam(False, boolean, "renormalise the k gates to sum to 1")
-
-    def noise_dim(self, n):
-        return 0
-
-    def sample(self, logits, noise, kind):
-        gates, experts = softmax(logits).topk(self.k, dim=-1)
-        if self.renormalize:
-            gates = gates / gates.sum(-1, keepdim=True)
-        return Routing(experts.unsqueeze(-2), gates.unsqueeze(-2))
-
-    def infer(self, logits, kind):
-        return self.sample(logits, None, kind)
 
     def init_state(self, n, d, *, dtype=torch.float32, device=None):
         return {"default": torch.zeros(n, d, dtype=dtype, device=device)}

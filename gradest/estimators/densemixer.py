@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from gradest.estimators.base import Estimator, Routing, boolean, hparam, positive_integer, register, softmax
+from gradest.estimators.base import Routing, register, softmax
 from gradest.estimators.switch import TopK
 
 
 @register
-class DenseMixer(Estimator):
+class DenseMixer(TopK):
     """DenseMixer (Yao et al. 2025, "DenseMixer: Improving MoE Post-Training with Precise Router Gradient"; the
     `densemixer` package, `forward` of its Qwen3-MoE / OLMoE blocks).
 
-    Forward: the deterministic top-k S of p = softmax(z), y = sum_{i in S} g_i e_i, g = p (or p / sum_S p with
-    `renormalize`, Qwen's norm_topk_prob). Backward: the gradient of the dense mixture sum_i w_i e_i over EVERY
-    expert, w = p; renormalised, w_i = p_i / N on S and p_i / sg(N) off S, N = sum_S p. The router gets
+    Forward: the routing of `topk`, S = the k largest of p = softmax(z), y = sum_{i in S} g_i e_i, g = p (or
+    p / sum_S p with `renormalize`, Qwen's norm_topk_prob). Backward: the gradient of the dense mixture
+    sum_i w_i e_i over EVERY expert, w = p; renormalised, w_i = p_i / N on S and p_i / sg(N) off S, N = sum_S p.
+    The router gets
     J(w)^T [f'(y).e_i]_i; an expert gets gradient only from the tokens routed to it (weight g_i). Every expert
     runs on every token in training, none extra in inference."""
 
@@ -21,12 +22,6 @@ class DenseMixer(Estimator):
     family = "dense backward"
     reference = "Yao et al. 2025, DenseMixer: Improving MoE Post-Training with Precise Router Gradient"
     dense = True
-    supports_topk = True
-    k: int = hparam(1, positive_integer, "experts per token")
-    renormalize: bool = hparam(False, boolean, "renormalise the k gates to sum to 1 (Qwen's norm_topk_prob)")
-
-    def noise_dim(self, n):
-        return 0
 
     def sample(self, logits, noise, kind):
         p = softmax(logits)
@@ -39,6 +34,3 @@ class DenseMixer(Estimator):
         # value: the top-k gates (0 off S); gradient: w's, over all experts
         gates = (w * on).detach() + w - w.detach()
         return Routing(None, gates.unsqueeze(-2))
-
-    def infer(self, logits, kind):
-        return TopK(k=self.k, renormalize=self.renormalize).infer(logits, kind)

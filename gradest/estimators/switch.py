@@ -52,11 +52,11 @@ class TopK(Estimator):
         return 0
 
     def sample(self, logits, noise, kind):
+        return self.infer(logits, kind)  # deterministic: training routes as inference does
+
+    def infer(self, logits, kind):
         gates, experts = softmax(logits).topk(self.k, dim=-1)
         if self.renormalize:
             gates = gates / gates.sum(-1, keepdim=True)
         return Routing(experts.unsqueeze(-2), gates.unsqueeze(-2))
-
-    def infer(self, logits, kind):
-        return self.sample(logits, None, kind)
 
