@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from gradest.errors import GradestError
+from gradest.io import atomic_write_text
 
 PACKAGE_DATA_DIR = Path(__file__).with_name("data")
 
@@ -329,8 +330,8 @@ def _cached_bpe(cache_dir: Path, vocab_size: int, training_text: list[str]) -> T
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         # Tokenizer first, settings last: an interrupted write leaves settings that do not vouch for the new file.
-        _write_atomically(tokenizer_path, tokenizer.to_str())
-        _write_atomically(settings_path, json.dumps(settings, indent=1))
+        atomic_write_text(tokenizer_path, tokenizer.to_str())
+        atomic_write_text(settings_path, json.dumps(settings, indent=1))
     except OSError as err:  # training takes a second, so a read-only cache costs little: go on without it
         warnings.warn(f"could not cache the BPE tokenizer in {cache_dir} ({err}); set GRADEST_CACHE to a writable "
                       f"folder to keep it", stacklevel=3)
@@ -351,13 +352,6 @@ def _train_bpe(vocab_size: int, training_text: list[str]) -> Tokenizer:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(training_text, trainer, length=len(training_text))
     return tokenizer
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    # A per-process temporary name and os.replace: concurrent runs never read a half-written file.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def translation_batches(pairs: Sequence[Pair], batch_size: int, generator: torch.Generator | None,

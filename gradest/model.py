@@ -95,11 +95,20 @@ class Block(nn.Module):
             return norm(x + self.drop(branch(x)))
         return x + self.drop(branch(norm(x)))
 
-    def forward(self, x, memory=None, memory_padding=None, self_padding=None):
+    def before_ffn(self, x, memory=None, memory_padding=None, self_padding=None):
+        """The residual stream just before the FFN branch: the self-attention and cross-attention branches added
+        (and normed, post-LN). The router-gradient probe computes it once and re-runs only `ffn_residual`."""
         x = self.residual(x, self.norms[0], lambda h: self.attn(h, key_padding=self_padding))
         if self.cross is not None:
             x = self.residual(x, self.norms[1], lambda h: self.cross(h, memory, memory_padding))
+        return x
+
+    def ffn_residual(self, x):
+        """The FFN (dense or MoE) residual branch applied to the stream `before_ffn` returned."""
         return self.residual(x, self.norms[-1], self.ffn)
+
+    def forward(self, x, memory=None, memory_padding=None, self_padding=None):
+        return self.ffn_residual(self.before_ffn(x, memory, memory_padding, self_padding))
 
 
 class Stack(nn.Module):
@@ -113,11 +122,20 @@ class Stack(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i, estimator, causal, cross) for i in range(n_layer))
         self.norm = nn.Identity() if config.post_ln else nn.LayerNorm(config.d_model)
 
-    def forward(self, idx, memory=None, memory_padding=None, self_padding=None):
-        x = self.drop(self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device)))
-        for block in self.blocks:
+    def embed(self, idx: Tensor) -> Tensor:
+        """Token plus position embeddings (B, T, d) of ids (B, T): the first block's input."""
+        return self.drop(self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device)))
+
+    def run(self, x: Tensor, start: int = 0, stop: int | None = None, memory=None, memory_padding=None,
+            self_padding=None) -> Tensor:
+        """Blocks start..stop-1 (Python slice bounds; all by default) on the residual stream x, without the final
+        norm."""
+        for block in self.blocks[start:stop]:
             x = block(x, memory, memory_padding, self_padding)
-        return self.norm(x)
+        return x
+
+    def forward(self, idx, memory=None, memory_padding=None, self_padding=None):
+        return self.norm(self.run(self.embed(idx), 0, None, memory, memory_padding, self_padding))
 
 
 class SwitchModel(nn.Module):

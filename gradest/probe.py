@@ -58,14 +58,13 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from gradest.errors import GradestError
 from gradest.estimators import GATED, Estimator, Objective, Routing
 from gradest.estimators import expand_estimators
 from gradest.measure import Z95, bias_variance, with_relative_bias
-from gradest.model import SwitchConfig, SwitchLM, SwitchModel, SwitchSeq2Seq
+from gradest.model import SwitchConfig, SwitchLM, SwitchModel, SwitchSeq2Seq, token_cross_entropy
 from gradest.moe import MoE
 
 REFERENCES = ("auto", "enumeration", "rao-blackwell")
@@ -117,7 +116,7 @@ class ForcedRouting(_ProbeRouting):
     def objective(self) -> Objective:
         return self.obj
 
-    def route(self, logits, *, kind=GATED, training=True, noise=None) -> Routing:
+    def route(self, logits, *, kind=GATED, training=True, noise=None, state=None) -> Routing:
         self.check(logits.shape[-1], kind)
         if self.experts.shape != (*logits.shape[:-1], self.k):
             raise GradestError(f"forced routing got experts of shape {tuple(self.experts.shape)} for logits of "
@@ -128,21 +127,24 @@ class ForcedRouting(_ProbeRouting):
 
 
 class _Sampled(_ProbeRouting):
-    """An estimator routing in training mode with given noise (tokens, noise_dim), whatever the layer's mode."""
+    """An estimator routing in training mode with given noise (tokens, noise_dim), whatever the layer's mode, and
+    a stateful estimator with the given state (`Site.estimator_state`; itself stateless, so the layer keeps and
+    updates no buffers for it)."""
 
     name = "sampled"
 
-    def __init__(self, estimator: Estimator, noise: Tensor, leaf: bool = True):
+    def __init__(self, estimator: Estimator, noise: Tensor, leaf: bool = True,
+                 state: dict[str, Tensor] | None = None):
         super().__init__(leaf)
-        self.estimator, self.noise = estimator, noise
+        self.estimator, self.noise, self.state = estimator, noise, state
 
     @property
     def k(self) -> int:
         return self.estimator.k
 
-    def route(self, logits, *, kind=GATED, training=True, noise=None) -> Routing:
+    def route(self, logits, *, kind=GATED, training=True, noise=None, state=None) -> Routing:
         z = self.capture(logits)
-        return self.estimator.route(z, kind=kind, training=True, noise=self.noise.to(z.dtype))
+        return self.estimator.route(z, kind=kind, training=True, noise=self.noise.to(z.dtype), state=self.state)
 
 
 @contextmanager
@@ -252,18 +254,10 @@ class Site:
         else:
             ids = self.inputs["idx"]
         self.memory = memory
-        stack = self.stack
-        x = stack.drop(stack.tok(ids) + stack.pos(torch.arange(ids.shape[1], device=ids.device)))
         ctx = self.context()
-        for block in stack.blocks[:self.block_index]:
-            x = block(x, *ctx)
-        # block l up to its feed-forward branch (gradest.model.Block.forward without its last line)
-        block = self.block
-        memory_, memory_padding, self_padding = ctx
-        x = block.residual(x, block.norms[0], lambda h: block.attn(h, key_padding=self_padding))
-        if block.cross is not None:
-            x = block.residual(x, block.norms[1], lambda h: block.cross(h, memory_, memory_padding))
-        return x, memory
+        # the blocks below l, then block l up to its feed-forward branch
+        x = self.stack.run(self.stack.embed(ids), 0, self.block_index, *ctx)
+        return self.block.before_ffn(x, *ctx), memory
 
     def capture_input(self) -> Tensor:
         """Layer l's input, as the block hands it to the layer (after the pre-LN norm, if any)."""
@@ -275,7 +269,7 @@ class Site:
 
         handle = self.layer.register_forward_pre_hook(hook)
         try:
-            self.block.residual(self.h, self.block.norms[-1], self.block.ffn)
+            self.block.ffn_residual(self.h)
         except _Captured:
             pass
         finally:
@@ -286,21 +280,14 @@ class Site:
     def losses(self, rows: Tensor) -> Tensor:
         """Each row's sequence loss L_b (R,), rows (R,) being sequence indices of the batch: layer l and the
         layers above run on copies of those sequences, layer l routed by whatever estimator it holds."""
-        block = self.block
-        x = block.residual(self.h[rows], block.norms[-1], block.ffn)
-        ctx = self.context(rows)
-        for later in self.stack.blocks[self.block_index + 1:]:
-            x = later(x, *ctx)
-        x = self.stack.norm(x)
+        x = self.block.ffn_residual(self.h[rows])
+        x = self.stack.norm(self.stack.run(x, self.block_index + 1, None, *self.context(rows)))
         if self.where == "encoder":
             logits = self.model.decode(self.inputs["tgt_in"][rows], x, self.inputs["src_pad"][rows])
         else:
             logits = self.model.head(x)
-        # float32 or wider (a float64 model keeps float64: the model's own forward would round to float32)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        ce = F.cross_entropy(logits.transpose(1, 2), self.targets[rows], ignore_index=self.ignore,
-                             reduction="none")
-        return ce.sum(-1) / self.counts[rows]
+        # the model's own per-token loss (float32 or wider: a float64 model keeps float64)
+        return token_cross_entropy(logits, self.targets[rows], self.ignore).sum(-1) / self.counts[rows]
 
     def zero_losses(self) -> Tensor:
         """Each sequence's loss with layer l's output set to 0 (REINFORCE's f(0) baseline), (B,)."""
@@ -328,6 +315,20 @@ class Site:
     def argmax_experts(self, k: int) -> Tensor:
         """Inference routing's experts (B, T, k): where the tokens that cannot change L are sent."""
         return Objective(k).route(self.z0.detach())[0]
+
+    def estimator_state(self, estimator: Estimator) -> dict[str, Tensor] | None:
+        """A stateful estimator's state at layer l (None for the others): a copy of the layer's buffers when the
+        layer holds an estimator of that kind (the state its training left), else the state training would
+        converge to with the parameters held fixed (`steady_state` of every expert's output on the batch's tokens
+        and their logits), as the synthetic problems take it."""
+        if not estimator.stateful:
+            return None
+        if type(self.layer.estimator) is type(estimator):
+            return {key: value.clone() for key, value in self.layer.estimator_state().items()}
+        with probing(self.model), torch.no_grad():
+            outputs = self.layer.expert_ffn(self.u.reshape(-1, self.d), self.layer.w_in, self.layer.b_in,
+                                            self.layer.w_out, self.layer.b_out)  # (n, tokens, d)
+            return estimator.steady_state(outputs.transpose(0, 1), self.z0.reshape(-1, self.n))
 
     def router_gradient(self, grad_z: Tensor) -> Tensor:
         """Router-weight gradients (..., n * d) from logit gradients (..., B, T, n): sum_t grad z_t (outer) x_t."""
@@ -512,8 +513,8 @@ def surrogate_loss(site: Site, estimator: Estimator, losses: Tensor, score: str 
                            f"score='sequence')") from err
 
 
-def gradient_samples(site: Site, estimator: Estimator, samples: int, seed: int = 0, score: str = "sequence",
-                     max_elements: int = 2 ** 22) -> Tensor:
+def layer_gradient_samples(site: Site, estimator: Estimator, samples: int, seed: int = 0,
+                           score: str = "sequence", max_elements: int = 2 ** 22) -> Tensor:
     """K gradient samples of the estimator w.r.t. layer l's logits (K, B, T, n), float64: the batch replicated
     K times (chunked), one forward and one backward per chunk. Deterministic estimators (no noise) are computed
     once and repeated."""
@@ -525,11 +526,12 @@ def gradient_samples(site: Site, estimator: Estimator, samples: int, seed: int =
     deterministic = estimator.noise_dim(site.n) == 0
     seeds = sample_seeds(seed, 1 if deterministic else samples)
     per_chunk = max(1, site.chunk_rows(max_elements, dense=estimator.dense) // site.B)
+    state = site.estimator_state(estimator)
     out = []
     for first in range(0, len(seeds), per_chunk):
         part = seeds[first:first + per_chunk]
         K = len(part)
-        sampled = _Sampled(estimator, sample_noise(site, estimator, part))
+        sampled = _Sampled(estimator, sample_noise(site, estimator, part), state=state)
         rows = torch.arange(site.B, device=site.device).repeat(K)
         with probing(site.model), installed(site.layer, sampled), torch.enable_grad():
             losses = site.losses(rows).reshape(K, site.B)
@@ -655,7 +657,7 @@ def probe(model: SwitchModel, batch, layer: int = 0, estimators="all", samples: 
                                                      max_elements)
             ref = references[key]
             start = time.perf_counter()
-            grads = gradient_samples(site, estimator, samples, seed, score, max_elements)
+            grads = layer_gradient_samples(site, estimator, samples, seed, score, max_elements)
             computed = 1 if estimator.noise_dim(site.n) == 0 else samples
             seconds = time.perf_counter() - start
             for w in wrts:

@@ -1,33 +1,25 @@
 """What a run leaves on disk: tables, plots and the metadata to reproduce it (DESIGN §4).
 
-Every file is written atomically (a temporary file in the same directory, then `os.replace`), so an interrupted
-run leaves either the previous file or the new one, never half of one. Figures are drawn on matplotlib's Agg
-canvas without pyplot, so importing this module changes no global backend and leaks no figures.
+Every file is written atomically (gradest.io: a temporary file in the same directory, then `os.replace`), so an
+interrupted run leaves either the previous file or the new one, never half of one. Figures are drawn on
+matplotlib's Agg canvas without pyplot, so importing this module changes no global backend and leaks no figures.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
 import math
-import os
-import platform
-import shlex
-import subprocess
-import sys
-import uuid
 from pathlib import Path
-from typing import BinaryIO, Callable
 
 import numpy as np
 import pandas as pd
 import seaborn as sns
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-import gradest
 from gradest.estimators import REGISTRY
+from gradest.io import atomic_write
+# Re-exported: older callers (the study code, scripts) import these from here; new code imports gradest.io.
+from gradest.io import atomic_write_bytes, atomic_write_text, git_state, run_metadata, write_json  # noqa: F401
 
 # The configuration a compare row belongs to: its problem and the ProblemConfig fields a row records.
 CONFIG_COLUMNS = ["problem", "experts", "tokens", "top_k", "sharpness"]
@@ -41,76 +33,10 @@ FAMILY_MARKERS = ("o", "s", "^", "D", "P", "X", "v", "*")
 
 
 # ------------------------------------------------------------------------------------------------ atomic writes
-def _atomic_write(path, write: Callable[[BinaryIO], None]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    # os.open with mode 0o666, not tempfile (0o600): the result gets the permissions the umask gives a plain open()
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_bytes(path, data: bytes) -> Path:
-    return _atomic_write(path, lambda handle: handle.write(data))
-
-
-def atomic_write_text(path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def atomic_savefig(fig: Figure, path, **kwargs) -> Path:
-    """Save `fig` to `path`, its format taken from the suffix (the temporary file's name has none)."""
+    """Save `fig` to `path` atomically, its format taken from the suffix (the temporary file's name has none)."""
     fmt = Path(path).suffix.lstrip(".") or "png"
-    return _atomic_write(path, lambda handle: fig.savefig(handle, format=fmt, **kwargs))
-
-
-# ----------------------------------------------------------------------------------------------------- metadata
-def git_state(directory=None) -> dict:
-    """The commit of the git checkout holding `directory` (default: the gradest package) and whether the checkout
-    differs from it; "unknown" when the package is not tracked by git (an installed wheel, no git at all)."""
-    directory = Path(directory or Path(gradest.__file__).parent)
-
-    def git(*args) -> str:
-        return subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True, check=True,
-                              timeout=10).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD")
-        # a package installed inside some other repository (a venv in a checkout) is not tracked by it
-        if not git("ls-files", "--", "."):
-            raise ValueError("package not tracked")
-        dirty = bool(git("status", "--porcelain"))
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return {"commit": "unknown", "dirty": None}
-    return {"commit": commit, "dirty": dirty}
-
-
-def run_metadata(config: dict, seed, command: list[str] | None = None) -> dict:
-    """What is needed to reproduce a run: its configuration, seed, library versions, source commit, time and
-    command line (default: this process's)."""
-    return {
-        "config": config,
-        "seed": seed,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-                     "pandas": pd.__version__, "gradest": gradest.__version__},
-        "git": git_state(),
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(sys.argv if command is None else command),
-    }
-
-
-def write_json(path, data: dict) -> Path:
-    # default=str: paths and other plain values in a config dict are written as text, not refused
-    return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+    return atomic_write(path, lambda handle: fig.savefig(handle, format=fmt, **kwargs))
 
 
 # ------------------------------------------------------------------------------------------------------ tables

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from gradest.errors import GradestError
 from gradest.estimators import GATED, Estimator, expand_estimators, trainable
 from gradest.model import SwitchConfig, SwitchLM, SwitchSeq2Seq
-from gradest.report import atomic_write_bytes, atomic_write_text, run_metadata, write_json
+from gradest.io import atomic_write_bytes, atomic_write_text, run_metadata, write_json
 
 TASKS = ("lm", "mt")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -12,10 +12,11 @@ from click.testing import CliRunner
 
 from gradest.cli import main
 from gradest.estimators import REGISTRY
-from gradest.report import SUMMARY_COLUMNS, atomic_savefig, atomic_write_text
+from gradest.io import atomic_write_text
+from gradest.report import SUMMARY_COLUMNS, atomic_savefig
 
 SMALL = ["--tokens", "4", "--samples", "200"]  # a problem small enough that compare takes a fraction of a second
-CATEGORICAL_ESTIMATORS = {"st", "gumbel-st", "reinmax", "reinforce", "exact"}
+CATEGORICAL_ESTIMATORS = {"st", "gumbel-st", "rb-gumbel", "gapped-st", "reinmax", "reinforce", "exact"}
 
 
 @pytest.fixture(scope="module", autouse=True)

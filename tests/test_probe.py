@@ -14,8 +14,9 @@ from gradest.errors import GradestError
 from gradest.estimators import Objective, Routing, get_estimator
 from gradest.measure import bias_variance, compare, expand_estimators
 from gradest.model import SwitchConfig, SwitchLM, SwitchSeq2Seq
-from gradest.probe import (ForcedRouting, Site, bias_variance_mc, enumerate_reference, gradient_samples, installed,
-                           probe, probing, rao_blackwell_reference, sample_seeds, switch_probe)
+from gradest.probe import (ForcedRouting, Site, bias_variance_mc, enumerate_reference, installed,
+                           layer_gradient_samples, probe, probing, rao_blackwell_reference, sample_seeds,
+                           switch_probe)
 from gradest.problems import ProblemConfig
 from gradest.report import CONFIG_COLUMNS, SUMMARY_COLUMNS, write_compare_report
 
@@ -209,7 +210,8 @@ def test_vectorised_samples_equal_a_per_sample_loop(spec, k):
     model, batch = tiny_lm(seed=3, tokens=3)
     (estimator,) = expand_estimators([spec], "gated", k)
     site = Site(model, batch, 0)
-    fast = site.router_gradient(gradient_samples(site, estimator, 5, seed=7, max_elements=2 * 2 * 3 * 24))
+    fast = site.router_gradient(layer_gradient_samples(site, estimator, 5, seed=7,
+                                                       max_elements=2 * 2 * 3 * 24))
     slow = loop_samples(model, batch, 0, estimator, sample_seeds(7, 5))
     torch.testing.assert_close(fast, slow, rtol=1e-9, atol=1e-13)
     if estimator.noise_dim(3) > 0 and spec != "switch" and estimator.objective().mask == "none":
@@ -222,9 +224,36 @@ def test_vectorised_samples_equal_loop_on_translation(layer):
     site = Site(model, batch, layer)
     for spec in ("reinforce:baseline=zero", "st"):
         (estimator,) = expand_estimators([spec], "gated", 1)
-        fast = site.router_gradient(gradient_samples(site, estimator, 4, seed=1))
+        fast = site.router_gradient(layer_gradient_samples(site, estimator, 4, seed=1))
         torch.testing.assert_close(fast, loop_samples(model, batch, layer, estimator, sample_seeds(1, 4)),
                                    rtol=1e-9, atol=1e-13)
+
+
+def test_stateful_estimator_routes_with_the_layers_state_or_its_steady_state():
+    """A stateful estimator (default-moe) is sampled with the state layer l holds when the layer holds one of its
+    kind (what training left), else with its steady state at the current parameters; a sample then equals the
+    Trainer's gradient with the layer holding that state, and the probe leaves the layer's buffers alone."""
+    model, batch = tiny_lm(seed=3, tokens=3)
+    (estimator,) = expand_estimators(["default-moe"], "gated", 1)
+    site = Site(model, batch, 0)
+    steady = site.estimator_state(estimator)["default"]
+    assert steady.dtype == torch.float64 and steady.abs().sum(-1).gt(0).any()  # experts with tokens have one
+    first = site.router_gradient(layer_gradient_samples(site, estimator, 2, seed=1))
+
+    moe = model.moe_layers()[0]
+    moe.hold(estimator)
+    model.double()  # the buffers hold() registered, as a float64 model's
+    with torch.no_grad():
+        moe.state_default.copy_(steady)
+    held = moe.state_default.clone()
+    site = Site(model, batch, 0)
+    assert torch.equal(site.estimator_state(estimator)["default"], held)
+    second = site.router_gradient(layer_gradient_samples(site, estimator, 2, seed=1))
+    assert torch.equal(moe.state_default, held)  # the probe updated no buffer
+    torch.testing.assert_close(first, second, rtol=1e-12, atol=1e-15)
+    # one training forward (it updates the state after the forward, so a second would see another one)
+    torch.testing.assert_close(second[:1], loop_samples(model, batch, 0, estimator, sample_seeds(1, 1)), rtol=1e-9,
+                               atol=1e-13)
 
 
 def mean_z(samples, reference):
@@ -245,9 +274,11 @@ def test_reinforce_unbiased_switch_biased():
                         ("reinforce:baseline=zero", "sequence"), ("reinforce", "batch"),
                         ("reinforce:baseline=zero", "batch")]:
         (estimator,) = expand_estimators([spec], "gated", 1)
-        z, bound = mean_z(site.router_gradient(gradient_samples(site, estimator, 4000, seed=2, score=score)), exact)
+        samples = layer_gradient_samples(site, estimator, 4000, seed=2, score=score)
+        z, bound = mean_z(site.router_gradient(samples), exact)
         assert z < bound, (spec, score)
-    z, bound = mean_z(site.router_gradient(gradient_samples(site, get_estimator("switch"), 4000, seed=2)), exact)
+    samples = layer_gradient_samples(site, get_estimator("switch"), 4000, seed=2)
+    z, bound = mean_z(site.router_gradient(samples), exact)
     assert z > 10 * bound
 
     # The rows' bias intervals (a 95% jackknife interval; below 0 when the mean lands closer than its noise)

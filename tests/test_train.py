@@ -174,3 +174,28 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     params = [torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)["model"] for name in ("one", "two")]
     for key in params[0]:
         torch.testing.assert_close(params[0][key], params[1][key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_importing_the_trainer_draws_no_plotting_library():
+    """The trainer (every rank of a torchrun) and the file helpers it writes with import no plotting library:
+    seaborn and matplotlib are report.py's, loaded only where a figure is drawn. In a fresh interpreter, so that
+    what other tests imported does not count."""
+    import subprocess
+    import sys
+    check = ("import sys, gradest.train, gradest.io\n"
+             "loaded = [m for m in ('seaborn', 'matplotlib') if m in sys.modules]\n"
+             "assert not loaded, loaded")
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_io_module_imports_no_pandas_or_plotting():
+    """gradest.io stays light: it imports none of pandas, matplotlib, seaborn itself."""
+    import ast
+    from pathlib import Path
+
+    import gradest.io
+    tree = ast.parse(Path(gradest.io.__file__).read_text(encoding="utf-8"))
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert not {name.split(".")[0] for name in imported} & {"pandas", "matplotlib", "seaborn"}, imported

@@ -1,0 +1,109 @@
+"""Files a run leaves on disk, written safely, and the metadata to reproduce it (DESIGN §4).
+
+Every file is written atomically (a temporary file in the same directory, then `os.replace`), so an interrupted
+run leaves either the previous file or the new one, never half of one, and concurrent writers never read a
+half-written file. Light on purpose: the trainer and the data loaders import it, so it imports no pandas,
+matplotlib or seaborn (report.py, which draws the figures, builds on it).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+import numpy as np
+import torch
+
+import gradest
+
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "git_state", "run_metadata", "write_json"]
+
+
+# ------------------------------------------------------------------------------------------------ atomic writes
+def atomic_write(path, write: Callable[[BinaryIO], None]) -> Path:
+    """Create or replace `path` atomically with what `write(handle)` writes to a binary file handle; the parent
+    folder is created if needed. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    # os.open with mode 0o666, not tempfile (0o600): the result gets the permissions the umask gives a plain open()
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    return atomic_write(path, lambda handle: handle.write(data))
+
+
+def atomic_write_text(path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path, data: dict) -> Path:
+    # default=str: paths and other plain values in a config dict are written as text, not refused
+    return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------- metadata
+def git_state(directory=None) -> dict:
+    """The commit of the git checkout holding `directory` (default: the gradest package) and whether the checkout
+    differs from it; "unknown" when the package is not tracked by git (an installed wheel, no git at all)."""
+    directory = Path(directory or Path(gradest.__file__).parent)
+
+    def git(*args) -> str:
+        return subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        # a package installed inside some other repository (a venv in a checkout) is not tracked by it
+        if not git("ls-files", "--", "."):
+            raise ValueError("package not tracked")
+        dirty = bool(git("status", "--porcelain"))
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return {"commit": "unknown", "dirty": None}
+    return {"commit": commit, "dirty": dirty}
+
+
+def _version(package: str) -> str | None:
+    """An installed package's version without importing it (pandas is slow to import and the trainer needs none
+    of it here); its own `__version__` if it is imported already."""
+    module = sys.modules.get(package)
+    if module is not None and hasattr(module, "__version__"):
+        return module.__version__
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def run_metadata(config: dict, seed, command: list[str] | None = None) -> dict:
+    """What is needed to reproduce a run: its configuration, seed, library versions, source commit, time and
+    command line (default: this process's)."""
+    return {
+        "config": config,
+        "seed": seed,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+                     "pandas": _version("pandas"), "gradest": gradest.__version__},
+        "git": git_state(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(sys.argv if command is None else command),
+    }
