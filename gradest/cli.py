@@ -284,8 +284,9 @@ def run(estimator_spec, task, problem, steps, lr, batch_size, omega, device, dty
     if problem is not None:
         if estimator_spec is None:
             raise GradestError("--estimator is required; valid: " + ", ".join(REGISTRY))
-        return run_synthetic(estimator_spec, problem, steps or SYNTHETIC_STEPS, lr or SYNTHETIC_LR, experts, tokens,
-                             dim, top_k, sharpness, seed, settings, out)
+        return run_synthetic(estimator_spec, problem, SYNTHETIC_STEPS if steps is None else steps,
+                             SYNTHETIC_LR if lr is None else lr, experts, tokens, dim, top_k, sharpness, seed,
+                             settings, out)
     for name, value in (("--tokens", tokens), ("--dim", dim), ("--sharpness", sharpness)):
         if value is not None:
             raise GradestError(f"{name} applies to synthetic problems only; add --problem, valid: "
@@ -296,12 +297,14 @@ def run(estimator_spec, task, problem, steps, lr, batch_size, omega, device, dty
     else:
         if estimator_spec is None:
             raise GradestError("--estimator is required (or --resume DIR); valid: " + ", ".join(REGISTRY))
+        given = {"top_k": top_k, "steps": steps, "lr": lr, "experts": experts, "omega": omega}  # None: not given
         config = TrainConfig(task=task, estimator=estimator_spec, hparams=parse_settings(settings),
-                             experts=experts or TrainConfig.experts, top_k=top_k or 1, omega=omega,
-                             steps=steps or TrainConfig.steps, batch_size=batch_size, lr=lr or TrainConfig.lr,
-                             seed=seed, device=device, dtype=dtype, model=parse_model_settings(model_settings))
+                             batch_size=batch_size, seed=seed, device=device, dtype=dtype,
+                             model=parse_model_settings(model_settings),
+                             **{key: value for key, value in given.items() if value is not None})
         estimator = config.build_estimator()
-        out = out or Path("runs") / f"{file_name(estimator.label)}-{task}-n{config.experts}-k{config.top_k}-seed{seed}"
+        out = out or Path("runs") / (f"{file_name(estimator.label)}-{task}-n{config.model.experts}-k{config.top_k}"
+                                     f"-seed{seed}")
         if (out / "checkpoint.pt").exists():  # never overwrite a run: continuing it is one flag away
             raise GradestError(f"{out}/ already holds a run; continue it with --resume {out}, or choose another "
                                f"--out")
@@ -381,7 +384,9 @@ def study():
 @RESULTS_OPTION
 def study_run(spec, profile, jobs, shard_spec, results):
     """Run every unfinished cell of SPEC; finished cells (results cached by a hash of their configuration) are
-    skipped, failed ones are recorded and retried on the next run."""
+    skipped, failed ones are recorded and retried on the next run. Every cell of the profile is checked (each
+    setting's type and value, the devices) before the first one runs. Ctrl-C stops the workers at once: finished
+    cells stay, the interrupted ones run again next time."""
     from gradest.study import load_study, results_root, run_study
     spec_ = load_study(spec)
     profile = spec_.resolve_profile(profile)
@@ -398,10 +403,13 @@ def study_run(spec, profile, jobs, shard_spec, results):
 @PROFILE_OPTION
 @RESULTS_OPTION
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="where to write the report [default: reports/<study name>/]")
+              help="where to write the report [default: reports/<study name>/ for the committed profile (full, "
+                   "else the base grid), reports/<study name>/<profile>/ for any other]")
 def study_report(spec, profile, results, out):
     """Write reports/<study>/README.md (tables with means and 95% CIs over seeds), PNG figures and CSVs from the
-    cached results of SPEC."""
+    cached results of SPEC. The committed report is the full profile's (the base grid's when the spec has no
+    full); another profile's report goes to reports/<study>/<profile>/ unless --out says otherwise, so it never
+    overwrites the committed one."""
     from gradest.study import load_study, write_report
     with report_errors(out or Path("reports")):
         out = write_report(load_study(spec), profile, results, out, command_line())
@@ -413,7 +421,8 @@ def study_report(spec, profile, results, out):
               default=Path("reports"), show_default=True, help="the directory of committed reports")
 @RESULTS_OPTION
 def figures(reports_dir, results):
-    """Regenerate every report under --reports (tables, figures, CSVs) from the cached results."""
+    """Regenerate every report under --reports (each folder REPORTS/<study>/ with a report.json: the committed
+    reports, in place, with the profile each was written from) from the cached results."""
     from gradest.study import regenerate
     with report_errors(reports_dir):
         written, skipped = regenerate(reports_dir, results, command_line())

@@ -1,4 +1,4 @@
-"""Bundled data sets (DESIGN §5): tiny-shakespeare for language modelling, Multi30k En–De for translation.
+"""Bundled data sets (docs/estimators.md §5): tiny-shakespeare for language modelling, Multi30k En–De for translation.
 
 The files ship inside the package (``gradest/data/``) because users have no copy of their own. Each load checks
 every file it reads against the size and SHA-256 recorded in `BUNDLED_FILES`: the size on every call (one `stat`),

@@ -1,4 +1,4 @@
-"""Files a run leaves on disk, written safely, and the metadata to reproduce it (DESIGN §4).
+"""Files a run leaves on disk, written safely, and the metadata to reproduce it (docs/estimators.md §4).
 
 Every file is written atomically (a temporary file in the same directory, then `os.replace`), so an interrupted
 run leaves either the previous file or the new one, never half of one, and concurrent writers never read a

@@ -1,4 +1,4 @@
-"""Measuring an estimator against the exact gradient (DESIGN §4).
+"""Measuring an estimator against the exact gradient (docs/estimators.md §4).
 
 K gradient samples come from one backward pass: the parameters being differentiated are replicated K times (a
 leading sample dimension), so the K surrogate losses are independent functions of independent copies and the
@@ -177,7 +177,7 @@ def measure(problem: Problem, estimator: Estimator, samples: int, wrt: str = "ro
 
 def compare(configs: list[ProblemConfig], estimators: list[str] | str = "all", samples: int = 2000,
             wrt: str = "router", seed: int = 0, settings: dict | None = None, progress=None) -> pd.DataFrame:
-    """Every estimator on every problem configuration, one row each (DESIGN §4), as a DataFrame. Rows whose
+    """Every estimator on every problem configuration, one row each (docs/estimators.md §4), as a DataFrame. Rows whose
     estimator samples from the common objective share one exact reference."""
     jobs = []
     for config in configs:

@@ -1,4 +1,4 @@
-"""The Switch Transformer (Fedus et al. 2021, as in the SparseMixer experiments; DESIGN §5), in one file.
+"""The Switch Transformer (Fedus et al. 2021, as in the SparseMixer experiments; docs/estimators.md §5), in one file.
 
 A decoder-only causal language model (`SwitchLM`) and an encoder-decoder for translation (`SwitchSeq2Seq`). An MoE
 feed-forward layer (gradest.moe.MoE, holding any routing estimator) replaces the dense FFN in every
@@ -8,6 +8,7 @@ active parameters per token as a top-1 MoE model. Pre-LN by default, post-LN as 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -16,7 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from gradest.errors import GradestError
 from gradest.estimators import Estimator
+from gradest.estimators.base import (Constraint, boolean, check_settings, integer_at_least, nonnegative, optional,
+                                     positive, unit_interval)
 from gradest.moe import MoE
 
 
@@ -40,8 +44,26 @@ class SwitchConfig:
     post_ln: bool = False
     pad_id: int = -100  # target id the loss ignores
 
+    def __post_init__(self):
+        check_settings("model", dataclasses.asdict(self), MODEL_SETTINGS)
+        if self.d_model % self.n_head:
+            raise GradestError(f"invalid model setting n_head={self.n_head}: it must divide d_model={self.d_model}; "
+                               f"valid: " + ", ".join(str(h) for h in range(1, self.d_model + 1)
+                                                      if self.d_model % h == 0))
+
     def is_moe(self, layer: int) -> bool:
         return self.moe_every > 0 and layer % self.moe_every == self.moe_every - 1
+
+
+MODEL_SETTINGS = {
+    "vocab_size": integer_at_least(1), "block_size": integer_at_least(1), "n_layer": integer_at_least(1),
+    "n_encoder_layer": integer_at_least(0), "n_head": integer_at_least(1), "d_model": integer_at_least(1),
+    "d_ff": integer_at_least(1), "experts": integer_at_least(2), "moe_every": integer_at_least(0),
+    "dropout": unit_interval, "expert_dropout": unit_interval, "balance_coef": nonnegative,
+    "z_loss_coef": nonnegative, "capacity_factor": optional(positive, "no token dropping"),
+    "omega": optional(boolean, "the estimator's default"), "post_ln": boolean,
+    "pad_id": Constraint(lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+}
 
 
 class Attention(nn.Module):

@@ -1,4 +1,4 @@
-"""The Switch Transformer's mixture-of-experts feed-forward layer, routed by any gradest estimator (DESIGN §5).
+"""The Switch Transformer's mixture-of-experts feed-forward layer, routed by any gradest estimator (estimators.md §5).
 
     y = omega ⊙ sum_j g_j E_{D_j}(x),   E_i(x) = W_out_i GELU(W_in_i x),   (D, g) = estimator.route(W_router x)
 

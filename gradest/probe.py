@@ -1,4 +1,4 @@
-"""The router-gradient probe on a Switch Transformer (DESIGN §4 "Exact reference on a transformer", issue 3 §6).
+"""The router-gradient probe on a Switch Transformer (estimators.md §4 "Exact reference on a transformer", issue 3 §6).
 
 For one MoE layer l of a model, every other MoE layer routes deterministically (inference routing) and dropout is
 off (the model is put in eval mode); layer l alone routes with an estimator in training mode. L is the loss of a
@@ -8,7 +8,7 @@ minimises, without the auxiliary losses). The exact objective is
     J = E_{D ~ p}[ L(D) ],   D = every token's expert tuple at layer l, tokens independent,
 
 with p the (masked) softmax of the objective each estimator samples from (its `objective()`: k, mask, temperature),
-the gates from the same softmax (DESIGN §2). The probe measures each estimator's gradient of J with respect to
+the gates from the same softmax (estimators.md §2). The probe measures each estimator's gradient of J with respect to
 layer l's router weights (or its logits) against a reference:
 
 - exact enumeration, when the expert assignments are few;
@@ -81,7 +81,7 @@ class _ProbeRouting(Estimator):
     backward yields every row's logit gradients and stops there."""
 
     family = "probe"
-    reference = "DESIGN.md §4: exact reference on a transformer"
+    reference = "docs/estimators.md §4: exact reference on a transformer"
     supports_topk = True
 
     def __init__(self, leaf: bool = True):
@@ -99,8 +99,8 @@ class _ProbeRouting(Estimator):
 
 class ForcedRouting(_ProbeRouting):
     """Routes token t to the given experts `experts[t]` (tokens, k), with gates p^(j)_{D_j} from the objective's
-    sequential (masked) softmax, with autograd (DESIGN §2): the layer then computes L(D) for a chosen assignment D,
-    and `gates.prod(-1)` is each token's probability P_t(D_t) under the objective."""
+    sequential (masked) softmax, with autograd (docs/estimators.md §2): the layer then computes L(D) for a chosen
+    assignment D, and `gates.prod(-1)` is each token's probability P_t(D_t) under the objective."""
 
     name = "forced"
 
@@ -619,7 +619,7 @@ def probe(model: SwitchModel, batch, layer: int = 0, estimators="all", samples: 
           top_k: int | None = None, settings: dict | None = None, score: str = "sequence",
           max_enumeration: int = 4096, max_elements: int = 2 ** 22, progress=None) -> pd.DataFrame:
     """Every estimator's gradient of E_D[L] w.r.t. MoE layer `layer`'s router weights (wrt="router") or logits
-    ("logits"; a tuple gives both) against the exact reference of DESIGN §4; one row per estimator and wrt, in
+    ("logits"; a tuple gives both) against the exact reference of estimators.md §4; one row per estimator and wrt, in
     the format of `gradest.measure.compare`, plus `reference`, `reference_se` (the reference's standard error
     norm over its norm; 0 for enumeration) and `reference_draws`.
 

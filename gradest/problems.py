@@ -1,4 +1,4 @@
-"""Synthetic routing problems with exact objectives (DESIGN §2–3).
+"""Synthetic routing problems with exact objectives (docs/estimators.md §2–3).
 
 Each problem is written functionally over a dict of parameters, so that parameters may carry leading sample
 dimensions (`...`): the measurement engine replicates them K times and one backward pass gives K independent
@@ -145,7 +145,7 @@ def mix(expert_outputs: Tensor, routing: Routing) -> Tensor:
 class MoERegression(Problem):
     """A planted teacher MoE (sharp linear router, linear experts) labels the inputs; the student, a linear router
     with linear experts, is scored by the quadratic loss f_t(y) = 1/2 ||y - target_t||^2, on which SparseMixer's
-    mid-point step is exact (DESIGN §3 notes)."""
+    mid-point step is exact (docs/estimators.md §3 notes)."""
 
     description = "teacher-student MoE regression, quadratic loss"
 

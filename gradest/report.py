@@ -1,4 +1,4 @@
-"""What a run leaves on disk: tables, plots and the metadata to reproduce it (DESIGN §4).
+"""What a run leaves on disk: tables, plots and the metadata to reproduce it (docs/estimators.md §4).
 
 Every file is written atomically (gradest.io: a temporary file in the same directory, then `os.replace`), so an
 interrupted run leaves either the previous file or the new one, never half of one. Figures are drawn on
@@ -296,7 +296,7 @@ def training_figure(metrics: pd.DataFrame, estimator_label: str) -> Figure:
 def training_summary(trainer, metrics: pd.DataFrame, out_dir) -> str:
     """What a person wants to read after `gradest run`: final losses, BLEU, speed, sizes, where files are."""
     final, model = metrics.iloc[-1], trainer.model
-    lines = [f"{trainer.estimator.label} on {trainer.config.task}, {trainer.config.experts} experts, "
+    lines = [f"{trainer.estimator.label} on {trainer.config.task}, {trainer.config.model.experts} experts, "
              f"top-{trainer.config.top_k}, {int(final['step'])} steps, seed {trainer.config.seed}",
              f"  train loss {final['train_loss']:.4f}, validation loss {final['val_loss']:.4f} "
              f"(perplexity {final['val_ppl']:.3f})"]

@@ -18,7 +18,6 @@ import torch
 
 from gradest.errors import GradestError
 from gradest.estimators import Estimator, get_estimator
-from gradest.measure import draw_noise
 from gradest.problems import Problem, ProblemConfig, make_problem
 
 SYNTHETIC_STEPS = 300  # `gradest run --problem P` defaults
@@ -61,8 +60,10 @@ def _train(problem: Problem, estimator: Estimator, steps: int, lr: float, seed: 
            progress: Progress | None) -> dict[str, list[float]]:
     params = {name: p.detach().clone().requires_grad_() for name, p in problem.params.items()}
     optimizer = torch.optim.Adam(params.values(), lr=lr)
-    # every step's routing randomness, drawn up front from one seeded generator: global RNG state plays no part
-    noise = draw_noise(problem, estimator, steps, seed)
+    # every step's routing randomness from one seeded generator (the numbers draw_noise would give for all steps
+    # at once, drawn a step at a time): global RNG state plays no part, and memory does not grow with steps
+    generator = torch.Generator().manual_seed(seed)
+    noise_shape = (problem.T, estimator.noise_dim(problem.n))
     history = {"objective": [], "own_objective": [], "inference_loss": [], "seconds": []}
     elapsed = 0.0
 
@@ -78,7 +79,8 @@ def _train(problem: Problem, estimator: Estimator, steps: int, lr: float, seed: 
     for step in (progress(step_indices, estimator.label) if progress else step_indices):
         start = time.perf_counter()
         optimizer.zero_grad()
-        loss, _ = problem.loss(params, estimator, noise=noise[step])
+        noise = torch.rand(noise_shape, generator=generator, dtype=torch.float64).to(problem.device)
+        loss, _ = problem.loss(params, estimator, noise=noise)
         loss.sum().backward()
         optimizer.step()
         elapsed += time.perf_counter() - start

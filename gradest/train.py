@@ -1,4 +1,4 @@
-"""Training a Switch Transformer with any routing estimator: `gradest run` (DESIGN §5, issue 3).
+"""Training a Switch Transformer with any routing estimator: `gradest run` (docs/estimators.md §5, issue 3).
 
 One loop serves both tasks. A `Task` knows its data and how to score a batch: `lm` (tiny-shakespeare, characters)
 and `mt` (Multi30k En-De, BPE, BLEU). Each step's loss is the mean cross-entropy plus the MoE layers' auxiliary
@@ -20,7 +20,7 @@ import io
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -30,6 +30,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gradest.errors import GradestError
 from gradest.estimators import GATED, Estimator, expand_estimators, trainable
+from gradest.estimators.base import (Constraint, check_settings, integer_at_least, nonnegative, one_of, optional,
+                                     positive, unit_interval)
 from gradest.model import SwitchConfig, SwitchLM, SwitchSeq2Seq
 from gradest.io import atomic_write_bytes, atomic_write_text, run_metadata, write_json
 
@@ -37,52 +39,88 @@ TASKS = ("lm", "mt")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+TASK_MODELS = {"lm": {}, "mt": {"n_encoder_layer": 3, "n_layer": 3}}  # each task's model, over SwitchConfig's
+GREEDY_MAX_LEN = 80  # tokens a translation may have in greedy decoding
+DATA_SETTINGS = ("vocab_size", "pad_id")  # model settings the task's data decides
+RUN_SETTINGS = {  # what a run's settings must be (the model's are SwitchConfig's)
+    "task": one_of(*TASKS), "estimator": Constraint(lambda v: isinstance(v, str) and bool(v), "an estimator name"),
+    "hparams": Constraint(lambda v: isinstance(v, dict), "a table of hyper-parameters"),
+    "top_k": integer_at_least(1), "steps": integer_at_least(1), "batch_size": integer_at_least(1),
+    "lr": positive, "warmup": integer_at_least(0), "min_lr_ratio": Constraint(lambda v: unit_interval(v) or v == 1,
+                                                                             "a number in [0, 1]"),
+    "weight_decay": nonnegative, "grad_clip": optional(positive, "no clipping"),
+    "eval_interval": integer_at_least(1), "eval_batches": integer_at_least(1),
+    "checkpoint_interval": integer_at_least(1), "seed": integer_at_least(0),
+    "device": Constraint(lambda v: isinstance(v, str) and bool(v), "a device name"), "dtype": one_of(*DTYPES),
+}
+
+
 @dataclass
 class TrainConfig:
-    """A training run. `model` overrides SwitchConfig's defaults (n_layer, d_model, ...)."""
+    """A training run: the optimisation and `model`, the Switch Transformer it trains (a SwitchConfig, whose
+    vocabulary and padding come from the task's data).
+
+    `model` may also be given as a table of SwitchConfig settings over the task's default model. `experts`,
+    `block_size` and `omega` are the model's settings of those names, also accepted here (as on the command line
+    and in study specs); given both ways they must agree."""
 
     task: str = "lm"
     estimator: str = "sparsemixer"  # a registry name, optionally NAME:KEY=VALUE..
     hparams: dict = field(default_factory=dict)  # estimator hyper-parameters (--set)
-    experts: int = 8
     top_k: int = 1
-    omega: bool | None = None  # None: the estimator's default
     steps: int = 600
     batch_size: int = 32
-    block_size: int = 128  # lm: characters per sequence
     lr: float = 2e-3
     warmup: int = 50
     min_lr_ratio: float = 0.1  # cosine decay to this fraction of lr
     weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    grad_clip: float | None = 1.0
     eval_interval: int = 100
     eval_batches: int = 8
     checkpoint_interval: int = 100
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"  # or bfloat16 (autocast; the router stays float32)
-    model: dict = field(default_factory=dict)
+    model: SwitchConfig | dict | None = None
+    experts: InitVar[int | None] = None
+    block_size: InitVar[int | None] = None  # lm: characters per sequence
+    omega: InitVar[bool | None] = None  # None: the estimator's default
 
-    def __post_init__(self):
-        if self.task not in TASKS:
-            raise GradestError(f"unknown task '{self.task}'; valid: {', '.join(TASKS)}")
-        if self.dtype not in DTYPES:
-            raise GradestError(f"unknown dtype '{self.dtype}'; valid: {', '.join(DTYPES)}")
-        for name in ("experts", "top_k", "steps", "batch_size", "block_size", "eval_interval", "eval_batches",
-                     "checkpoint_interval"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise GradestError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if self.experts < 2:
-            raise GradestError(f"experts must be >= 2 (routing needs a choice), got {self.experts}")
-        if self.top_k > self.experts:
-            raise GradestError(f"top_k={self.top_k} is larger than experts={self.experts}; valid: 1 <= top_k <= "
-                               f"{self.experts}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise GradestError(f"lr must be a finite number > 0, got {self.lr!r}")
-        unknown = set(self.model) - {f.name for f in dataclasses.fields(SwitchConfig)}
-        if unknown:
-            raise GradestError(f"unknown model setting '{sorted(unknown)[0]}'; valid: "
-                               + ", ".join(f.name for f in dataclasses.fields(SwitchConfig)))
+    def __post_init__(self, experts, block_size, omega):
+        check_settings("run", {key: getattr(self, key) for key in RUN_SETTINGS}, RUN_SETTINGS)
+        given = {key: value for key, value in (("experts", experts), ("block_size", block_size), ("omega", omega))
+                 if value is not None}
+        if not isinstance(self.model, SwitchConfig):
+            table = dict(self.model or {})
+            valid = [f.name for f in dataclasses.fields(SwitchConfig) if f.name not in DATA_SETTINGS]
+            for key in table:
+                if key not in valid:
+                    raise GradestError(f"unknown model setting '{key}'; valid: {', '.join(valid)}"
+                                       if key not in DATA_SETTINGS else
+                                       f"model setting '{key}' comes from the task's data; valid: {', '.join(valid)}")
+            for key, value in given.items():
+                if key in table and table[key] != value:
+                    raise GradestError(f"{key}={value} and model setting {key}={table[key]} disagree; give one")
+            self.model = SwitchConfig(**{**TASK_MODELS[self.task], **table, **given})
+        elif given:
+            self.model = dataclasses.replace(self.model, **given)
+        if self.top_k > self.model.experts:
+            raise GradestError(f"top_k={self.top_k} is larger than experts={self.model.experts}; valid: 1 <= top_k "
+                               f"<= {self.model.experts}")
+
+    def settings(self) -> dict:
+        """The run as flat settings (config.json, checkpoints, study cells): `experts`, `block_size` and `omega`
+        by name, and `model` the settings that differ from the task's default model."""
+        default = SwitchConfig(**TASK_MODELS[self.task])
+        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
+        model = {f.name: getattr(self.model, f.name) for f in dataclasses.fields(SwitchConfig)
+                 if f.name not in (*DATA_SETTINGS, "experts", "block_size", "omega")
+                 and getattr(self.model, f.name) != getattr(default, f.name)}
+        ordered = {"task": flat.pop("task"), "estimator": flat.pop("estimator"), "hparams": flat.pop("hparams"),
+                   "experts": self.model.experts, "top_k": flat.pop("top_k"), "omega": self.model.omega,
+                   "steps": flat.pop("steps"), "batch_size": flat.pop("batch_size"),
+                   "block_size": self.model.block_size}
+        return {**ordered, **flat, "model": model}
 
     def build_estimator(self) -> Estimator:
         (estimator,) = expand_estimators([self.estimator], GATED, self.top_k, self.hparams)
@@ -101,13 +139,11 @@ class LanguageModelling:
         self.config, self.corpus, self.lm_batch = config, load_shakespeare(), lm_batch
 
     def model(self, estimator) -> SwitchLM:
-        cfg = SwitchConfig(vocab_size=self.corpus.vocab_size, block_size=self.config.block_size,
-                           experts=self.config.experts, omega=self.config.omega, **self.config.model)
-        return SwitchLM(cfg, estimator)
+        return SwitchLM(dataclasses.replace(self.config.model, vocab_size=self.corpus.vocab_size), estimator)
 
     def batch(self, split: str, generator: torch.Generator):
         tokens = self.corpus.train if split == "train" else self.corpus.val
-        x, y = self.lm_batch(tokens, self.config.batch_size, self.config.block_size, generator)
+        x, y = self.lm_batch(tokens, self.config.batch_size, self.config.model.block_size, generator)
         return x.to(self.config.device), y.to(self.config.device)
 
     @staticmethod
@@ -127,11 +163,16 @@ class Translation:
         from gradest.datasets import load_multi30k, translation_batches
         self.config, self.data, self.batches = config, load_multi30k(), translation_batches
         self.iterators = {}
+        longest = max(max(len(src), len(tgt)) for split in (self.data.train, self.data.val, self.data.test)
+                      for src, tgt in split)
+        needed = max(longest, GREEDY_MAX_LEN + 1)  # greedy decoding: BOS and up to GREEDY_MAX_LEN tokens
+        if config.model.block_size < needed:
+            raise GradestError(f"block_size={config.model.block_size} is shorter than translation needs (the "
+                               f"longest Multi30k sentence has {longest} tokens, greedy decoding writes up to "
+                               f"{GREEDY_MAX_LEN + 1} positions); valid: block_size >= {needed}")
 
     def model(self, estimator) -> SwitchSeq2Seq:
-        settings = {"n_encoder_layer": 3, "n_layer": 3, "block_size": 128, **self.config.model}
-        cfg = SwitchConfig(vocab_size=self.data.vocab_size, experts=self.config.experts, omega=self.config.omega,
-                           pad_id=self.data.pad_id, **settings)
+        cfg = dataclasses.replace(self.config.model, vocab_size=self.data.vocab_size, pad_id=self.data.pad_id)
         return SwitchSeq2Seq(cfg, estimator, self.data.pad_id)
 
     def batch(self, split: str, generator: torch.Generator):
@@ -155,7 +196,8 @@ class Translation:
                 src = torch.full((len(chunk), max(map(len, chunk))), self.data.pad_id, dtype=torch.long)
                 for i, ids in enumerate(chunk):
                     src[i, :len(ids)] = torch.tensor(ids)
-                ids = model.greedy(src.to(self.config.device), self.data.bos_id, self.data.eos_id, max_len=80)
+                ids = model.greedy(src.to(self.config.device), self.data.bos_id, self.data.eos_id,
+                                   max_len=GREEDY_MAX_LEN)
                 hypotheses += [self.data.decode(h) for h in ids]
             out[f"bleu_{split}"] = bleu(hypotheses, self.data.target_text[split])
         return out
@@ -245,7 +287,7 @@ class Trainer:
         loads = [max(s["tokens_per_expert"]) * len(s["tokens_per_expert"]) / max(1, sum(s["tokens_per_expert"]))
                  for s in layers]
         shares = [sum(s["tokens_per_expert"][i] / max(1, sum(s["tokens_per_expert"])) for s in layers) / len(layers)
-                  for i in range(self.config.experts)]
+                  for i in range(self.config.model.experts)]
         return {"argmax_fraction": sum(s["argmax_fraction"] for s in layers) / len(layers),
                 "router_entropy": sum(s["router_entropy"] for s in layers) / len(layers),
                 "max_load": sum(loads) / len(loads),  # tokens of the busiest expert over the mean, 1 = balanced
@@ -275,7 +317,8 @@ class Trainer:
                                f"smaller --lr or --dtype float32")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        row["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
+        row["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                                    self.config.grad_clip or math.inf))
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -311,7 +354,7 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "data_generator": self.data_generator.get_state(),
                 "rng": self.gather(torch.get_rng_state()), "step": self.step, "rows": self.rows, "seconds": self.seconds,
-                "config": dataclasses.asdict(self.config)}
+                "config": self.config.settings()}
 
     def load_state_dict(self, state: dict):
         self.model.load_state_dict(state["model"])
@@ -350,7 +393,7 @@ class Trainer:
         if not path.is_file():
             raise GradestError(f"no checkpoint to resume in {out}/ (expected {path})")
         state = torch.load(path, map_location="cpu", weights_only=False)
-        config = TrainConfig(**{**state["config"], **({"steps": steps} if steps else {})})
+        config = TrainConfig(**{**state["config"], **({"steps": steps} if steps else {})})  # flat settings
         trainer = cls(config, Path(out))
         trainer.load_state_dict(state)
         return trainer
@@ -359,7 +402,7 @@ class Trainer:
     def run(self, progress=None, command: list[str] | None = None, until: int | None = None) -> pd.DataFrame:
         """Train to config.steps (or stop after step `until`, as an interrupted run would, checkpoint saved)."""
         if self.rank == 0:
-            write_json(self.out / "config.json", run_metadata({**dataclasses.asdict(self.config),
+            write_json(self.out / "config.json", run_metadata({**self.config.settings(),
                                                               "processes": self.world}, self.config.seed, command))
         steps = range(self.step, min(self.config.steps, until or self.config.steps))
         bar = progress(steps) if progress and self.rank == 0 else steps

@@ -1,4 +1,4 @@
-"""Bundled data (DESIGN §5): file checks, tiny-shakespeare, Multi30k with its cached BPE, batching, BLEU."""
+"""Bundled data (docs/estimators.md §5): file checks, tiny-shakespeare, Multi30k with its cached BPE, batching, BLEU."""
 
 import gzip
 import json

@@ -73,7 +73,8 @@ def naive_metrics(samples, reference):
 
 
 def test_bias_variance_matches_definitions_and_brute_force_jackknife():
-    """Metrics equal DESIGN §4's formulas; their intervals are estimate +- 1.96 x the brute-force jackknife SE."""
+    """Metrics equal the formulas of docs/estimators.md §4; their intervals are estimate +- 1.96 x the brute-force
+    jackknife SE."""
     g = torch.Generator().manual_seed(0)
     samples = torch.randn(40, 6, generator=g, dtype=torch.float64) + torch.linspace(0, 1, 6, dtype=torch.float64)
     reference = torch.linspace(0, 1.2, 6, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""The exact gradient (DESIGN §2) equals central finite differences of the exact objective, in float64."""
+"""The exact gradient (docs/estimators.md §2) equals central finite differences of the exact objective, in float64."""
 
 import itertools
 
@@ -72,7 +72,7 @@ def test_objective_is_probability_weighted_sum_over_tuples():
 
 @pytest.mark.parametrize("name", ["moe-regression", "moe-classify"])
 def test_router_gradient_is_sum_of_token_outer_products(name):
-    """Per-sample router-weight gradients = sum_t grad z_t (outer) x_t (DESIGN §4), for exact and a sampler."""
+    """Per-sample router-weight gradients = sum_t grad z_t (outer) x_t (estimators.md §4), for exact and a sampler."""
     problem = make_problem(problem=name, experts=4, tokens=5, dim=3, seed=4)
     for estimator in (Objective(k=1).exact(),
                       get_estimator("sparsemixer", mask="none"), get_estimator("reinmax")):

@@ -1,7 +1,7 @@
-"""Every estimator's Monte-Carlo mean router-logit gradient equals its closed-form expectation (DESIGN §2–3), and
-the unbiasedness facts, measured with the metrics engine (DESIGN §4).
+"""Every estimator's Monte-Carlo mean router-logit gradient equals its closed-form expectation (estimators.md §2–3), and
+the unbiasedness facts, measured with the metrics engine (docs/estimators.md §4).
 
-The expectations are computed here from DESIGN's formulas by an independent implementation: our own masked softmax
+The expectations are computed here from the docs' formulas by an independent implementation: our own masked softmax
 (§2 reference form by default), our own enumeration of experts, ordered pairs and coin flips, and `torch.autograd`
 only for f'(y), the gradient of a problem's per-token loss at a given output y. No estimator's `route`/`sample`
 code is used to compute an expectation. A problem's objective is the mean over its T tokens of the per-token
@@ -35,7 +35,7 @@ Z_CI = float(norm.ppf(1 - ALPHA / 2))  # the metrics engine's intervals at the s
 SEED = 7
 REINFORCE_REL_BIAS_HI = 0.2  # reinforce's interval must exclude a bias this large (switch's is about 0.65-0.8)
 
-# Small problems. The seeds are chosen so that DESIGN §2's reference mask (r = 0.1) keeps two or three experts on
+# Small problems. The seeds are chosen so that estimators.md §2's reference mask (r = 0.1) keeps two or three experts on
 # some tokens and one on others (test_masked_problems_exercise_both_branches checks this): with one expert left
 # the masked gradient is zero and a test would be vacuous.
 PROBLEMS = {"moe-regression": dict(experts=4, tokens=5, dim=4, out_dim=3, seed=10),
@@ -79,7 +79,7 @@ class Model:
 
 
 def keep_mask(x, available, mask, r):
-    """DESIGN §2: the experts the sparsity mask keeps, relative to z*, the largest logit still available."""
+    """docs/estimators.md §2: the experts the sparsity mask keeps, relative to z*, the largest logit still available."""
     z_star = x.masked_fill(~available, -math.inf).amax(-1, keepdim=True)
     if mask == "reference":  # masked when z* - z_i > 2r max(|z_i|, z*)
         keep = ~((z_star - x) > 2 * r * torch.maximum(x.abs(), z_star))
@@ -122,7 +122,7 @@ class Stage:
 
 
 def sequential_stages(z, experts, mask="none", r=0.0, temperature=1.0):
-    """GRIN's sequential top-k (DESIGN §2) for a fixed ordered tuple of experts: stage j samples D_j from the
+    """GRIN's sequential top-k (estimators.md §2) for a fixed ordered tuple of experts: stage j samples D_j from the
     (masked) softmax of the logits not chosen yet, masked relative to the largest of them."""
     removed = torch.zeros_like(z, dtype=torch.bool)
     stages = []
@@ -150,7 +150,7 @@ def exact_enumeration(model, k=1, mask="none", r=0.0, temperature=1.0):
 
 
 def exact_top1_terms(model, mask="none", r=0.0):
-    """DESIGN §2's exact top-1 gradient, expert by expert: nabla_1 terms p_i f'(a_i).e_i grad p_i / T (the gate
+    """estimators.md §2's exact top-1 gradient, expert by expert: nabla_1 terms p_i f'(a_i).e_i grad p_i / T (the gate
     path) and nabla_0 terms (f(a_i) - f(0)) grad p_i / T (the routing path), a_i = p_i e_i, each (n, T, n) with
     [i, t] the term of expert i on token t's logits; the sum of both over i is grad J."""
     p = masked_softmax(model.z, mask=mask, r=r)
@@ -168,10 +168,10 @@ def argmax_expert(model):
     return torch.arange(model.n)[:, None] == model.z.argmax(-1)[None, :]
 
 
-# ---------------------------------------------------------------- SparseMixer family: DESIGN §3's expectations
+# ---------------------------------------------------------------- SparseMixer family: estimators.md §3's expectations
 @dataclass(frozen=True)
 class GateRule:
-    """A sparse gate-path estimator as DESIGN §3 writes its expectation: the router gradient of one draw is
+    """A sparse gate-path estimator as docs/estimators.md §3 writes its expectation: the router gradient of one draw is
     `scale * f'(y).e_D grad p_D`, p = masked softmax(z / temperature), at the forward output y = s p_D e_D; the
     arg-max expert always takes the Euler step s = 1 (steps[0]); any other takes s with the given probability."""
 
@@ -343,8 +343,8 @@ def case_id(value):
 
 
 def design_mask(hparams):
-    """The mask an estimator of the SparseMixer family samples with: DESIGN §2's reference form, r = 0.1, unless
-    the case asks for another (taken from DESIGN, not from the estimator's own declaration)."""
+    """The mask an estimator of the SparseMixer family samples with: estimators.md §2's reference form, r = 0.1, unless
+    the case asks for another (taken from docs/estimators.md, not from the estimator's own declaration)."""
     mask = hparams.get("mask", "reference")
     return mask, (hparams.get("jitter_eps", 0.1) if mask != "none" else 0.0)
 
@@ -388,8 +388,8 @@ EXACT_CASES = [(name, objective) for name in PROBLEMS for objective in EXACT_OBJ
 @pytest.mark.parametrize("name,objective", EXACT_CASES,
                          ids=[f"{n}-k{o.k}-{o.mask}-t{o.temperature:g}" for n, o in EXACT_CASES])
 def test_exact_gradient_matches_our_enumeration(name, objective):
-    """gradest.measure.exact_gradient (wrt logits) equals our own enumeration of DESIGN §2's objective to 1e-10,
-    and for top-1 DESIGN's nabla_1 + nabla_0 decomposition equals it too."""
+    """gradest.measure.exact_gradient (wrt logits) equals our own enumeration of estimators.md §2's objective to 1e-10,
+    and for top-1 docs/estimators.md's nabla_1 + nabla_0 decomposition equals it too."""
     model = Model(build(name, objective.k))
     ours = exact_enumeration(model, objective.k, objective.mask, objective.r, objective.temperature)
     assert float(ours.abs().max()) > 1e-3
@@ -408,7 +408,7 @@ GATE_CASES = cover([(name, variant) for name in RULES for variant in REGISTRY[na
 @pytest.mark.parametrize("name,hparams", GATE_CASES, ids=case_id)
 def test_gate_path_estimator_matches_design_expectation(name, hparams, problem_name):
     """first-order, sparsemixer, sparsemixer-v2, sparsemixer-v2* (reference mask r = 0.1, and mask=none), top-1:
-    the MC mean of the logit gradient equals DESIGN §3's E_D[...] formula."""
+    the MC mean of the logit gradient equals docs/estimators.md §3's E_D[...] formula."""
     problem = build(problem_name)
     expected = gate_rule_expectation(Model(problem), RULES[name], 1, *design_mask(hparams))
     assert_mean_matches(samples_of(problem, name, **hparams), expected)
@@ -437,7 +437,7 @@ DENSE_CASES = cover([("st", {}), ("st", {"tau": 0.5}), ("reinmax", {}), ("reinma
 @pytest.mark.parametrize("name,hparams", DENSE_CASES, ids=case_id)
 def test_relaxed_estimator_matches_sum_over_choices(name, hparams, problem_name):
     """st and reinmax: deterministic backward given D ~ p, so the MC mean equals sum_D p_D backward(D) with the
-    backward written from DESIGN's table (st via sigma_tau, reinmax 2 J(pi)^T g - 1/2 J(p)^T g), gated and
+    backward written from docs/estimators.md's table (st via sigma_tau, reinmax 2 J(pi)^T g - 1/2 J(p)^T g), gated and
     categorical."""
     problem = build(problem_name)
     expected = dense_expectation(Model(problem), name, hparams.get("tau", 1.0))
@@ -453,7 +453,7 @@ NOISE_CASES = cover([("gumbel-st", {}, problem) for problem in PROBLEMS]
 
 @pytest.mark.parametrize("name,hparams,problem_name", NOISE_CASES)
 def test_noise_integral_estimator_matches_large_independent_sample(name, hparams, problem_name):
-    """gumbel-st and switch: the MC mean equals a 4x larger independent sample of DESIGN's formula written here
+    """gumbel-st and switch: the MC mean equals a 4x larger independent sample of the docs' formula written here
     (Gumbel perturbation of z; multiplicative jitter u ~ U[1-eps, 1+eps] with autograd through p~_D only),
     compared by a two-sample z-test."""
     model = Model(build(problem_name))
@@ -737,7 +737,7 @@ def test_switch_is_measurably_biased(problem_name):
 @functools.lru_cache(maxsize=None)
 def sparsemixer_on_quadratic(mask):
     """sparsemixer's samples (K, T, n) on moe-regression (quadratic f), the expert D (K, T) each drew, recovered
-    by inverse CDF of its noise on our masked softmax, and the exact gradient's terms (DESIGN §2)."""
+    by inverse CDF of its noise on our masked softmax, and the exact gradient's terms (docs/estimators.md §2)."""
     problem = build("moe-regression")
     model = Model(problem)
     estimator = get_estimator("sparsemixer", mask=mask)

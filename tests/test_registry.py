@@ -115,7 +115,7 @@ def test_sequential_topk_frequencies():
 @pytest.mark.parametrize("form,expected", [("reference", [True, True, True, False]),
                                            ("paper", [True, True, False, False])])
 def test_sparsity_mask_forms(form, expected):
-    """DESIGN §2: reference masks z* - z_i > 2r max(|z_i|, z*); paper keeps z* - z_i <= r (|z_i| + |z*|)."""
+    """docs/estimators.md §2: reference masks z* - z_i > 2r max(|z_i|, z*); paper keeps z* - z_i <= r (|z_i| + |z*|)."""
     from gradest.estimators.base import sparsity_mask
     z = torch.tensor([2.0, 1.7, 1.62, 0.5])  # gaps 0.3, 0.38, 1.5; r = 0.1: reference keeps gaps <= 0.4,
     # paper keeps gaps <= 0.37, 0.362, 0.25

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,8 @@ from click.testing import CliRunner
 
 from gradest.cli import main
 from gradest.errors import GradestError
-from gradest.study import load_study, parse_study, regenerate, run_study, write_report
+from gradest.io import atomic_write_text
+from gradest.study import finished, load_study, parse_study, regenerate, run_study, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = ROOT / "studies"
@@ -56,7 +58,7 @@ class Counter:
         self.calls.append(directory.name)
         if self.fail(config):
             raise RuntimeError(f"boom on {config['estimator']}\nsecond line")
-        (directory / "results.csv").write_text("x\n1\n")
+        atomic_write_text(directory / "results.csv", "x\n1\n")  # as the real runners do
         return {"ok": True}
 
 
@@ -123,6 +125,64 @@ def test_cli_unknown_profile_names_the_valid_ones(tmp_path):
     assert result.exit_code == 2 and "unknown key 'bogus'" in result.output
 
 
+@pytest.mark.parametrize("kind, settings, message", [
+    ("compare", {"samples": "lots"}, "samples must be an integer, got 'lots'"),
+    ("compare", {"samples": 2}, "samples must be >= 3 (bias and variance need them), got 2"),
+    ("compare", {"experts": 0}, "experts must be an integer >= 2"),
+    ("compare", {"tokens": True}, "tokens must be an integer, got True"),
+    ("compare", {"sharpness": "big"}, "sharpness must be a number, got 'big'"),
+    ("compare", {"estimator": "nope"}, "unknown estimator 'nope'; valid: "),
+    ("compare", {"hparams": {"tau": "hot"}}, "invalid tau='hot'"),
+    ("compare", {"wrt": "up"}, "unknown gradient target 'up'; valid: logits, router, all"),
+    ("probe", {"samples": 2.5}, "samples must be an integer, got 2.5"),
+    ("probe", {"experts": 1}, "experts must be >= 2"),
+    ("probe", {"top_k": 5}, "top_k must be in 1..4, got 5"),
+    ("probe", {"layer": 2}, "layer must be in 0..1 (an index into the model's MoE layers), got 2"),
+    ("probe", {"reference": "guess"}, "unknown reference 'guess'; valid: auto, enumeration, rao-blackwell"),
+    ("probe", {"score": "token"}, "unknown score 'token'; valid: sequence, batch"),
+    ("probe", {"draws": 2}, "draws must be >= 3, got 2"),
+    ("probe", {"model": {"d_model": "wide"}}, "model.d_model must be an integer, got 'wide'"),
+    ("probe", {"model": {"n_layers": 2}}, "unknown key 'model.n_layers'; valid: model.vocab_size,"),
+    ("probe", {"stage": "trained", "train": {"device": "gpu"}}, "a probe's train table: unknown device 'gpu'"),
+    ("train", {"device": "gpu9"}, "unknown device 'gpu9'; valid: cpu, cuda, mps, cuda:N"),
+    ("train", {"steps": "lots"}, "steps must be an integer, got 'lots'"),
+    ("train", {"lr": "fast"}, "lr must be a number, got 'fast'"),
+    ("train", {"omega": "yes"}, "omega must be true or false, got 'yes'"),
+    ("train", {"warmup": -1}, "warmup=-1; valid: an integer >= 0"),
+    ("train", {"model": {"n_head": 2.0}}, "n_head=2.0; valid: an integer >= 1"),
+    ("train", {"estimator": "exact"}, "estimator 'exact' cannot train an MoE layer"),
+])
+def test_every_setting_of_every_cell_is_checked_before_any_runs(tmp_path, kind, settings, message):
+    """Types and values, with the checks of the configs themselves (ProblemConfig, TrainConfig, the estimator
+    specs) and the probe's options: an error names the cell and what is valid, and nothing is written."""
+    study = parse_study({"study": {"name": "x", "kind": kind}, "grid": {"seed": [0, 1]}, "settings": settings})
+    with pytest.raises(GradestError, match=r"^study 'x' \(profile base\), cell \[seed=0\]: .*" + re.escape(message)):
+        study.cells(None, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_study_run_checks_every_cell_before_the_first_runs(tmp_path):
+    """One bad value in the grid (the last cells) or a device this machine lacks: `study run` runs no cell and
+    says so in one line, exit code 2."""
+    spec = write_spec(tmp_path, SMALL.replace("samples = 20", "").replace("seed = [0, 1, 2]",
+                                                                          'seed = [0, 1, 2]\nsamples = [20, "lots"]'))
+    result = cli("study", "run", str(spec), "--jobs", "2", "--results", str(tmp_path / "res"))
+    assert result.exit_code == 2 and result.output.strip().count("\n") == 0, result.output
+    assert result.output.startswith("error: study 'small' (profile base), cell [")
+    assert 'samples="lots"' in result.output and "samples must be an integer, got 'lots'" in result.output
+    gpu = write_spec(tmp_path, """
+    [study]
+    name = "gpu"
+    kind = "train"
+    [grid]
+    device = ["cpu", "cuda:99"]
+    """, "gpu.toml")
+    result = cli("study", "run", str(gpu), "--results", str(tmp_path / "res"))
+    assert result.exit_code == 2 and result.output.strip().count("\n") == 0, result.output
+    assert "needs device 'cuda:99', which this machine does not have; valid here: cpu" in result.output
+    assert not (tmp_path / "res").exists()  # not one cell started
+
+
 # ---------------------------------------------------------------------------------------------------- running
 def test_quick_study_end_to_end_then_rerun_is_a_noop(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -145,14 +205,14 @@ def test_quick_study_end_to_end_then_rerun_is_a_noop(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADEST_RESULTS", "res")
     result = cli("report", spec, "--profile", "quick")
     assert result.exit_code == 0, result.output
-    out = tmp_path / "reports" / "bias-variance"
+    out = tmp_path / "reports" / "bias-variance" / "quick"  # not the committed (full) report's folder
     for name in ("README.md", "results.csv", "summary.csv", "bias_variance.png", "rel_bias.png", "report.json"):
         assert (out / name).stat().st_size > 0
     summary = pd.read_csv(out / "summary.csv")
     assert len(summary) == 4 and (summary["seeds"] == 3).all()
     (out / "README.md").unlink()
-    result = cli("figures")
-    assert result.exit_code == 0 and "regenerated reports/bias-variance" in result.output
+    result = cli("figures", "--reports", "reports/bias-variance")
+    assert result.exit_code == 0 and "regenerated reports/bias-variance/quick" in result.output
     assert (out / "README.md").is_file()
 
 
@@ -228,30 +288,54 @@ def test_a_failing_cell_is_recorded_and_the_others_go_on(tmp_path, monkeypatch):
 KILLABLE = """
 import os, sys, time
 from pathlib import Path
+from gradest.io import atomic_write
 from gradest.study import load_study, run_study
 spec, results, log, mode = sys.argv[1:5]
+action, stop_cell, stop_point = (mode.split(":") + ["0", ""])[:3]  # e.g. 'hang:3:writing'; 'run' stops nowhere
+
+
+def point(where, started):
+    # the point `where` of the `started`-th cell: 'exit' dies there, 'hang' says so in LOG.ready and waits there
+    # (to be killed)
+    if where == stop_point and started == int(stop_cell):
+        if action == "exit":
+            os._exit(1)
+        Path(log + ".ready").write_text(where)
+        time.sleep(120)
+
+
 def runner(config, directory):
     with open(log, "a") as f:
         f.write(f"start {directory.name}\\n")
     started = sum(1 for line in open(log) if line.startswith("start"))
-    (directory / "results.csv").write_text("x\\n1\\n")
-    if mode == "exit" and started == 4:
-        os._exit(1)  # killed in the middle of the fourth cell
-    if mode == "sleep":
-        time.sleep(0.4)
+    point("start", started)
+
+    def write(handle):  # atomically, as the real runners write their outputs
+        handle.write(b"x\\n")
+        handle.flush()
+        point("writing", started)  # half of the file is written, under a temporary name
+        handle.write(b"1\\n")
+
+    atomic_write(directory / "results.csv", write)
+    point("written", started)  # the outputs are written, done.json is not
     with open(log, "a") as f:
         f.write(f"end {directory.name}\\n")
     return {"ok": 1}
+
+
 run_study(load_study(spec), results=results, runner=runner, progress=False)
 """
 
 
-def _run_script(tmp_path, mode):
+def _script(tmp_path, mode) -> list[str]:
     script = tmp_path / "killable.py"
     script.write_text(KILLABLE)
-    args = [sys.executable, str(script), str(tmp_path / "small.toml"), str(tmp_path / "res"),
-            str(tmp_path / "log"), mode]
-    return subprocess.run(args, timeout=60)
+    return [sys.executable, str(script), str(tmp_path / "small.toml"), str(tmp_path / "res"), str(tmp_path / "log"),
+            mode]
+
+
+def _events(tmp_path, event) -> list[str]:
+    return [line.split()[1] for line in (tmp_path / "log").read_text().splitlines() if line.startswith(event)]
 
 
 def _check_intact(results: Path):
@@ -265,14 +349,11 @@ def _check_intact(results: Path):
 
 def test_a_killed_study_resumes_with_every_cell_exactly_once(tmp_path):
     write_spec(tmp_path)
-    assert _run_script(tmp_path, "exit").returncode == 1
-    log = (tmp_path / "log").read_text().split()
-    assert len([w for w in log if w == "end"]) == 3
+    assert subprocess.run(_script(tmp_path, "exit:4:written"), timeout=60).returncode == 1
+    assert len(_events(tmp_path, "end")) == 3
     assert len(done_cells(tmp_path / "res")) == 3
-    assert _run_script(tmp_path, "run").returncode == 0
-    lines = [line.split() for line in (tmp_path / "log").read_text().splitlines()]
-    ends = [digest for event, digest in lines if event == "end"]
-    starts = [digest for event, digest in lines if event == "start"]
+    assert subprocess.run(_script(tmp_path, "run"), timeout=60).returncode == 0
+    ends, starts = _events(tmp_path, "end"), _events(tmp_path, "start")
     assert len(ends) == 6 and len(set(ends)) == 6  # every cell finished exactly once
     killed = [d for d in set(starts) if starts.count(d) == 2]
     assert len(killed) == 1 and len(starts) == 7  # only the interrupted cell was started again
@@ -280,24 +361,142 @@ def test_a_killed_study_resumes_with_every_cell_exactly_once(tmp_path):
     _check_intact(tmp_path / "res")
 
 
-def test_sigkill_at_a_random_moment_leaves_intact_files(tmp_path):
+@pytest.mark.parametrize("cell, point", [(1, "start"), (3, "writing"), (6, "written")])
+def test_sigkill_at_any_point_of_a_cell_leaves_finished_cells_intact(tmp_path, cell, point):
+    """SIGKILL at a chosen point of a chosen cell (the runner says it is there, then waits to be killed): the
+    cells before it are finished and intact, that one is not finished (whatever it had written), and the next run
+    redoes it, and only it and the cells after it, cleanly."""
     write_spec(tmp_path)
-    script = tmp_path / "killable.py"
-    script.write_text(KILLABLE)
-    args = [sys.executable, str(script), str(tmp_path / "small.toml"), str(tmp_path / "res"), str(tmp_path / "log")]
-    process = subprocess.Popen(args + ["sleep"])
-    deadline = time.time() + 60
-    while len(done_cells(tmp_path / "res")) < 2 and time.time() < deadline:
+    results = tmp_path / "res"
+    process = subprocess.Popen(_script(tmp_path, f"hang:{cell}:{point}"))
+    ready = tmp_path / "log.ready"
+    try:
+        deadline = time.time() + 60
+        while not ready.exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert ready.read_text() == point
+    finally:
+        process.kill()
+        process.wait()
+    study = load_study(tmp_path / "small.toml")
+    cells = study.cells(None, results)  # the order they run in
+    done, failed, missing = finished(study, None, results)
+    assert [c.hash for c in done] == [c.hash for c in cells[:cell - 1]] and not failed
+    killed = cells[cell - 1]
+    assert not killed.done and killed.hash in [c.hash for c in missing]
+    if point == "writing":  # the half-written file is only a hidden temporary: no results.csv to misread
+        assert not (killed.directory / "results.csv").exists()
+        assert [p.name.startswith(".results.csv.") for p in killed.directory.glob("*.tmp")] == [True]
+    _check_intact(results)
+    before = {c.hash: (c.directory / "done.json").read_bytes() for c in done}
+    assert subprocess.run(_script(tmp_path, "run"), timeout=60).returncode == 0
+    assert _events(tmp_path, "start") == [c.hash for c in cells[:cell]] + [c.hash for c in cells[cell - 1:]]
+    assert sorted(_events(tmp_path, "end")) == sorted(c.hash for c in cells)  # each cell finished once
+    assert all(c.done for c in cells)
+    assert {h: (results / "compare" / h / "done.json").read_bytes() for h in before} == before  # not rerun
+    assert (killed.directory / "results.csv").read_text() == "x\n1\n"
+    _check_intact(results)
+
+
+# --------------------------------------------------------------------------------------------- parallel workers
+SLOW = """
+[study]
+name = "slow"
+kind = "train"
+[grid]
+seed = [0, 1, 2]
+[settings]
+estimator = "switch"
+steps = 100000
+batch_size = 4
+block_size = 32
+model = { n_layer = 2, n_head = 2, d_model = 32, d_ff = 64 }
+"""  # runs far longer than the tests wait
+
+
+def _children(pid: int) -> set[int]:
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if parent == pid:
+            children.add(int(stat.parent.name))
+    return children
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a zombie has exited (whoever is to reap it)
+
+
+@pytest.fixture
+def parallel_study(tmp_path):
+    """`gradest study run --jobs 2` of SLOW, whose first cell is already finished, once both workers are running a
+    cell: (process, first cell, the PIDs of the process's children: the two workers and multiprocessing's resource
+    tracker). Whatever is left of them is killed afterwards."""
+    from gradest.study import execute
+    spec = write_spec(tmp_path, SLOW, "slow.toml")
+    first = load_study(spec).cells(None, tmp_path / "res")[0]
+    assert execute(first, Counter()) == ("done", "")
+    with open(tmp_path / "stderr", "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "gradest.cli", "study", "run", str(spec), "--jobs", "2",
+                                    "--results", str(tmp_path / "res")], stdout=subprocess.DEVNULL, stderr=stderr)
+    children = set()
+    try:
+        deadline = time.time() + 60
+        while len(list((tmp_path / "res" / "train").glob("*/cell.json"))) < 3 and process.poll() is None \
+                and time.time() < deadline:
+            time.sleep(0.05)
+        children = _children(process.pid)
+        assert process.poll() is None and len(children) >= 2, (tmp_path / "stderr").read_text()
+        yield process, first, children
+    finally:
+        for pid in [process.pid, *children]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        process.wait()
+
+
+def _gone(pids, seconds=5.0) -> bool:
+    deadline = time.time() + seconds
+    while any(_alive(pid) for pid in pids) and time.time() < deadline:
         time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
+    return not any(_alive(pid) for pid in pids)
+
+
+LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in /proc")
+
+
+@LINUX
+def test_workers_die_with_a_killed_study(parallel_study):
+    """SIGKILL of `study run --jobs 2` (no chance to clean up): its workers and the resource tracker go with it,
+    rather than run the queued cells and then wait forever."""
+    process, _, children = parallel_study
+    process.kill()
     process.wait()
-    before = {p.name: (p / "done.json").read_bytes() for p in done_cells(tmp_path / "res")}
-    assert 2 <= len(before) < 6
-    _check_intact(tmp_path / "res")
-    assert subprocess.run(args + ["run"], timeout=60).returncode == 0
-    after = done_cells(tmp_path / "res")
-    assert len(after) == 6
-    assert {p.name: (p / "done.json").read_bytes() for p in after if p.name in before} == before  # not rerun
+    assert _gone(children), [pid for pid in children if _alive(pid)]
+
+
+@LINUX
+def test_ctrl_c_stops_the_workers_and_keeps_the_finished_cells(parallel_study, tmp_path):
+    """SIGINT (Ctrl-C) while both workers are in long cells: "error: aborted" and exit code 1 at once, without
+    waiting for those cells; the workers are stopped, the finished cell is intact and the interrupted ones are
+    neither finished nor failed (the next run redoes them)."""
+    process, first, children = parallel_study
+    finished_before = (first.directory / "done.json").read_bytes()
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=10) == 1
+    assert "error: aborted" in (tmp_path / "stderr").read_text().splitlines()
+    assert _gone(children), [pid for pid in children if _alive(pid)]
+    done, failed, missing = finished(load_study(tmp_path / "slow.toml"), None, tmp_path / "res")
+    assert [cell.hash for cell in done] == [first.hash] and not failed and len(missing) == 2
+    assert (first.directory / "done.json").read_bytes() == finished_before
+    assert all((cell.directory / "cell.json").is_file() for cell in missing)  # they had started
     _check_intact(tmp_path / "res")
 
 
@@ -361,6 +560,49 @@ def test_report_on_a_fixed_fixture(tmp_path):
     (out / "README.md").unlink()
     written, skipped = regenerate(tmp_path, tmp_path / "res")
     assert written == [out] and not skipped and (out / "README.md").read_text() == text
+
+
+PROFILED = SMALL + """
+[profiles.full]
+description = "every seed"
+
+[profiles.quick]
+grid = { seed = [0] }
+"""
+
+
+def test_a_report_of_another_profile_never_overwrites_the_committed_one(tmp_path, monkeypatch):
+    """The committed report (reports/<study>/) is the full profile's; a quick report goes to
+    reports/<study>/quick/ (or --out), and `figures` regenerates the committed one in place, from its profile."""
+    monkeypatch.chdir(tmp_path)
+    write_spec(tmp_path, PROFILED)
+    study = load_study("small.toml")
+    for profile in ("full", "quick"):
+        assert not run_study(study, profile, results="res", progress=False).failed
+    assert cli("report", "small.toml", "--results", "res").exit_code == 0
+    committed = Path("reports/small")
+
+    def files():
+        return {path.name: path.read_bytes() for path in committed.iterdir() if path.is_file()}
+
+    before = files()
+    assert {"README.md", "bias_variance.png", "rel_bias.png", "summary.csv", "report.json"} <= set(before)
+    result = cli("report", "small.toml", "--profile", "quick", "--results", "res")
+    assert result.exit_code == 0 and "report written to reports/small/quick/README.md" in result.output
+    assert files() == before  # figures and all
+    quick = committed / "quick"
+    assert json.loads((quick / "report.json").read_text())["profile"] == "quick"
+    assert (pd.read_csv(quick / "summary.csv")["seeds"] == 1).all()
+    assert (pd.read_csv(committed / "summary.csv")["seeds"] == 3).all()
+    result = cli("report", "small.toml", "--profile", "quick", "--results", "res", "--out", "elsewhere")
+    assert result.exit_code == 0 and (tmp_path / "elsewhere" / "README.md").is_file()
+    # `figures` rebuilds the committed report where it is, from the full profile, and nothing else
+    (committed / "README.md").unlink()
+    quick_readme = (quick / "README.md").stat().st_mtime_ns
+    result = cli("figures", "--results", "res")
+    assert result.exit_code == 0 and result.output.splitlines() == ["regenerated reports/small/README.md"]
+    assert (committed / "README.md").read_bytes() == before["README.md"]
+    assert (quick / "README.md").stat().st_mtime_ns == quick_readme
 
 
 # ------------------------------------------------------------------------------------------- the shared cache
@@ -455,7 +697,7 @@ def test_a_trained_probe_needs_its_training_run(tmp_path):
         load_study(write_spec(tmp_path, text.format(stage="trained", train="{}"))).cells(None, tmp_path)
     with pytest.raises(GradestError, match="unknown probe stage 'later'; valid: init, trained"):
         load_study(write_spec(tmp_path, text.format(stage="later", train="{}"))).cells(None, tmp_path)
-    with pytest.raises(GradestError, match="unknown key 'stepz' in a probe's train table"):
+    with pytest.raises(GradestError, match="a probe's train table: unknown key 'stepz'; valid: task, estimator"):
         load_study(write_spec(tmp_path, text.format(stage="trained", train="{ stepz = 3 }"))).cells(None, tmp_path)
 
 

@@ -8,7 +8,8 @@ import torch
 from click.testing import CliRunner
 
 from gradest.cli import main
-from gradest.estimators import applicable
+from gradest.errors import GradestError
+from gradest.estimators import trainable
 from gradest.train import Trainer, TrainConfig
 
 TINY = {"n_layer": 2, "n_head": 2, "d_model": 32, "d_ff": 64}
@@ -21,7 +22,7 @@ def tiny(tmp_path, **overrides) -> Trainer:
     return Trainer(TrainConfig(**settings), tmp_path)
 
 
-@pytest.mark.parametrize("estimator", [name for name in applicable("gated") if name != "exact"]
+@pytest.mark.parametrize("estimator", trainable("gated")
                          + ["reinforce:baseline=zero", "reinforce:baseline=mean"])
 def test_short_run_lowers_the_loss(tmp_path, estimator):
     """Every estimator that can sit in an MoE layer trains the LM: validation loss (on fixed batches) falls by
@@ -47,7 +48,7 @@ def test_top2_omega_dense_baseline_post_ln_and_bf16(tmp_path):
     assert not tiny(tmp_path / "x", estimator="switch", model=TINY | {"moe_every": 0}).model.moe_layers()
 
 
-@pytest.mark.parametrize("estimator", ["sparsemixer", "reinforce:baseline=mean"])
+@pytest.mark.parametrize("estimator", ["sparsemixer", "reinforce:baseline=mean", "default-moe"])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, estimator):
     """Stopping at step 10 and resuming from the checkpoint gives the uninterrupted run's metrics exactly:
     model, optimiser, scheduler, data order and the estimators' RNG are all restored."""
@@ -117,7 +118,9 @@ def test_cli_run_writes_its_files(tmp_path):
 
 def test_translation_reports_bleu(tmp_path):
     """--task mt trains the encoder-decoder on Multi30k and reports greedy BLEU on val and test_2016."""
-    trainer = tiny(tmp_path, task="mt", steps=4, eval_interval=4, model=TINY | {"n_encoder_layer": 1})
+    trainer = tiny(tmp_path, task="mt", steps=4, eval_interval=4, block_size=96, model=TINY | {"n_encoder_layer": 1})
+    with pytest.raises(GradestError, match="block_size=32 is shorter than translation needs"):
+        tiny(tmp_path / "short", task="mt", steps=4, model=TINY)
     start = trainer.evaluate()
     final = trainer.run().iloc[-1]
     assert final["val_loss"] < start

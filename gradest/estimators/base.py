@@ -1,4 +1,4 @@
-"""The contract every routing-gradient estimator honours, and the sampling rules they share (DESIGN.md §2–3).
+"""The contract every routing-gradient estimator honours, and the sampling rules they share (docs/estimators.md §2–3).
 
 An estimator is a routing rule. Given router logits `z` of shape (..., n) it returns a `Routing`: which experts each
 token uses, and the gate weights that multiply those experts' outputs. The gates carry the estimator's backward, so
@@ -47,6 +47,22 @@ boolean = Constraint(lambda v: isinstance(v, bool), "true or false")
 
 def one_of(*choices: str) -> Constraint:
     return Constraint(lambda v: v in choices, "one of " + ", ".join(choices))
+
+
+def integer_at_least(low: int) -> Constraint:
+    return Constraint(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low, f"an integer >= {low}")
+
+
+def optional(constraint: Constraint, meaning: str) -> Constraint:
+    """`constraint`, or None (which means `meaning`)."""
+    return Constraint(lambda v: v is None or constraint(v), f"{constraint.text}, or none ({meaning})")
+
+
+def check_settings(where: str, values: dict, constraints: dict[str, Constraint]) -> None:
+    """One line naming the first setting of `values` that breaks its constraint, and what is valid."""
+    for key, constraint in constraints.items():
+        if not constraint(values[key]):
+            raise GradestError(f"invalid {where} setting {key}={values[key]!r}; valid: {constraint.text}")
 
 
 @dataclass(frozen=True)
@@ -107,7 +123,7 @@ class Routing:
 
 
 def sparsity_mask(z: Tensor, z_star: Tensor, kind: str, r: float) -> Tensor | None:
-    """Experts kept by SparseMixer's sparsity mask (DESIGN §2), relative to the largest logit still available;
+    """Experts kept by SparseMixer's sparsity mask (estimators.md §2), relative to the largest logit still available;
     None when nothing is masked.
 
     reference (SparseMixer code, PhiMoE): masked when z* - z_i > 2r max(|z_i|, z*);

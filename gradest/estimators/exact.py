@@ -1,4 +1,4 @@
-"""The exact gradient as a routing rule (DESIGN §2 and row `exact`): every expert tuple is a branch."""
+"""The exact gradient as a routing rule (docs/estimators.md §2 and row `exact`): every expert tuple is a branch."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Score-function estimator (DESIGN §3 row `reinforce`): unbiased, sparse, high variance."""
+"""Score-function estimator (docs/estimators.md §3 row `reinforce`): unbiased, sparse, high variance."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """SparseMixer and its successors: sparse estimators that approximate the routing gradient nabla_0 with ODE
-steps along the gate, at the cost of one gate-path backward (DESIGN §3 rows `first-order`, `sparsemixer`,
+steps along the gate, at the cost of one gate-path backward (docs/estimators.md §3 rows `first-order`, `sparsemixer`,
 `sparsemixer-v2`, `sparsemixer-v2*`).
 
-All sample from the masked softmax of the reference code (DESIGN §2) unless `mask=none`. Forward values carry
+All sample from the masked softmax of the reference code (estimators.md §2) unless `mask=none`. Forward values carry
 coin-flip scales (c, s) that pick the ODE step; the backward is the gate path scaled by 1 or 2, ignoring them.
 """
 

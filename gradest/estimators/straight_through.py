@@ -1,7 +1,7 @@
 """Straight-through estimators: dense, they relax the one-hot choice h so that every expert's output is needed.
 
 In a gated layer the weights are h~ * p (forward value p_D on the chosen expert, gate path through p); in an
-ungated categorical problem they are h~ itself. DESIGN §3 rows `st`, `gumbel-st`, `reinmax`.
+ungated categorical problem they are h~ itself. docs/estimators.md §3 rows `st`, `gumbel-st`, `reinmax`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Gate-as-proxy routing: standard MoE training, which back-propagates only through the gate (DESIGN §3).
+"""Gate-as-proxy routing: standard MoE training, which back-propagates only through the gate (docs/estimators.md §3).
 
 No routing gradient nabla_0 at all; these are the baselines every other estimator is compared with.
 """
@@ -13,8 +13,8 @@ from gradest.estimators.base import (Estimator, Routing, boolean, hparam, positi
 class Switch(Estimator):
     """Switch Transformer routing (Fedus, Zoph, Shazeer 2021, "Switch Transformers").
 
-    DESIGN row `switch`: D = argmax(z * u), u ~ U[1-eps, 1+eps] in training; y = p~_D e_D with p~ = softmax(z * u);
-    the router learns only through p~_D.
+    docs/estimators.md §3, row `switch`: D = argmax(z * u), u ~ U[1-eps, 1+eps] in training; y = p~_D e_D with
+    p~ = softmax(z * u); the router learns only through p~_D.
     """
 
     name = "switch"
@@ -37,8 +37,8 @@ class Switch(Estimator):
 class TopK(Estimator):
     """GShard-style top-k routing (Lepikhin et al. 2021, "GShard").
 
-    DESIGN row `topk`: the k largest logits, y = sum_{i in S} g_i e_i with g = softmax(z), optionally renormalised
-    over S; the router learns only through g.
+    docs/estimators.md §3, row `topk`: the k largest logits, y = sum_{i in S} g_i e_i with g = softmax(z),
+    optionally renormalised over S; the router learns only through g.
     """
 
     name = "topk"

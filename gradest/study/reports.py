@@ -1,4 +1,5 @@
-"""Reports: `reports/<name>/README.md` with its tables, CSVs and figures, from the finished cells of a study.
+"""Reports: `reports/<name>/README.md` with its tables, CSVs and figures, from the finished cells of a study (a
+profile other than the committed one: `reports/<name>/<profile>/`, see `report_dir`).
 
 A compare or probe study's report has the estimators' bias, variance, MSE and cost per configuration (means over
 seeds with t-intervals); a train study's, each run's final losses, its time and FLOPs per update, and its steps to a
@@ -411,8 +412,17 @@ def _train_report(study: Study, done: list[Cell], out: Path, profile: str | None
 
 
 # --------------------------------------------------------------------------------------------------- the report
+def report_dir(study: Study, profile: str | None) -> Path:
+    """Where a profile's report goes unless told: `reports/<name>/` for the committed profile (`full`, else the base
+    grid when the study defines no `full`), `reports/<name>/<profile>/` for any other, so a quick report never
+    overwrites the committed one."""
+    out = Path("reports") / study.name
+    return out if profile == study.resolve_profile(None) else out / profile
+
+
 def write_report(study: Study, profile: str | None = None, results=None, out=None, command=None) -> Path:
-    """reports/<name>/README.md with tables, figures and the CSVs, from the finished cells of the profile."""
+    """README.md with tables, figures and the CSVs, from the finished cells of the profile, in `out` (default:
+    `report_dir`)."""
     from gradest.report import atomic_write_text, run_metadata, write_json
     profile = study.resolve_profile(profile)
     done, failed, missing = finished(study, profile, results)
@@ -421,7 +431,7 @@ def write_report(study: Study, profile: str | None = None, results=None, out=Non
                            f"{results_root(results) / study.kind}/; run `gradest study run "
                            f"{study.path or study.name}"
                            f"{f' --profile {profile}' if profile else ''}` first")
-    out = Path(out or Path("reports") / study.name)
+    out = Path(out or report_dir(study, profile))
     paragraph, tables, figures, data = CELL_KINDS[study.kind].report(study, done, out, profile)
     for stale in set(out.glob("*.png")) - {out / name for name in figures}:  # a figure this report no longer has
         stale.unlink()
@@ -438,7 +448,8 @@ def write_report(study: Study, profile: str | None = None, results=None, out=Non
         paragraph,
         f"Study `{spec}`, profile `{profile or 'base'}`, kind `{study.kind}`; {status}; cells computed at "
         f"commit {_commits(done)}. Regenerate with `gradest report {spec}"
-        f"{f' --profile {profile}' if profile else ''}` (or `gradest figures`).",
+        f"{f' --profile {profile}' if profile else ''}`"
+        f"{' (or `gradest figures`)' if profile == study.resolve_profile(None) else ''}.",
         "## Tables",
         tables,
         "## Figures",

@@ -12,7 +12,8 @@ and a probe of a trained model trains (or reuses) the `train` cell of its `train
 `cell.json`, the outputs, and `done.json`, written last: a cell is finished iff `done.json` exists. A failing cell
 writes `error.json` and is retried on the next run. Every file is written atomically and one process at a time
 runs a cell (a lock file), so a run killed at any moment leaves no half file, and re-running finishes each cell
-exactly once.
+exactly once. Parallel cells run in worker processes that die with the runner's process, and Ctrl-C stops them at
+once (their cells stay unfinished).
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from __future__ import annotations
 import concurrent.futures
 import fcntl
 import multiprocessing
+import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -29,8 +33,9 @@ from typing import Callable, Collection
 
 from gradest.errors import GradestError, one_line
 from gradest.study.spec import (FORMAT, Cell, Study, _compare_defaults, _probe_defaults, _resolve_compare,
-                                _resolve_probe, _resolve_train, _train_defaults, make_cell, parse_shard,
-                                probe_train_config, problem_fields, results_root, shard, train_fields)
+                                _resolve_probe, _resolve_train, _train_defaults, available_devices, device_name,
+                                make_cell, parse_shard, probe_train_config, problem_fields, results_root, shard,
+                                train_fields)
 
 
 # ------------------------------------------------------------------------------------------------------ runners
@@ -189,9 +194,50 @@ def _execute(cell: Cell, runner, command) -> tuple[str, str]:
     return "done", ""
 
 
-def _init_worker():
+def _init_worker(parent: int):
+    """A worker process: one torch thread; it dies with the study's process (else, that one killed, it would run
+    the queued cells and then wait forever), and leaves Ctrl-C to it (which stops the workers, `_stop_workers`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        PR_SET_PDEATHSIG = 1  # <linux/prctl.h>: the kernel sends SIGTERM when the parent dies
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    else:  # elsewhere a watchdog thread notices the parent is gone (the worker is re-parented)
+        def watch():
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            os._exit(1)
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the worker asked to die with it
+        os._exit(1)
     import torch
     torch.set_num_threads(1)
+
+
+def _stop_workers(pool: concurrent.futures.ProcessPoolExecutor):
+    """Cancel the queued cells and end the running ones now, instead of waiting for them (as leaving the pool's
+    `with` would): their cells stay unfinished (no done.json), to be run again."""
+    for process in list((pool._processes or {}).values()):  # no public way before Python 3.14's terminate_workers
+        process.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _check_devices(cells: list[Cell], where: str):
+    """Every device the cells ask for (a train or probe cell's, its train table's) is on this machine: a paper
+    profile's "cuda" on a laptop fails here, before any cell runs."""
+    def devices(config: dict):
+        for key, value in config.items():
+            if key == "device" and isinstance(value, str):
+                yield value
+            elif isinstance(value, dict):
+                yield from devices(value)
+
+    needs = [(cell, device) for cell in cells for device in devices(cell.config)]
+    available = available_devices() if needs else []
+    for cell, device in needs:
+        if device_name(device) not in available:
+            raise GradestError(f"{where}: cell {cell.hash} needs device '{device}', which this machine does not "
+                               f"have; valid here: {', '.join(available)}")
 
 
 @dataclass
@@ -217,6 +263,7 @@ def run_study(study: Study, profile: str | None = None, results=None, jobs: int 
     index, count = parse_shard(shard_spec)
     cells = shard(study.cells(profile, results_root(results)), index, count)
     todo = [cell for cell in cells if not cell.done]
+    _check_devices(todo, f"study '{study.name}' (profile {profile or 'base'})")
     summary = RunSummary(total=len(cells), skipped=len(cells) - len(todo))
     from tqdm import tqdm
     bar = tqdm(total=len(todo), desc=f"{study.name} cells", file=sys.stderr, disable=None if progress else True,
@@ -233,13 +280,14 @@ def run_study(study: Study, profile: str | None = None, results=None, jobs: int 
                 record(cell, *execute(cell, runner, command))
         else:
             context = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker) as pool:
-                futures = {pool.submit(execute, cell, runner, command): cell for cell in todo}
+            with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
+                                                        initargs=(os.getpid(),)) as pool:
                 try:
+                    futures = {pool.submit(execute, cell, runner, command): cell for cell in todo}
                     for future in concurrent.futures.as_completed(futures):
                         record(futures[future], *future.result())
-                except BaseException:
-                    pool.shutdown(wait=False, cancel_futures=True)
+                except BaseException:  # Ctrl-C (KeyboardInterrupt), a worker that died
+                    _stop_workers(pool)
                     raise
     except concurrent.futures.process.BrokenProcessPool:
         raise GradestError("a worker process died (killed or out of memory); run the study again to finish "

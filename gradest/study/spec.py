@@ -40,6 +40,7 @@ LABEL_KEYS = ("name",)  # settings that only label a cell: not hashed
 PROFILE_KEYS = ("grid", "settings", "description")
 PROBLEM_DEFAULTS = {"poly": {"experts": 2}}  # as `gradest compare`: ReinMax's polynomial programming is binary
 STAGES = ("init", "trained")  # a probe's model: its training run's at initialisation, or trained
+DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 # --------------------------------------------------------------------------------------------------------- spec
@@ -115,7 +116,12 @@ class Study:
                         config[k] = merge(config.get(k), v)
                 else:
                     config[key] = merge(config.get(key), value)
-            cell = make_cell(self.kind, config, results, given)
+            try:
+                cell = make_cell(self.kind, config, results, given)
+            except GradestError as error:  # name the cell: the grid values that make it
+                label = ", ".join(f"{key}={canonical(value)}" for key, value in zip(keys, combination))
+                raise GradestError(f"study '{self.name}' (profile {profile or 'base'}), "
+                                   f"{f'cell [{label}]' if label else 'its cell'}: {error}") from None
             cells[cell.hash] = cell
         return [cells[digest] for digest in sorted(cells)]
 
@@ -138,8 +144,44 @@ def merge(old, new):
 
 
 def resolve(kind: str, config: dict, given=()) -> dict:
-    """Fill the defaults that depend on other settings, and check the configuration once, before any runs."""
-    return _kinds()[kind].resolve(dict(config), given)
+    """Fill the defaults that depend on other settings, and check the configuration once, before any runs: every
+    setting's type (`check_types`), then the kind's checks (its configs' own, e.g. ProblemConfig's)."""
+    kind = _kinds()[kind]
+    check_types(config, kind.defaults())
+    return kind.resolve(dict(config), given)
+
+
+# settings whose default None means "unset": the type a spec may set them to (TOML has no null)
+OPTIONAL_TYPES = {"name": str, "omega": bool, "capacity_factor": float}
+TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a table"}
+
+
+def check_types(table: dict, defaults: dict, prefix: str = ""):
+    """Each setting has the type of its default (an integer may stand for a number, true is not an integer), so
+    `samples = "lots"` is an error before any cell runs. Keys that only label a cell are not checked."""
+    for key, value in table.items():
+        if key not in defaults:
+            if key in LABEL_KEYS:
+                continue
+            raise GradestError(f"unknown key '{prefix}{key}'; valid: {', '.join(prefix + k for k in defaults)}")
+        if value is None and defaults[key] is None:  # left unset
+            continue
+        expected = OPTIONAL_TYPES[key] if defaults[key] is None else type(defaults[key])
+        numeric = (int, float) if expected is float else (expected,)
+        if not isinstance(value, numeric) or (isinstance(value, bool) and expected is not bool):
+            raise GradestError(f"{prefix}{key} must be {TYPE_NAMES[expected]}, got {value!r}")
+
+
+def check_range(config: dict, key: str, low: int, high: int | None = None, why: str = ""):
+    value = config[key]
+    if value < low or (high is not None and value > high):
+        valid = f"in {low}..{high}" if high is not None else f">= {low}"
+        raise GradestError(f"{key} must be {valid}{why}, got {value!r}")
+
+
+def check_choice(config: dict, key: str, valid, what: str | None = None):
+    if config[key] not in valid:
+        raise GradestError(f"unknown {what or key} '{config[key]}'; valid: {', '.join(valid)}")
 
 
 def problem_fields(config: dict) -> dict:
@@ -148,8 +190,9 @@ def problem_fields(config: dict) -> dict:
 
 
 def train_fields(config: dict) -> dict:
+    """The run settings of a train cell's config (TrainConfig's flat settings: `TrainConfig(**train_fields(...))`)."""
     from gradest.train import TrainConfig
-    return {f.name: config[f.name] for f in dataclasses.fields(TrainConfig)}
+    return {key: config[key] for key in TrainConfig().settings()}
 
 
 def canonical(data) -> str:
@@ -269,51 +312,108 @@ def _probe_defaults() -> dict:
 
 def _train_defaults() -> dict:
     from gradest.train import TrainConfig
-    defaults = {}
-    for f in dataclasses.fields(TrainConfig):
-        defaults[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    return {"name": None, **defaults}
+    return {"name": None, **TrainConfig().settings()}
 
 
 def _resolve_compare(config: dict, given=()) -> dict:
     """A synthetic problem configuration: the problem's own defaults for the keys the spec does not set, then the
-    problem and the estimator spec checked."""
-    from gradest.measure import expand_estimators
+    problem (`ProblemConfig`), the estimator spec, the samples and the gradient target checked."""
+    from gradest.estimators import expand_estimators
+    from gradest.measure import WRT
     from gradest.problems import PROBLEMS, ProblemConfig
-    if config["problem"] not in PROBLEMS:
-        raise GradestError(f"unknown problem '{config['problem']}'; valid: {', '.join(PROBLEMS)}")
+    check_choice(config, "problem", PROBLEMS)
     for key, value in PROBLEM_DEFAULTS.get(config["problem"], {}).items():
         if key not in given:  # poly's default is 2 categories, as in `gradest compare`
             config[key] = value
     problem = ProblemConfig(**problem_fields(config), seed=config["seed"])
     estimators = "all" if config["estimator"] == "all" else [config["estimator"]]
     expand_estimators(estimators, PROBLEMS[problem.problem].kind, problem.top_k, config["hparams"])
+    check_range(config, "samples", 3, why=" (bias and variance need them)")
+    check_choice(config, "wrt", WRT, "gradient target")
     return config
 
 
 def _resolve_probe(config: dict, given=()) -> dict:
-    """The estimators, the stage and the `train` table checked (that training run resolved as a cell of its own)."""
-    from gradest.probe import probe_estimators
+    """The probe's options (as `probe.probe` and `probe.switch_probe` check them when it runs), the estimators, the
+    model's settings and MoE layers, the stage and the `train` table (that training run resolved as a cell of its
+    own)."""
+    from gradest.probe import PROBE_WRT, REFERENCES, SCORES, TASK_PROBLEM, probe_estimators
+    for key, valid, what in (("task", TASK_PROBLEM, "task"), ("stage", STAGES, "probe stage"),
+                             ("wrt", PROBE_WRT, "gradient target for the probe"),
+                             ("reference", REFERENCES, "reference"), ("score", SCORES, "score")):
+        check_choice(config, key, valid, what)
+    check_range(config, "experts", 2, why=" (routing needs a choice)")
+    check_range(config, "top_k", 1, config["experts"])
+    for key, low in (("samples", 3), ("draws", 3), ("batch_size", 1), ("seq_len", 1), ("layer", 0)):
+        check_range(config, key, low)
     probe_estimators(config["estimator"] if config["estimator"] == "all" else [config["estimator"]],
                      config["top_k"], config["hparams"])
-    if config["stage"] not in STAGES:
-        raise GradestError(f"unknown probe stage '{config['stage']}'; valid: {', '.join(STAGES)}")
-    if not isinstance(config["train"], dict):
-        raise GradestError(f"a probe's train must be a table of training settings, got {config['train']!r}")
     if config["stage"] == "trained" and not config["train"]:
         raise GradestError("probe stage 'trained' needs a train table (the run whose model is probed)")
     if config["train"]:
-        valid = [key for key in _train_defaults() if key != "name"]
-        _check_keys(config["train"], valid, "a probe's train table")
-        resolve("train", probe_train_config(config))
+        valid = {key: value for key, value in _train_defaults().items() if key != "name"}
+        try:
+            check_types(config["train"], valid)
+            resolve("train", probe_train_config(config))
+        except GradestError as error:
+            raise GradestError(f"a probe's train table: {error}") from None
+    model = _probe_model(config)
+    layers = sum(model.is_moe(i) for i in range(model.n_layer)) + \
+        sum(model.is_moe(i) for i in range(model.n_encoder_layer))
+    if not layers:
+        raise GradestError("the probed model has no MoE layer (moe_every=0 is the dense baseline)")
+    check_range(config, "layer", 0, layers - 1, why=" (an index into the model's MoE layers)")
+    check_range(config, "seq_len", 1, model.block_size, why=" (the model's block_size)")
+    if model.capacity_factor is not None:
+        raise GradestError("the probe needs a model with capacity_factor unset (a capacity limit would couple the "
+                           "copies of the batch the probe runs in one pass)")
     return config
 
 
 def _resolve_train(config: dict, given=()) -> dict:
-    """A `TrainConfig` that builds its estimator."""
+    """A `TrainConfig` (its settings and its model's checked) that builds its estimator, on a device torch knows."""
+    import torch
     from gradest.train import TrainConfig
     TrainConfig(**train_fields(config)).build_estimator()
+    try:
+        device = torch.device(config["device"])
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise GradestError(f"unknown device '{config['device']}'; valid: {', '.join(DEVICE_TYPES)}, cuda:N")
     return config
+
+
+def _model_defaults() -> dict:
+    from gradest.model import SwitchConfig
+    return {f.name: f.default for f in dataclasses.fields(SwitchConfig)}
+
+
+def _probe_model(config: dict):
+    """The SwitchConfig (checked) of a probe cell's model: the tiny one `probe.switch_probe` builds (`TINY`), or
+    that of the training run of its `train` table."""
+    from gradest.model import SwitchConfig
+    from gradest.probe import TINY
+    from gradest.train import TrainConfig
+    train = probe_train_config(config)
+    if train is None:
+        check_types(config["model"], _model_defaults(), "model.")
+        return SwitchConfig(**{**TINY[config["task"]], "experts": config["experts"], "block_size": config["seq_len"],
+                               **config["model"]})
+    return TrainConfig(**train_fields(train)).model
+
+
+def available_devices() -> list[str]:
+    """The devices of this machine a cell may ask for ("cuda" is "cuda:0")."""
+    import torch
+    devices = ["cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    return devices + (["mps"] if torch.backends.mps.is_available() else [])
+
+
+def device_name(name: str) -> str:
+    import torch
+    device = torch.device(name)
+    return f"cuda:{device.index or 0}" if device.type == "cuda" else device.type
 
 
 def probe_train_config(config: dict) -> dict | None:
