@@ -38,7 +38,7 @@ def flops_per_token(trainer: Trainer) -> float:
     model, c = trainer.model, trainer.model.config
     embedding = model.decoder.tok.weight.numel() + model.decoder.pos.weight.numel()
     active = model.num_parameters(active=True) - embedding
-    return 6 * active + 12 * c.n_layer * trainer.config.block_size * c.d_model
+    return 6 * active + 12 * c.n_layer * trainer.config.model.block_size * c.d_model
 
 
 def main():
@@ -65,7 +65,7 @@ def main():
                 if step >= 3:  # warm-up steps excluded
                     times[name].append(time.perf_counter() - start)
     default = trainers["switch"].config
-    tokens = default.batch_size * default.block_size
+    tokens = default.batch_size * default.model.block_size
     peak = matmul_peak(args.device, torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
     print(f"default Switch LM: {trainers['switch'].model.num_parameters() / 1e6:.2f} M parameters, "
           f"{tokens} tokens/step, {args.device} {args.dtype}, torch {torch.__version__}, "
