@@ -8,6 +8,7 @@ matplotlib's Agg canvas without pyplot, so importing this module changes no glob
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -114,13 +115,32 @@ def _floor_for_log(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(at_floor, floor, values), at_floor
 
 
+NO_ESTIMATOR_COLOUR = (0.45, 0.45, 0.45)  # a label that names no estimator, e.g. the dense baseline
+
+
+def estimator_colour(label) -> tuple:
+    """The colour of an estimator in every figure of every report: fixed by its name (its place among the
+    registered names), a lighter shade for each of its variants (its declared variants first, then any other
+    setting, e.g. `st(tau=0.5)` or a study's arm `switch + omega`), grey for a label that names no estimator."""
+    label = str(label)
+    name = re.split(r"[(:\s]", label, maxsplit=1)[0]
+    if name not in REGISTRY:
+        return NO_ESTIMATOR_COLOUR
+    palette = [c for i, c in enumerate(sns.color_palette("tab10")) if i != 7] + sns.color_palette("Dark2")[:7]  # no grey
+    base = palette[sorted(REGISTRY).index(name) % len(palette)]
+    variants = list(dict.fromkeys([name] + [REGISTRY[name](**v).label for v in REGISTRY[name].variants]))
+    rank = variants.index(label) if label in variants else len(variants)
+    lighten = min(0.6, 0.3 * rank)
+    return tuple(c + (1 - c) * lighten for c in base)
+
+
 def estimator_styles(labels) -> dict[str, dict]:
-    """A colour per estimator and a marker per family, the same in every panel, so one legend serves them all."""
+    """The colour of each estimator and a marker per family, so one legend serves every panel."""
     labels = list(dict.fromkeys(labels))
-    colors = sns.color_palette("tab20", len(labels))
     families = list(dict.fromkeys(_family(label) for label in labels))
-    return {label: {"color": colors[i], "marker": FAMILY_MARKERS[families.index(_family(label)) % len(FAMILY_MARKERS)]}
-            for i, label in enumerate(labels)}
+    return {label: {"color": estimator_colour(label),
+                    "marker": FAMILY_MARKERS[families.index(_family(label)) % len(FAMILY_MARKERS)]}
+            for label in labels}
 
 
 def _family(label: str) -> str:
@@ -238,7 +258,7 @@ def objective_figure(metrics: pd.DataFrame, estimator_label: str) -> Figure:
         fig = Figure(figsize=(7, 4.5), layout="constrained")
         FigureCanvasAgg(fig)
         ax = fig.subplots()
-        blue, orange = sns.color_palette()[:2]
+        blue, orange = estimator_colour(estimator_label), estimator_colour("exact")
         ax.plot(metrics["step"], metrics["objective"], color=blue, label=f"J, trained with {estimator_label}")
         ax.plot(metrics["step"], metrics["objective_exact_run"], color=orange, label="J, trained with exact gradient")
         if not metrics["own_objective"].equals(metrics["objective"]):  # a mask or temperature changes its target
@@ -354,7 +374,7 @@ def curves_figure(panels: dict[str, dict[str, pd.DataFrame]], column: str = "val
     in every panel); one panel per entry of `panels` (title -> {label: frame}). Each frame has columns step, seed
     and `column`."""
     labels = list(dict.fromkeys(label for curves in panels.values() for label in curves))
-    colours = dict(zip(labels, sns.color_palette("tab10" if len(labels) <= 10 else "tab20", max(1, len(labels)))))
+    colours = {label: estimator_colour(label) for label in labels}
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.9):
         columns = min(len(panels), 2)
         rows = math.ceil(len(panels) / columns)
@@ -396,7 +416,8 @@ def ratios_figure(summary: pd.DataFrame, baseline: str, metrics: list[str]) -> F
             y = np.arange(len(rows))
             lo = (rows[metric] - rows[f"{metric}_lo"]).clip(lower=0)
             hi = (rows[f"{metric}_hi"] - rows[metric]).clip(lower=0)
-            ax.barh(y, rows[metric], xerr=[lo, hi], color=sns.color_palette("tab10")[0], alpha=0.8, capsize=2)
+            ax.barh(y, rows[metric], xerr=[lo, hi], color=[estimator_colour(label) for label in rows["label"]],
+                    alpha=0.8, capsize=2)
             ax.axvline(0 if metric.endswith("_diff") else 1, color="k", lw=0.8, ls="--")
             ax.set_yticks(y, rows["label"])
             ax.invert_yaxis()
@@ -411,7 +432,7 @@ def metric_vs_experts_figure(summary: pd.DataFrame, metric: str, ylabel: str, lo
     problems = list(dict.fromkeys(summary["problem"]))
     sharpnesses = sorted(summary["sharpness"].unique()) if "sharpness" in summary else [None]
     estimators = list(dict.fromkeys(summary["estimator"]))
-    colours = dict(zip(estimators, sns.color_palette("tab20", len(estimators))))
+    colours = {label: estimator_colour(label) for label in estimators}
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.8):
         fig = Figure(figsize=(4.2 * len(sharpnesses) + 2.5, 3.2 * len(problems)), layout="constrained")
         FigureCanvasAgg(fig)
