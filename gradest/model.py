@@ -19,8 +19,8 @@ from torch import Tensor
 
 from gradest.errors import GradestError
 from gradest.estimators import Estimator
-from gradest.estimators.base import (Constraint, boolean, check_settings, integer_at_least, nonnegative, optional,
-                                     positive, unit_interval)
+from gradest.estimators.base import (Constraint, boolean, check_settings, integer_at_least, nonnegative, one_of,
+                                     optional, positive, unit_interval)
 from gradest.moe import MoE
 
 
@@ -38,10 +38,13 @@ class SwitchConfig:
     dropout: float = 0.0
     expert_dropout: float = 0.0
     balance_coef: float = 0.01
+    balance_probs: str = "softmax"  # the balance loss's P_i: "softmax" or "sampled" (the SparseMixer code's masked P)
     z_loss_coef: float = 0.0
     capacity_factor: float | None = None
     omega: bool | None = None  # None: the estimator's default
     post_ln: bool = False
+    router_bias: bool = False  # the SparseMixer code's router is nn.Linear with a bias
+    moe_first: bool = False  # MoE in the first layer of each moe_every (0, 2, 4: the SparseMixer code), not the last
     pad_id: int = -100  # target id the loss ignores
 
     def __post_init__(self):
@@ -52,7 +55,7 @@ class SwitchConfig:
                                                       if self.d_model % h == 0))
 
     def is_moe(self, layer: int) -> bool:
-        return self.moe_every > 0 and layer % self.moe_every == self.moe_every - 1
+        return self.moe_every > 0 and layer % self.moe_every == (0 if self.moe_first else self.moe_every - 1)
 
 
 MODEL_SETTINGS = {
@@ -61,7 +64,8 @@ MODEL_SETTINGS = {
     "d_ff": integer_at_least(1), "experts": integer_at_least(2), "moe_every": integer_at_least(0),
     "dropout": unit_interval, "expert_dropout": unit_interval, "balance_coef": nonnegative,
     "z_loss_coef": nonnegative, "capacity_factor": optional(positive, "no token dropping"),
-    "omega": optional(boolean, "the estimator's default"), "post_ln": boolean,
+    "omega": optional(boolean, "the estimator's default"), "post_ln": boolean, "router_bias": boolean,
+    "moe_first": boolean, "balance_probs": one_of("softmax", "sampled"),
     "pad_id": Constraint(lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
 }
 
@@ -106,8 +110,9 @@ class Block(nn.Module):
         self.attn = Attention(config, causal)
         self.cross = Attention(config, causal=False) if cross else None
         self.ffn = (MoE(config.d_model, config.d_ff, config.experts, estimator, omega=config.omega,
-                        balance_coef=config.balance_coef, z_loss_coef=config.z_loss_coef,
-                        capacity_factor=config.capacity_factor, expert_dropout=config.expert_dropout)
+                        balance_coef=config.balance_coef, balance_probs=config.balance_probs,
+                        z_loss_coef=config.z_loss_coef, capacity_factor=config.capacity_factor,
+                        expert_dropout=config.expert_dropout, router_bias=config.router_bias)
                     if config.is_moe(layer) else FeedForward(config))
         self.norms = nn.ModuleList(nn.LayerNorm(config.d_model) for _ in range(3 if cross else 2))
         self.drop = nn.Dropout(config.dropout)

@@ -21,7 +21,13 @@ from torch import Tensor, nn
 
 from gradest.errors import GradestError
 from gradest.estimators import GATED, Estimator, Routing, trainable
-from gradest.estimators.base import nonnegative, positive, positive_integer, unit_interval
+from gradest.estimators.base import (check_settings, integer_at_least, nonnegative, one_of, optional, positive,
+                                     unit_interval)
+
+LAYER_SETTINGS = {"d_model": integer_at_least(1), "d_ff": integer_at_least(1), "experts": integer_at_least(2),
+                  "balance_coef": nonnegative, "balance_probs": one_of("softmax", "sampled"),
+                  "z_loss_coef": nonnegative, "capacity_factor": optional(positive, "no token dropping"),
+                  "expert_dropout": unit_interval}
 
 
 @dataclass
@@ -42,13 +48,16 @@ class MoE(nn.Module):
     """Switch MoE feed-forward layer: (..., d_model) -> (..., d_model); sets `self.aux` to an `MoEAux`.
 
     Parameters, by name (a model that scales residual-output projections at init, like GPT-2, scales `w_out`):
-      router.weight (n, d_model)        bias-free router, always evaluated in float32 or wider;
+      router.weight (n, d_model)        the router, always evaluated in float32 or wider (router.bias (n) only
+                                        with router_bias=True, as in the SparseMixer code);
       w_in (n, d_model, d_ff), b_in (n, d_ff)       experts' input projections (biases only with bias=True);
       w_out (n, d_ff, d_model), b_out (n, d_model)  experts' output projections;
       omega (d_model)                   learnable output scale, only when omega is on.
 
     `experts` is n; `k` is the estimator's experts per token. Options: `omega` (None: the estimator's default,
-    `estimator.omega`); `balance_coef` alpha of the load-balancing loss; `z_loss_coef` of the router z-loss;
+    `estimator.omega`); `balance_coef` alpha of the load-balancing loss; `balance_probs`, where its P_i comes from:
+    "softmax" of the logits (Switch) or "sampled", the distribution the estimator samples from (its objective's
+    first-stage masked, tempered softmax: the SparseMixer code's masked P); `z_loss_coef` of the router z-loss;
     `capacity_factor` (None: no token dropping): each expert takes at most ceil(capacity_factor * tokens * k / n)
     token-choices, in token order, and the rest contribute 0 (the residual connection around the layer carries
     those tokens); `expert_dropout` on the experts' hidden activations in training. Attribute `zero_output`:
@@ -56,25 +65,20 @@ class MoE(nn.Module):
     """
 
     def __init__(self, d_model: int, d_ff: int, experts: int, estimator: Estimator, *, omega: bool | None = None,
-                 balance_coef: float = 0.01, z_loss_coef: float = 0.0, capacity_factor: float | None = None,
-                 expert_dropout: float = 0.0, bias: bool = False):
+                 balance_coef: float = 0.01, balance_probs: str = "softmax", z_loss_coef: float = 0.0,
+                 capacity_factor: float | None = None, expert_dropout: float = 0.0, bias: bool = False,
+                 router_bias: bool = False):
         super().__init__()
-        for name, value, constraint in (("d_model", d_model, positive_integer), ("d_ff", d_ff, positive_integer),
-                                        ("experts", experts, positive_integer),
-                                        ("balance_coef", balance_coef, nonnegative),
-                                        ("z_loss_coef", z_loss_coef, nonnegative),
-                                        ("expert_dropout", expert_dropout, unit_interval)):
-            if not constraint(value):
-                raise GradestError(f"MoE {name} must be {constraint.text}, got {value!r}")
-        if capacity_factor is not None and not positive(capacity_factor):
-            raise GradestError(f"MoE capacity_factor must be {positive.text} or None (no dropping), "
-                               f"got {capacity_factor!r}")
+        check_settings("MoE", {"d_model": d_model, "d_ff": d_ff, "experts": experts, "balance_coef": balance_coef,
+                               "balance_probs": balance_probs, "z_loss_coef": z_loss_coef,
+                               "capacity_factor": capacity_factor, "expert_dropout": expert_dropout},
+                       LAYER_SETTINGS)
         estimator.check(experts, GATED)
         self.d_model, self.d_ff, self.experts = d_model, d_ff, experts
-        self.balance_coef, self.z_loss_coef = balance_coef, z_loss_coef
+        self.balance_coef, self.balance_probs, self.z_loss_coef = balance_coef, balance_probs, z_loss_coef
         self.capacity_factor, self.expert_dropout = capacity_factor, expert_dropout
 
-        self.router = nn.Linear(d_model, experts, bias=False)
+        self.router = nn.Linear(d_model, experts, bias=router_bias)
         self.hold(estimator)
         self.w_in = nn.Parameter(torch.empty(experts, d_model, d_ff))
         self.w_out = nn.Parameter(torch.empty(experts, d_ff, d_model))
@@ -137,7 +141,8 @@ class MoE(nn.Module):
         router's softmax are sensitive to rounding (Switch Transformer §2.4, selective precision)."""
         dtype = torch.promote_types(tokens.dtype, torch.float32)
         with torch.autocast(tokens.device.type, enabled=False):
-            return F.linear(tokens.to(dtype), self.router.weight.to(dtype))
+            bias = None if self.router.bias is None else self.router.bias.to(dtype)
+            return F.linear(tokens.to(dtype), self.router.weight.to(dtype), bias)
 
     def expert_ffn(self, x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out: Tensor,
                    b_out: Tensor | None) -> Tensor:
@@ -212,8 +217,10 @@ class MoE(nn.Module):
             y = y * self.omega.to(y.dtype)
 
         pairs = pair_expert.numel()
-        balance = self.balance_coef * self.experts * (counts.to(p.dtype) / pairs * p.mean(0)).sum() \
-            if self.balance_coef else logits.new_zeros(())
+        balance = logits.new_zeros(())
+        if self.balance_coef:
+            probs = self.estimator.objective().probabilities(logits) if self.balance_probs == "sampled" else p
+            balance = self.balance_coef * self.experts * (counts.to(p.dtype) / pairs * probs.mean(0)).sum()
         z_loss = self.z_loss_coef * lse.square().mean() if self.z_loss_coef else logits.new_zeros(())
         stats = {"tokens_per_expert": tokens_per_expert, "argmax_fraction": argmax_hits / pairs,
                  "router_entropy": entropy, "dropped_fraction": (pairs - sum(rows_per_expert)) / pairs}

@@ -380,3 +380,40 @@ def test_default_outputs_enter_the_forward_value_unless_backward_only():
     plain = make_layer("topk", 1, omega=False).eval()(x)
     torch.testing.assert_close(outputs["backward-only"], plain, rtol=1e-12, atol=1e-12)
     assert (outputs["substitute"] - plain).abs().max() > 1e-3
+
+
+# -------------------------------------------------------------------------- the SparseMixer code's settings
+def test_balance_loss_from_the_sampled_distribution_is_the_reference_codes():
+    """balance_probs="sampled": P_i is the mean of the distribution the estimator samples from, for sparsemixer
+    the masked softmax (as in microsoft/SparseMixer: n * sum_i f_i mean_t masked_p_ti); "softmax" keeps Switch's
+    P_i = mean of softmax(z). They differ when the mask removes experts."""
+    x = tokens(40)
+    losses = {}
+    for probs in ("softmax", "sampled"):
+        layer = MoE(D_MODEL, D_FF, N, get_estimator("sparsemixer", jitter_eps=0.3), balance_coef=1.0,
+                    balance_probs=probs).double()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            layer.router.weight.copy_(torch.randn(N, D_MODEL, generator=torch.Generator().manual_seed(5)))
+        torch.manual_seed(1)
+        layer(x)
+        losses[probs] = layer.aux.balance_loss
+        z = x @ layer.router.weight.T
+        keep = (z.max(-1, keepdim=True).values - z) <= 2 * 0.3 * torch.maximum(z.abs(), z.max(-1, keepdim=True).values)
+        p = z.masked_fill(~keep, float("-inf")).softmax(-1) if probs == "sampled" else z.softmax(-1)
+        f = torch.tensor(layer.aux.stats["tokens_per_expert"], dtype=p.dtype) / len(x)
+        torch.testing.assert_close(losses[probs], N * (f * p.mean(0)).sum())
+    assert (losses["softmax"] - losses["sampled"]).abs() > 1e-3
+
+
+def test_router_bias_and_moe_in_the_first_layer_of_each_group():
+    """router_bias adds router.bias to the logits; moe_first puts the MoE layers at 0, 2, 4 (the SparseMixer
+    code's `layer_idx % 2 == 0`) instead of Switch's 1, 3, 5."""
+    from gradest.model import SwitchConfig
+    layer = MoE(D_MODEL, D_FF, N, get_estimator("switch"), router_bias=True).double()
+    with torch.no_grad():
+        layer.router.bias.copy_(torch.arange(N, dtype=torch.float64))
+    x = tokens(3)
+    torch.testing.assert_close(layer.router_logits(x), x @ layer.router.weight.T + layer.router.bias)
+    assert [SwitchConfig(n_layer=6).is_moe(i) for i in range(6)] == [False, True] * 3
+    assert [SwitchConfig(n_layer=6, moe_first=True).is_moe(i) for i in range(6)] == [True, False] * 3

@@ -228,6 +228,12 @@ class Objective:
         return sequential_route(logits, self.k, mask=self.mask, r=self.r, temperature=self.temperature, u=u,
                                 experts=experts)
 
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """The distribution of the first expert (..., n): the masked softmax of z / temperature."""
+        z = logits / self.temperature if self.temperature != 1 else logits
+        keep = sparsity_mask(z.detach(), z.detach().amax(-1, keepdim=True), self.mask, self.r)
+        return softmax(z if keep is None else z.masked_fill(~keep, -math.inf))
+
     def exact(self) -> "Estimator":
         """The estimator whose routing is this objective itself, enumerated: its gradient is grad J exactly."""
         from gradest.estimators.exact import Exact  # the one estimator every objective has
