@@ -33,7 +33,7 @@ from gradest.problems import PROBLEMS, ProblemConfig
 from gradest.report import (atomic_savefig, summary_text, training_figure, training_summary, write_compare_report,
                             write_run_report)
 from gradest.synthetic import SYNTHETIC_LR, SYNTHETIC_STEPS, train_synthetic
-from gradest.train import DTYPES, TASKS, Trainer, TrainConfig
+from gradest.train import DTYPES, TASKS, Interrupted, Trainer, TrainConfig, load_checkpoint
 
 # Problem-specific defaults that differ from ProblemConfig's: ReinMax's polynomial programming is binary.
 PROBLEM_DEFAULTS = {"poly": {"experts": 2}}
@@ -101,7 +101,9 @@ def config_options(lists: bool):
     options = [
         click.option("--experts", type=kind(click.INT), default=None,
                      help=f"experts n (poly: categories per latent) [default 2 for poly, "
-                          f"{ProblemConfig.experts} otherwise]{several}"),
+                          f"{ProblemConfig.experts} otherwise]{several}" if lists else
+                          f"experts n (poly: categories per latent) [default {SwitchConfig.experts} for a Switch "
+                          f"Transformer; with --problem: 2 for poly, {ProblemConfig.experts} otherwise]"),
         click.option("--tokens", type=click.INT, default=None,
                      help=f"tokens T (poly: latents m) [default {ProblemConfig.tokens}]"),
         click.option("--dim", type=click.INT, default=None, help=f"input dimension [default {ProblemConfig.dim}]"),
@@ -162,6 +164,20 @@ def report_errors(out: Path):
         raise click.ClickException(f"cannot write the report into {out}/: {error.strerror or error}") from error
 
 
+def output_directory(out: Path | None, default: Path, marker: str) -> Path:
+    """Where a command writes its results, never over earlier ones: `--out`, refused if it already holds results
+    (the file `marker`); without `--out`, `default`, or the first of `default-2`, `default-3`, ... that holds none."""
+    if out is not None:
+        if (out / marker).exists():
+            raise GradestError(f"{out}/ already holds results ({marker}); choose another --out, or delete it first")
+        return out
+    candidate, number = default, 1
+    while (candidate / marker).exists():
+        number += 1
+        candidate = default.with_name(f"{default.name}-{number}")
+    return candidate
+
+
 def command_line() -> list[str]:
     return click.get_current_context().find_root().obj["command"]
 
@@ -219,10 +235,12 @@ def list_estimators():
 @config_options(lists=True)
 def compare(problems, estimators, samples, wrt, checkpoint, layer, draws, experts, tokens, dim, top_k, sharpness,
             seed, settings, out):
-    """Bias, variance and cost of every estimator against the exact gradient; writes a report into --out."""
+    """Bias, variance and cost of every estimator against the exact gradient; writes a report into --out
+    (default: runs/compare, or runs/compare-2, ... if that holds an earlier report)."""
     unknown = [name for name in problems if name not in ALL_PROBLEMS]
     if unknown:
         raise GradestError(f"unknown problem '{unknown[0]}'; valid: {', '.join(ALL_PROBLEMS)}")
+    out = output_directory(out, Path("runs/compare"), "summary.csv")
     hparams = parse_settings(settings)
     synthetic = [name for name in problems if name in PROBLEMS]
     configs = problem_configs(synthetic, seed, varying={"experts": experts, "top_k": top_k, "sharpness": sharpness},
@@ -239,7 +257,6 @@ def compare(problems, estimators, samples, wrt, checkpoint, layer, draws, expert
                                        checkpoint=checkpoint, layer=layer, experts=n, top_k=k, draws=draws, wrt=wrt,
                                        settings=hparams, progress=progress))
     results = pd.concat(frames, ignore_index=True)
-    out = out or Path("runs/compare")
     with report_errors(out):
         write_compare_report(results, out, {
             "command": "compare", "problems": [config.to_dict() for config in configs],
@@ -260,7 +277,8 @@ def compare(problems, estimators, samples, wrt, checkpoint, layer, draws, expert
                                               f"{', '.join(PROBLEMS)}")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help=f"optimiser steps [default {TrainConfig.steps} for a Switch Transformer, "
-                   f"{SYNTHETIC_STEPS} for a synthetic problem]")
+                   f"{SYNTHETIC_STEPS} for a synthetic problem]; with --resume, the steps to continue to (more "
+                   f"than the run's extend it, see above)")
 @click.option("--lr", type=click.FLOAT, default=None,
               help=f"peak learning rate [default {TrainConfig.lr:g} (AdamW, Switch), {SYNTHETIC_LR:g} (Adam, "
                    f"synthetic)]")
@@ -268,33 +286,58 @@ def compare(problems, estimators, samples, wrt, checkpoint, layer, draws, expert
               help="sequences per step (Switch Transformer)")
 @click.option("--omega/--no-omega", default=None,
               help="scale each MoE layer's output by a learnable omega [default: the estimator's, see gradest list]")
-@click.option("--device", default=TrainConfig.device, show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--device", default=TrainConfig.device, show_default=True,
+              help="cpu, cuda, cuda:1, mps: one of this machine's")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=TrainConfig.dtype, show_default=True,
               help="bfloat16 trains under autocast; the router stays float32")
 @click.option("--model", "model_settings", multiple=True, metavar="KEY=VALUE",
               help="Switch Transformer setting, e.g. --model n_layer=6 --model d_model=256 (see SwitchConfig)")
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="continue the run whose checkpoint is in this directory (to --steps if given)")
+              help="continue the run whose checkpoint is in this directory, with its own settings: only --steps "
+                   "and --device may be given with it")
 @config_options(lists=False)
-def run(estimator_spec, task, problem, steps, lr, batch_size, omega, device, dtype, model_settings, resume, experts,
-        tokens, dim, top_k, sharpness, seed, settings, out):
+@click.pass_context
+def run(ctx, estimator_spec, task, problem, steps, lr, batch_size, omega, device, dtype, model_settings, resume,
+        experts, tokens, dim, top_k, sharpness, seed, settings, out):
     """Train with one estimator: a Switch Transformer (default: a character LM on tiny-shakespeare, a few minutes
     on 2 CPU cores), or with --problem a synthetic problem next to the exact gradient. Writes metrics, plots,
-    config.json and (Switch) a checkpoint into --out."""
-    if problem is not None:
+    config.json and (Switch) a checkpoint into --out, and prints a line at every evaluation.
+
+    Ctrl-C (SIGINT) or SIGTERM stops a Switch run after the step under way: the checkpoint and metrics.csv are
+    written at that step and the command that resumes it is printed (exit code 130 for SIGINT, 143 for SIGTERM).
+    A step whose loss, gradients or parameters are NaN or inf stops the run; the last checkpoint written stays.
+
+    --resume DIR continues a run from its checkpoint with the settings it was started with: only --steps and
+    --device may be given (another option is refused unless it has the run's value). --steps below the steps done
+    is refused; the run's own steps on a complete run do nothing. A run continued to more steps than it was planned
+    for keeps its learning-rate schedule: the cosine still ends where it was planned to, and the steps after it run
+    at lr * min_lr_ratio, so the learning rate never jumps. config.json keeps how the run was started and lists
+    each resume under "resumes"."""
+    if problem is not None and resume is None:
         if estimator_spec is None:
             raise GradestError("--estimator is required; valid: " + ", ".join(REGISTRY))
         return run_synthetic(estimator_spec, problem, SYNTHETIC_STEPS if steps is None else steps,
                              SYNTHETIC_LR if lr is None else lr, experts, tokens, dim, top_k, sharpness, seed,
                              settings, out)
-    for name, value in (("--tokens", tokens), ("--dim", dim), ("--sharpness", sharpness)):
-        if value is not None:
-            raise GradestError(f"{name} applies to synthetic problems only; add --problem, valid: "
-                               + ", ".join(PROBLEMS))
     if resume is not None:
-        trainer = Trainer.resume(resume, steps)
+        state = load_checkpoint(resume)
+        refuse_changes_on_resume(ctx, TrainConfig(**state["config"]), resume, {
+            "estimator_spec": estimator_spec, "task": task, "problem": problem, "lr": lr, "batch_size": batch_size,
+            "omega": omega, "dtype": dtype, "model_settings": parse_model_settings(model_settings),
+            "experts": experts, "top_k": top_k, "seed": seed, "settings": parse_settings(settings), "out": out,
+            "tokens": tokens, "dim": dim, "sharpness": sharpness})
+        trainer = Trainer.resume(resume, steps, device if explicit(ctx, "device") else None, state)
         out = resume
+        if trainer.step >= trainer.config.steps:  # writes nothing
+            click.echo(f"{out}/ is complete ({trainer.step} of {trainer.config.steps} steps): nothing to do; "
+                       f"extend it with --steps N, N > {trainer.step}")
+            trainer.close()
+            return
     else:
+        for name, value in (("--tokens", tokens), ("--dim", dim), ("--sharpness", sharpness)):
+            if value is not None:
+                raise GradestError(f"{name} applies to synthetic problems only; add --problem, valid: "
+                                   + ", ".join(PROBLEMS))
         if estimator_spec is None:
             raise GradestError("--estimator is required (or --resume DIR); valid: " + ", ".join(REGISTRY))
         given = {"top_k": top_k, "steps": steps, "lr": lr, "experts": experts, "omega": omega}  # None: not given
@@ -309,13 +352,80 @@ def run(estimator_spec, task, problem, steps, lr, batch_size, omega, device, dty
             raise GradestError(f"{out}/ already holds a run; continue it with --resume {out}, or choose another "
                                f"--out")
         trainer = Trainer(config, out)
+    start = time.perf_counter()
+
+    def on_eval(row):
+        with tqdm.external_write_mode():  # clears the bar (on a terminal) while the line is written
+            click.echo(evaluation_line(trainer, row, time.perf_counter() - start))
+
+    try:
+        with report_errors(out):
+            metrics = trainer.run(progress=lambda steps: progress_bar(steps, trainer.estimator.label),
+                                  command=command_line(), on_eval=on_eval, handle_signals=True)
+    except Interrupted as stop:
+        if trainer.rank == 0:
+            click.echo(f"interrupted at step {stop.step}; resume with: {resume_command(trainer, out)}", err=True)
+        trainer.close()
+        ctx.exit(128 + stop.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     with report_errors(out):
-        metrics = trainer.run(progress=lambda steps: progress_bar(steps, trainer.estimator.label),
-                              command=command_line())
         if trainer.rank == 0:  # under torchrun only rank 0 writes and reports
             atomic_savefig(training_figure(metrics, trainer.estimator.label), out / "loss.png", dpi=120)
             click.echo(training_summary(trainer, metrics, out))
     trainer.close()
+
+
+def explicit(ctx: click.Context, name: str) -> bool:
+    """Whether the user gave option `name` (on the command line), rather than it taking its default."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source not in (click.core.ParameterSource.DEFAULT,
+                                                 click.core.ParameterSource.DEFAULT_MAP)
+
+
+def refuse_changes_on_resume(ctx: click.Context, config: TrainConfig, resume: Path, given: dict):
+    """On --resume only --steps and --device may be given: the run's other settings are in its checkpoint, and an
+    option that silently did nothing would also leave config.json claiming the run had it. An option given with
+    the run's own value is harmless; one that differs is refused, naming the run's value. `given`: the options'
+    values by parameter name, parsed as the run's settings are."""
+    own = {"estimator_spec": config.estimator, "task": config.task, "lr": config.lr, "batch_size": config.batch_size,
+           "omega": config.model.omega, "dtype": config.dtype, "experts": config.model.experts,
+           "model_settings": {key: getattr(config.model, key) for key in given["model_settings"]},
+           "top_k": config.top_k, "seed": config.seed, "settings": config.hparams, "out": resume,
+           "problem": None, "tokens": None, "dim": None, "sharpness": None}  # a Switch run has no synthetic problem
+
+    def same(name):
+        if name == "out":
+            return Path(given[name]).resolve() == Path(resume).resolve()
+        return given[name] == own[name]
+
+    def show(name, value):
+        option = next(param for param in ctx.command.params if param.name == name)
+        if name == "omega":
+            return {True: "--omega", False: "--no-omega"}.get(value, "--omega unset (the estimator's default)")
+        if isinstance(value, dict):
+            return " ".join(f"{option.opts[0]} {key}={item}" for key, item in value.items()) or f"no {option.opts[0]}"
+        return f"{option.opts[0]} {'none' if value is None else value}"
+
+    changed = [f"{show(name, given[name])} (the run's: {show(name, own[name])})"
+               for name in given if explicit(ctx, name) and not same(name)]
+    if changed:
+        raise GradestError(f"--resume {resume} continues the run with its own settings, and these differ: "
+                           f"{', '.join(changed)}; with --resume only --steps and --device may be given (to change "
+                           f"the others, start a new run with another --out)")
+
+
+def evaluation_line(trainer: Trainer, row: dict, elapsed: float) -> str:
+    """The line printed at every evaluation, on stdout whatever stderr is: a captured log (no terminal, so no
+    progress bar) shows how a long run goes. Tokens/s: the median over the steps since the last evaluation."""
+    recent = pd.Series([r["tokens_per_s"] for r in trainer.rows[-trainer.config.eval_interval:]])
+    return (f"step {row['step']}/{trainer.config.steps}: train loss {row['train_loss']:.4f}, val loss "
+            f"{row['val_loss']:.4f}, {recent.median():.0f} tokens/s, {elapsed:.0f} s elapsed")
+
+
+def resume_command(trainer: Trainer, out: Path) -> str:
+    """The command that continues an interrupted run (under torchrun, with as many processes)."""
+    import shlex
+    launcher = "gradest" if trainer.world == 1 else f"torchrun --nproc-per-node {trainer.world} -m gradest.cli"
+    return f"{launcher} run --resume {shlex.quote(str(out))}"
 
 
 def parse_model_settings(texts) -> dict:
@@ -335,7 +445,7 @@ def run_synthetic(estimator_spec, problem, steps, lr, experts, tokens, dim, top_
     (config,) = problem_configs([problem], seed, varying={}, fixed={
         "experts": experts, "tokens": tokens, "dim": dim, "top_k": top_k, "sharpness": sharpness})
     (estimator,) = expand_estimators([estimator_spec], PROBLEMS[config.problem].kind, config.top_k, hparams)
-    out = out or Path("runs") / f"{file_name(estimator.label)}-{problem}-seed{seed}"
+    out = output_directory(out, Path("runs") / f"{file_name(estimator.label)}-{problem}-seed{seed}", "metrics.csv")
     start = time.perf_counter()
     metrics = train_synthetic(config, estimator, steps=steps, lr=lr, seed=seed, progress=progress_bar)
     seconds = time.perf_counter() - start

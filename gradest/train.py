@@ -11,14 +11,23 @@ Every rank draws the same global batch and trains on its share of the sequences;
 the gradients, so they equal one process's on the whole batch, except through what is computed per rank: the
 load-balancing loss (per device, as in Switch and fairseq), REINFORCE's batch-mean baseline and the routing noise.
 Only rank 0 writes files.
+
+Stopping: under `gradest run` (`Trainer.run(handle_signals=True)`) SIGINT (Ctrl-C) or SIGTERM stops a run after the
+step under way, with its checkpoint and metrics written (`Interrupted`). A step whose loss, gradients or parameters
+are not finite stops it with `Diverged`, and no checkpoint is ever written with non-finite parameters (the last good
+one stays).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
+import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
@@ -28,10 +37,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from gradest.devices import check_device
 from gradest.errors import GradestError
 from gradest.estimators import GATED, Estimator, expand_estimators, trainable
-from gradest.estimators.base import (Constraint, check_settings, integer_at_least, nonnegative, one_of, optional,
-                                     positive, unit_interval)
+from gradest.estimators.base import (Constraint, NonFiniteLogits, check_settings, integer_at_least, nonnegative,
+                                     one_of, optional, positive, unit_interval)
 from gradest.model import SwitchConfig, SwitchLM, SwitchSeq2Seq
 from gradest.io import atomic_write_bytes, atomic_write_text, run_metadata, write_json
 
@@ -46,8 +56,8 @@ RUN_SETTINGS = {  # what a run's settings must be (the model's are SwitchConfig'
     "task": one_of(*TASKS), "estimator": Constraint(lambda v: isinstance(v, str) and bool(v), "an estimator name"),
     "hparams": Constraint(lambda v: isinstance(v, dict), "a table of hyper-parameters"),
     "top_k": integer_at_least(1), "steps": integer_at_least(1), "batch_size": integer_at_least(1),
-    "lr": positive, "warmup": integer_at_least(0), "min_lr_ratio": Constraint(lambda v: unit_interval(v) or v == 1,
-                                                                             "a number in [0, 1]"),
+    "lr": positive, "warmup": integer_at_least(0), "schedule_steps": optional(integer_at_least(1), "steps"),
+    "min_lr_ratio": Constraint(lambda v: unit_interval(v) or v == 1, "a number in [0, 1]"),
     "weight_decay": nonnegative, "grad_clip": optional(positive, "no clipping"),
     "eval_interval": integer_at_least(1), "eval_batches": integer_at_least(1),
     "checkpoint_interval": integer_at_least(1), "seed": integer_at_least(0),
@@ -62,7 +72,13 @@ class TrainConfig:
 
     `model` may also be given as a table of SwitchConfig settings over the task's default model. `experts`,
     `block_size` and `omega` are the model's settings of those names, also accepted here (as on the command line
-    and in study specs); given both ways they must agree."""
+    and in study specs); given both ways they must agree.
+
+    The learning rate warms up linearly for `warmup` steps, then decays along a cosine to `lr * min_lr_ratio` at
+    step `schedule_steps` (None: `steps`) and stays there. A run planned for N steps keeps that schedule when it
+    is resumed to another number of steps (`Trainer.resume` sets `schedule_steps` = N): the learning rate never
+    jumps at the resume point, a resume to the same steps reproduces the uninterrupted run exactly, and the steps
+    that extend a run beyond N run at the final rate `lr * min_lr_ratio`."""
 
     task: str = "lm"
     estimator: str = "sparsemixer"  # a registry name, optionally NAME:KEY=VALUE..
@@ -72,6 +88,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 2e-3
     warmup: int = 50
+    schedule_steps: int | None = None  # the steps the cosine decays over; None: steps (see above)
     min_lr_ratio: float = 0.1  # cosine decay to this fraction of lr
     weight_decay: float = 0.1
     grad_clip: float | None = 1.0
@@ -110,9 +127,11 @@ class TrainConfig:
 
     def settings(self) -> dict:
         """The run as flat settings (config.json, checkpoints, study cells): `experts`, `block_size` and `omega`
-        by name, and `model` the settings that differ from the task's default model."""
+        by name, and `model` the settings that differ from the task's default model. `schedule_steps` only when
+        set (an extended run's): a study cell's hash covers these settings, and a new one would change them all."""
         default = SwitchConfig(**TASK_MODELS[self.task])
-        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
+        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"
+                and not (f.name == "schedule_steps" and self.schedule_steps is None)}
         model = {f.name: getattr(self.model, f.name) for f in dataclasses.fields(SwitchConfig)
                  if f.name not in (*DATA_SETTINGS, "experts", "block_size", "omega")
                  and getattr(self.model, f.name) != getattr(default, f.name)}
@@ -222,6 +241,79 @@ def start_distributed(config: TrainConfig) -> tuple[int, int]:
     return dist.get_rank(), world
 
 
+class Interrupted(KeyboardInterrupt):
+    """The run stopped on SIGINT or SIGTERM after step `step`, its checkpoint and metrics written. A
+    KeyboardInterrupt, not an Exception: whatever stops on Ctrl-C stops on it too, and code that records an
+    Exception as a failed run (the study runner) leaves the run unfinished instead, to be resumed."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(step, signum)
+        self.step, self.signum = step, signum
+
+
+class Diverged(GradestError):
+    """The loss, the gradients or the parameters became NaN or inf; the last checkpoint written (all finite) stays."""
+
+
+@contextlib.contextmanager
+def stop_signals(enabled: bool = True):
+    """While training: SIGINT and SIGTERM set a flag (the list this yields gets the signal's number) that the loop
+    checks between steps, so a stop never leaves a step half done and always leaves a checkpoint. A second signal
+    stops at once (KeyboardInterrupt; the atomic writes keep the last checkpoint whole). The previous handlers are
+    restored afterwards. Only the main thread may set handlers (elsewhere nothing changes), and a signal ignored
+    (SIG_IGN: nohup) stays ignored. Not `enabled`: nothing changes (the list stays empty)."""
+    received = []
+
+    def handle(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {}
+    if enabled and threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                previous[signum] = signal.signal(signum, handle)
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+
+
+# Test-only: "STEP" or "STEP:SIGTERM" makes `Trainer.run` send itself that signal (default SIGINT) after that step,
+# so a test interrupts a run at a known step, through the real handler, without racing it.
+TEST_INTERRUPT = "GRADEST_TEST_INTERRUPT"
+RUN_FILES = ("checkpoint.pt", "metrics.csv", "config.json", "loss.png")  # what a run writes into its directory
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "data_generator", "rng", "step", "rows", "seconds", "config"}
+
+
+def remove_stale_temporaries(out: Path):
+    """Delete what killed writes left in a run directory: gradest.io writes `.NAME.<random>.tmp` next to NAME and
+    renames it; a SIGKILL in between leaves it (a checkpoint's is as large as the model and optimiser). One process
+    trains a run directory, so at its start every such file of the run's is stale."""
+    for name in RUN_FILES:
+        for path in Path(out).glob(f".{name}.*.tmp"):
+            path.unlink(missing_ok=True)
+
+
+def load_checkpoint(out) -> dict:
+    """The checkpoint of the run in `out`. A file that is no checkpoint (empty, cut short, overwritten) is one line
+    naming it and what to do, not torch's traceback."""
+    path = Path(out) / "checkpoint.pt"
+    if not path.is_file():
+        raise GradestError(f"no checkpoint to resume in {out}/ (expected {path})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # noqa: BLE001 - torch.load raises many types (RuntimeError, UnpicklingError, EOFError, ..)
+        state = None
+    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= state.keys():
+        what = "empty" if path.stat().st_size == 0 else "truncated or not a gradest checkpoint"
+        raise GradestError(f"{path} is not a readable checkpoint ({what}); delete the run directory {out}/ to start "
+                           f"over, or resume another run")
+    return state
+
+
 @dataclass
 class Trainer:
     """Holds everything a run needs; `state_dict` is exactly what decides the steps still to come."""
@@ -230,6 +322,7 @@ class Trainer:
     out: Path
 
     def __post_init__(self):
+        check_device(self.config.device)  # before anything is loaded: one line, not torch's traceback
         self.rank, self.world = start_distributed(self.config)
         torch.manual_seed(self.config.seed)
         self.estimator = self.config.build_estimator()
@@ -245,13 +338,16 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.data_generator = torch.Generator().manual_seed(self.config.seed)
         self.step, self.rows, self.seconds = 0, [], 0.0
+        self.saved_step = None  # the step of the checkpoint on disk (None: none written yet)
+        self.resumed_from = None  # the step this process resumed the run at (None: it started the run)
 
     def lr_factor(self, step: int) -> float:
-        """Linear warm-up, then cosine decay to min_lr_ratio at the last step."""
+        """Linear warm-up, then cosine decay to min_lr_ratio at step schedule_steps (default: the last step), held
+        there after it (see TrainConfig)."""
         c = self.config
         if step < c.warmup:
             return (step + 1) / c.warmup
-        progress = min(1.0, (step - c.warmup) / max(1, c.steps - c.warmup))
+        progress = min(1.0, (step - c.warmup) / max(1, (c.schedule_steps or c.steps) - c.warmup))
         return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def autocast(self):
@@ -307,18 +403,22 @@ class Trainer:
         return total / self.config.eval_batches
 
     def train_step(self) -> dict:
+        """One optimiser step. A non-finite loss or gradient norm stops the run (Diverged) before the update, so
+        the parameters stay those of the last good step."""
         start = time.perf_counter()
         self.model.train()
         batch = self.task.batch("train", self.data_generator)
         batch = tuple(t[self.rank::self.world] for t in batch)  # this rank's share of the global batch
-        loss, row = self.loss(batch)
-        if not math.isfinite(row["train_loss"]):
-            raise GradestError(f"the training loss became {row['train_loss']} at step {self.step + 1}; try a "
-                               f"smaller --lr or --dtype float32")
+        with self.divergence(self.step + 1):
+            loss, row = self.loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         row["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                                     self.config.grad_clip or math.inf))
+        # checked after backward: DDP averages the gradients, so every rank sees a non-finite norm and stops
+        for name in ("train_loss", "grad_norm"):
+            if not math.isfinite(row[name]):
+                raise self.diverged(self.step + 1, f"{name.replace('_', ' ')} {row[name]}")
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -349,6 +449,35 @@ class Trainer:
         dist.all_reduce(total)
         return dict(zip(values, (total / self.world).tolist()))
 
+    @contextlib.contextmanager
+    def divergence(self, step: int):
+        """On the CPU the router refuses NaN or inf logits before the loss can show them: parameters blown up by
+        the last update reach it first. Report it as the divergence it is."""
+        try:
+            yield
+        except NonFiniteLogits:
+            raise self.diverged(step, "router logits NaN or inf") from None
+
+    def diverged(self, step: int, what: str) -> Diverged:
+        kept = (f"the last good checkpoint (step {self.saved_step}) was kept in {self.out}/"
+                if self.saved_step is not None else
+                f"no checkpoint had been written (the first is due at step {self.config.checkpoint_interval})")
+        dtype = " or --dtype float32" if self.config.dtype != "float32" else ""
+        return Diverged(f"training diverged at step {step} ({what}); {kept}; try a lower --lr, e.g. --lr "
+                        f"{self.config.lr / 2:g} (half of {self.config.lr:g}){dtype}")
+
+    def finite_parameters(self) -> bool:
+        return bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all())
+
+    def stop_signal(self, received: list) -> int:
+        """The signal asking the run to stop (0: none). Under torchrun any rank's: all stop after the same step."""
+        signum = received[0] if received else 0
+        if self.world > 1:
+            flag = torch.tensor([signum], device=self.config.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        return signum
+
     # ------------------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -368,6 +497,7 @@ class Trainer:
                                f"as many (this run has {self.world})")
         torch.set_rng_state(state["rng"][self.rank])
         self.step, self.rows, self.seconds = state["step"], state["rows"], state["seconds"]
+        self.saved_step = self.step
 
     def gather(self, value) -> list:
         """`value` from every rank, in rank order (a list of one in a single process)."""
@@ -378,7 +508,12 @@ class Trainer:
         return values
 
     def save(self):
+        """The checkpoint and metrics.csv of this step. Never a checkpoint with non-finite parameters: the run
+        stops (Diverged) and the last one written stays."""
+        if not self.finite_parameters():  # the same on every rank (DDP keeps the parameters equal)
+            raise self.diverged(self.step, "parameters NaN or inf")
         state = self.state_dict()  # every rank takes part: it gathers their RNG states
+        self.saved_step = self.step
         if self.rank != 0:
             return
         buffer = io.BytesIO()
@@ -387,38 +522,83 @@ class Trainer:
         atomic_write_text(self.out / "metrics.csv", pd.DataFrame(self.rows).to_csv(index=False))
 
     @classmethod
-    def resume(cls, out: Path, steps: int | None = None) -> "Trainer":
-        """The trainer of the checkpoint in `out`, ready to continue (to `steps` if given)."""
-        path = Path(out) / "checkpoint.pt"
-        if not path.is_file():
-            raise GradestError(f"no checkpoint to resume in {out}/ (expected {path})")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        config = TrainConfig(**{**state["config"], **({"steps": steps} if steps else {})})  # flat settings
-        trainer = cls(config, Path(out))
+    def resume(cls, out: Path, steps: int | None = None, device: str | None = None,
+               state: dict | None = None) -> "Trainer":
+        """The trainer of the checkpoint in `out` (`state`, if loaded already), ready to continue: on `device` if
+        given, to `steps` if given. Other steps than the run's keep its learning-rate schedule (`schedule_steps`,
+        see TrainConfig); they must be more than the steps done (nothing would run, and the run would end without
+        its final evaluation)."""
+        state = load_checkpoint(out) if state is None else state
+        settings, done = dict(state["config"]), state["step"]  # flat settings
+        if steps is not None and steps != settings["steps"]:
+            if steps <= done:
+                valid = f"--steps >= {done}" if done == settings["steps"] else f"--steps > {done}"
+                raise GradestError(f"--steps {steps} would end the run in {out}/ at or before the {done} steps it "
+                                   f"has done; valid: {valid}")
+            settings["schedule_steps"] = settings.get("schedule_steps") or settings["steps"]
+            settings["steps"] = steps
+        if device is not None:
+            settings["device"] = device
+        trainer = cls(TrainConfig(**settings), Path(out))
         trainer.load_state_dict(state)
+        trainer.resumed_from = done
         return trainer
 
+    def write_config(self, command: list[str] | None):
+        """config.json: the run's settings (as they are now: a resume may change its steps, schedule_steps and
+        device) and how it was started (command, git state, time). A resume keeps that record and appends itself
+        to `resumes` (command, time, the step it resumed at), so the file never says the run was started by a
+        command that did not start it."""
+        path = self.out / "config.json"
+        metadata = run_metadata({**self.config.settings(), "processes": self.world}, self.config.seed, command)
+        if self.resumed_from is not None:
+            resume = {key: metadata[key] for key in ("command", "timestamp", "git")} | {"step": self.resumed_from}
+            try:
+                previous = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):  # missing or unreadable: how the run started is unknown
+                previous = {**metadata, "command": None, "timestamp": None}
+            metadata = {**previous, "config": metadata["config"], "resumes": [*previous.get("resumes", []), resume]}
+        write_json(path, metadata)
+
     # ------------------------------------------------------------------------------------------------ the loop
-    def run(self, progress=None, command: list[str] | None = None, until: int | None = None) -> pd.DataFrame:
-        """Train to config.steps (or stop after step `until`, as an interrupted run would, checkpoint saved)."""
+    def run(self, progress=None, command: list[str] | None = None, until: int | None = None, on_eval=None,
+            handle_signals: bool = False) -> pd.DataFrame:
+        """Train to config.steps (or stop after step `until`, as an interrupted run would, checkpoint saved).
+        `on_eval(row)` is called (on rank 0) with the row of every evaluated step.
+
+        `handle_signals` (`gradest run`): SIGINT or SIGTERM stop the run after the step under way, its checkpoint
+        and metrics written, by raising Interrupted. The caller's choice, because a process pool's worker (the study
+        runner's) is ended by SIGTERM and must then die, not go on to its next queued task."""
         if self.rank == 0:
-            write_json(self.out / "config.json", run_metadata({**self.config.settings(),
-                                                              "processes": self.world}, self.config.seed, command))
+            remove_stale_temporaries(self.out)
+            self.write_config(command)
+        interrupt_at, _, interrupt_signal = os.environ.get(TEST_INTERRUPT, "").partition(":")
         steps = range(self.step, min(self.config.steps, until or self.config.steps))
         bar = progress(steps) if progress and self.rank == 0 else steps
-        for _ in bar:
-            row = self.train_step()
-            last = self.step == self.config.steps
-            if self.step % self.config.eval_interval == 0 or last:
-                row["val_loss"] = self.evaluate()
-                row["val_ppl"] = math.exp(row["val_loss"])
-            if last:
-                row.update(self.task.final_metrics(self.model))
-            self.rows.append(row)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{row['train_loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            if self.step % self.config.checkpoint_interval == 0 or last or self.step == until:
-                self.save()
+        with stop_signals(handle_signals) as received:
+            for _ in bar:
+                row = self.train_step()
+                last = self.step == self.config.steps
+                if self.step % self.config.eval_interval == 0 or last:
+                    with self.divergence(self.step):
+                        row["val_loss"] = self.evaluate()
+                    row["val_ppl"] = math.exp(row["val_loss"]) if row["val_loss"] < 700 else math.inf
+                if last:
+                    row.update(self.task.final_metrics(self.model))
+                self.rows.append(row)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{row['train_loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                if on_eval and self.rank == 0 and "val_loss" in row:
+                    on_eval(row)
+                if self.step % self.config.checkpoint_interval == 0 or last or self.step == until:
+                    self.save()
+                if interrupt_at and self.step == int(interrupt_at):
+                    signal.raise_signal(getattr(signal, interrupt_signal or "SIGINT"))
+                signum = self.stop_signal(received) if handle_signals else 0
+                if signum and not last:
+                    if self.saved_step != self.step:
+                        self.save()
+                    raise Interrupted(self.step, signum)
         return pd.DataFrame(self.rows)
 
     def close(self):

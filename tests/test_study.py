@@ -179,7 +179,7 @@ def test_study_run_checks_every_cell_before_the_first_runs(tmp_path):
     """, "gpu.toml")
     result = cli("study", "run", str(gpu), "--results", str(tmp_path / "res"))
     assert result.exit_code == 2 and result.output.strip().count("\n") == 0, result.output
-    assert "needs device 'cuda:99', which this machine does not have; valid here: cpu" in result.output
+    assert "device 'cuda:99' is not available on this machine; valid here: cpu" in result.output
     assert not (tmp_path / "res").exists()  # not one cell started
 
 

@@ -1,6 +1,12 @@
 """Training a Switch Transformer with every estimator: the loss goes down, resuming reproduces, flags are checked."""
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -8,9 +14,10 @@ import torch
 from click.testing import CliRunner
 
 from gradest.cli import main
+from gradest.devices import available_devices, check_device
 from gradest.errors import GradestError
 from gradest.estimators import trainable
-from gradest.train import Trainer, TrainConfig
+from gradest.train import TEST_INTERRUPT, Diverged, Trainer, TrainConfig
 
 TINY = {"n_layer": 2, "n_head": 2, "d_model": 32, "d_ff": 64}
 TIMING = ["seconds", "tokens_per_s"]  # the only columns allowed to differ between identical runs
@@ -139,6 +146,8 @@ def test_translation_reports_bleu(tmp_path):
     (["--estimator", "st", "--set", "tau=0"], ["tau=0"]),
     (["--resume", "/nonexistent/dir"], ["no checkpoint"]),
     ([], ["--estimator"]),
+    (["--estimator", "sparsemixer", "--device", "bogus"], ["'bogus'", "valid here: cpu"]),
+    (["--estimator", "sparsemixer", "--device", "cuda:99"], ["'cuda:99'", "valid here: cpu"]),
 ])
 def test_bad_flags_give_one_line_and_exit_2(args, words):
     result = CliRunner().invoke(main, ["run", *args, "--steps", "1"])
@@ -202,3 +211,212 @@ def test_io_module_imports_no_pandas_or_plotting():
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert not {name.split(".")[0] for name in imported} & {"pandas", "matplotlib", "seaborn"}, imported
+
+
+# ------------------------------------------------------------------------------ stopping, resuming, diverging
+TINY_ARGS = ["--batch-size", "4", "--model=block_size=32"] + [f"--model={k}={v}" for k, v in TINY.items()]
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(arg) for arg in args])
+
+
+def assert_one_line_error(result, *words):
+    """Exit code 2, one line `error: ...` on stderr naming `words`, no traceback."""
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def snapshot(directory):
+    """Every file of a directory, with its bytes and modification time: to check that nothing was written."""
+    return {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in sorted(directory.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A complete 6-step run of the tiny model, made by the CLI (default experts: 8). Tests copy it to change it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    result = cli("run", "--estimator", "sparsemixer", "--steps", 6, *TINY_ARGS, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def copy_of(run, tmp_path):
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def test_sigint_checkpoints_and_the_printed_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """SIGINT during `gradest run` (here sent by the run to itself after step 13, through the real handler:
+    GRADEST_TEST_INTERRUPT) finishes that step, writes the checkpoint and metrics.csv at it, prints the resume
+    command and exits with 130; running that command gives the uninterrupted run's metrics exactly."""
+    command = [sys.executable, "-m", "gradest.cli", "run", "--estimator", "sparsemixer", "--steps", "40", *TINY_ARGS]
+    env = {key: value for key, value in os.environ.items() if key != TEST_INTERRUPT} | {"OMP_NUM_THREADS": "1"}
+    whole = subprocess.Popen([*command, "--out", str(tmp_path / "whole")], env=env, cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a process started with SIGINT ignored (a background job of a script) keeps ignoring it, as it should
+    cut = subprocess.run([*command, "--out", str(tmp_path / "cut")], env=env | {TEST_INTERRUPT: "13"}, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()[-3000:]
+    assert cut.returncode == 130, cut.stderr[-3000:]
+    assert cut.stderr.strip().splitlines() == [f"interrupted at step 13; resume with: gradest run --resume "
+                                               f"{tmp_path / 'cut'}"]
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 13
+    assert list(pd.read_csv(tmp_path / "cut" / "metrics.csv")["step"]) == list(range(1, 14))
+    resume = cut.stderr.strip().split("resume with: ")[1].split()
+    assert resume[:2] == ["gradest", "run"]
+    resumed = subprocess.run([sys.executable, "-m", "gradest.cli", *resume[1:]], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = (pd.read_csv(tmp_path / name / "metrics.csv").drop(columns=TIMING) for name in ("whole", "cut"))
+    assert len(b) == 40
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+
+
+def test_sigterm_stops_with_143_and_restores_the_signal_handlers(tmp_path, monkeypatch):
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    monkeypatch.setenv(TEST_INTERRUPT, "5:SIGTERM")
+    result = cli("run", "--estimator", "switch", "--steps", 20, *TINY_ARGS, "--out", tmp_path / "run")
+    assert result.exit_code == 143, result.output
+    assert result.stderr.strip() == f"interrupted at step 5; resume with: gradest run --resume {tmp_path / 'run'}"
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 5
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_an_unreadable_checkpoint_is_one_line(finished_run, tmp_path, damage):
+    out = copy_of(finished_run, tmp_path)
+    path = out / "checkpoint.pt"
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[:len(data) // 2], "garbage": os.urandom(4096), "empty": b""}[damage])
+    before = snapshot(out)
+    result = cli("run", "--resume", out, "--steps", 8)
+    assert_one_line_error(result, f"{path} is not a readable checkpoint", "delete the run directory",
+                          "resume another run")
+    assert snapshot(out) == before
+
+
+def test_resume_refuses_changed_options_and_records_itself(finished_run, tmp_path):
+    """On --resume only --steps and --device may be given; other options are refused (naming the run's values)
+    unless they have the run's value. config.json keeps the command that started the run and lists the resume."""
+    out = copy_of(finished_run, tmp_path)
+    before = snapshot(out)
+    result = cli("run", "--resume", out, "--estimator", "switch", "--lr", 0.5, "--experts", 4)
+    assert_one_line_error(result, "--estimator switch (the run's: --estimator sparsemixer)",
+                          "--lr 0.5 (the run's: --lr 0.002)", "--experts 4 (the run's: --experts 8)",
+                          "only --steps and --device")
+    assert_one_line_error(cli("run", "--resume", out, "--model", "d_model=64", "--set", "tau=2"),
+                          "--model d_model=64 (the run's: --model d_model=32)", "--set tau=2")
+    assert_one_line_error(cli("run", "--resume", out, "--problem", "poly"), "--problem poly")
+    assert snapshot(out) == before
+    # the run's own values are no change; --steps extends, --device is allowed
+    result = cli("run", "--resume", out, "--estimator", "sparsemixer", "--batch-size", 4, "--model", "d_model=32",
+                 "--steps", 8, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert "--resume" not in config["command"] and "--estimator sparsemixer --steps 6" in config["command"]
+    assert [(r["step"], "--resume" in r["command"]) for r in config["resumes"]] == [(6, True)]
+    assert config["config"]["steps"] == 8 and config["config"]["schedule_steps"] == 6
+
+
+def test_resume_to_fewer_steps_is_refused_and_to_the_same_does_nothing(finished_run, tmp_path):
+    out = copy_of(finished_run, tmp_path)
+    before = snapshot(out)
+    assert_one_line_error(cli("run", "--resume", out, "--steps", 3), "--steps 3", "6 steps", "valid: --steps >= 6")
+    for args in (["--steps", 6], []):
+        result = cli("run", "--resume", out, *args)
+        assert result.exit_code == 0, result.output
+        assert result.stdout.strip() == f"{out}/ is complete (6 of 6 steps): nothing to do; extend it with --steps " \
+                                        f"N, N > 6"
+    assert snapshot(out) == before
+    cut = tiny(tmp_path / "cut", steps=20)
+    cut.run(until=10)
+    with pytest.raises(GradestError, match=r"valid: --steps > 10"):
+        Trainer.resume(tmp_path / "cut", steps=10)
+
+
+def test_extending_a_run_keeps_its_schedule(tmp_path):
+    """A run resumed to more steps than planned keeps its cosine (schedule_steps) and holds lr * min_lr_ratio
+    after it: the learning rate is continuous at the resume point, whether the run had finished or was cut."""
+    lr = lambda frame: list(frame["lr"])  # noqa: E731 - the rate each row leaves for the next step
+    whole = tiny(tmp_path / "whole", steps=20).run()
+    final = TrainConfig.lr * TrainConfig.min_lr_ratio
+    assert lr(whole)[-1] == final and lr(whole)[0] > final
+    extended = Trainer.resume(tmp_path / "whole", steps=30)
+    assert extended.config.schedule_steps == 20
+    assert lr(extended.run()) == lr(whole) + [final] * 10
+    tiny(tmp_path / "cut", steps=20).run(until=10)
+    resumed = Trainer.resume(tmp_path / "cut", steps=30).run()
+    assert lr(resumed) == lr(whole) + [final] * 10
+    again = Trainer.resume(tmp_path / "cut", steps=40)  # schedule_steps stays the first plan's
+    assert again.config.schedule_steps == 20 and TrainConfig(**again.config.settings()) == again.config
+
+
+def test_divergence_keeps_the_last_finite_checkpoint(tmp_path):
+    trainer = tiny(tmp_path / "run", lr=1e6, checkpoint_interval=1)
+    with pytest.raises(Diverged, match=r"diverged at step (\d+).*last good checkpoint \(step \d+\).*--lr 500000"):
+        trainer.run()
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == trainer.step and all(torch.isfinite(p).all() for p in state["model"].values())
+    # a checkpoint is never written with non-finite parameters
+    trainer = tiny(tmp_path / "nan")
+    trainer.run(until=2)
+    with torch.no_grad():
+        next(trainer.model.parameters()).fill_(float("nan"))
+    with pytest.raises(Diverged, match=r"step 2 \(parameters NaN or inf\).*\(step 2\)"):
+        trainer.save()
+    state = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 2 and all(torch.isfinite(p).all() for p in state["model"].values())
+
+
+def test_cli_divergence_is_one_line(tmp_path):
+    result = cli("run", "--estimator", "sparsemixer", "--lr", "1e6", "--steps", 20, *TINY_ARGS, "--out", tmp_path)
+    assert_one_line_error(result, "training diverged at step", "--lr 500000", "no checkpoint had been written")
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_stale_temporaries_are_removed(tmp_path):
+    """A write killed between writing its temporary and renaming it leaves `.NAME.<random>.tmp`: a run or resume
+    deletes those of its files, and nothing else."""
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = [out / ".checkpoint.pt.0123abcd.tmp", out / ".metrics.csv.77.tmp"]
+    for path in [*stale, out / ".notes.tmp"]:
+        path.write_bytes(b"half a file")
+    tiny(out, steps=10).run(until=5)
+    assert not any(path.exists() for path in stale) and (out / ".notes.tmp").exists()
+    stale[0].write_bytes(b"half a file")
+    Trainer.resume(out).run()
+    assert not stale[0].exists()
+
+
+def test_progress_lines_without_a_terminal(tmp_path):
+    """Off a terminal (no progress bar) the run prints one line per evaluation (every 100 steps and the last)."""
+    result = cli("run", "--estimator", "switch", "--steps", 200, *TINY_ARGS, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == ["step 100/200", "step 200/200"], result.stdout
+    for line in lines:
+        assert "train loss" in line and "val loss" in line and "tokens/s" in line and "s elapsed" in line
+    assert result.stderr == ""  # no bar
+
+
+def test_devices():
+    assert available_devices()[0] == "cpu" and check_device("cpu:0") == "cpu"
+    with pytest.raises(GradestError, match="valid here: cpu"):
+        check_device("cuda:99")
+
+
+def test_help_gives_each_experts_default():
+    from gradest.model import SwitchConfig
+    from gradest.problems import ProblemConfig
+    text = " ".join(cli("run", "--help").output.split())
+    assert f"[default {SwitchConfig.experts} for a Switch Transformer; with --problem: 2 for poly, " \
+           f"{ProblemConfig.experts} otherwise]" in text
+    assert "only --steps and --device" in text
+    assert f"[default 2 for poly, {ProblemConfig.experts} otherwise]" in " ".join(cli("compare", "--help")
+                                                                                .output.split())

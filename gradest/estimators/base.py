@@ -106,6 +106,10 @@ def parse_as(text: str, default):
 
 
 # ------------------------------------------------------------------------------------------------------ routing
+class NonFiniteLogits(GradestError):
+    """Router logits with NaN or inf: bad input, or a model that diverged (the trainer reports it so)."""
+
+
 @dataclass
 class Routing:
     """What a routing rule decided for a batch of tokens.
@@ -366,7 +370,7 @@ class Estimator:
         # On an accelerator this check would stall every layer of every step on a host sync; there the trainer's
         # check of the loss catches a NaN instead.
         if logits.device.type == "cpu" and not torch.isfinite(logits).all():
-            raise GradestError("router logits contain NaN or inf; valid: finite numbers")
+            raise NonFiniteLogits("router logits contain NaN or inf; valid: finite numbers")
         if self.stateful and state is None:
             raise GradestError(f"estimator '{self.name}' keeps state: route it with the buffers of init_state "
                                f"(an MoE layer owns them)")

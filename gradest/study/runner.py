@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Collection
 
+from gradest.devices import check_device
 from gradest.errors import GradestError, one_line
 from gradest.study.spec import (FORMAT, Cell, Study, _compare_defaults, _probe_defaults, _resolve_compare,
-                                _resolve_probe, _resolve_train, _train_defaults, available_devices, device_name,
-                                make_cell, parse_shard, probe_train_config, problem_fields, results_root, shard,
-                                train_fields)
+                                _resolve_probe, _resolve_train, _train_defaults, make_cell, parse_shard,
+                                probe_train_config, problem_fields, results_root, shard, train_fields)
 
 
 # ------------------------------------------------------------------------------------------------------ runners
@@ -232,12 +232,12 @@ def _check_devices(cells: list[Cell], where: str):
             elif isinstance(value, dict):
                 yield from devices(value)
 
-    needs = [(cell, device) for cell in cells for device in devices(cell.config)]
-    available = available_devices() if needs else []
-    for cell, device in needs:
-        if device_name(device) not in available:
-            raise GradestError(f"{where}: cell {cell.hash} needs device '{device}', which this machine does not "
-                               f"have; valid here: {', '.join(available)}")
+    for cell in cells:
+        for device in devices(cell.config):
+            try:
+                check_device(device)
+            except GradestError as error:
+                raise GradestError(f"{where}: cell {cell.hash}: {error}") from None
 
 
 @dataclass

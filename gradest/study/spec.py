@@ -403,19 +403,6 @@ def _probe_model(config: dict):
     return TrainConfig(**train_fields(train)).model
 
 
-def available_devices() -> list[str]:
-    """The devices of this machine a cell may ask for ("cuda" is "cuda:0")."""
-    import torch
-    devices = ["cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
-    return devices + (["mps"] if torch.backends.mps.is_available() else [])
-
-
-def device_name(name: str) -> str:
-    import torch
-    device = torch.device(name)
-    return f"cuda:{device.index or 0}" if device.type == "cuda" else device.type
-
-
 def probe_train_config(config: dict) -> dict | None:
     """The training run a probe cell's model comes from: its `train` table over the train defaults and the probe's
     task, experts, top-k, seed and model (so it is the same cell as that run in a train study). None (an empty

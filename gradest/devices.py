@@ -1,0 +1,32 @@
+"""The devices of this machine, and a device name checked against them.
+
+A run asked for a device torch cannot use (`cuda` on a CPU-only torch, `cuda:3` on a one-GPU machine, a typo)
+would otherwise end in a traceback from deep inside torch, after the data is loaded; checking the name first
+turns it into one line naming the devices there are.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradest.errors import GradestError
+
+
+def available_devices() -> list[str]:
+    """The devices of this machine, as torch names them ("cuda" is "cuda:0")."""
+    devices = ["cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    return devices + (["mps"] if torch.backends.mps.is_available() else [])
+
+
+def check_device(name: str) -> str:
+    """`name` as one of `available_devices()` (`cuda` -> `cuda:0`, `cpu:0` -> `cpu`), or a GradestError naming
+    the devices of this machine."""
+    available = available_devices()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise GradestError(f"unknown device '{name}'; valid here: {', '.join(available)}") from None
+    canonical = f"cuda:{device.index or 0}" if device.type == "cuda" else device.type
+    if canonical not in available:
+        raise GradestError(f"device '{name}' is not available on this machine; valid here: {', '.join(available)}")
+    return canonical
