@@ -615,3 +615,48 @@ def score_loss(model: nn.Module, loss_per_sequence: Tensor, *, loss_zero: Tensor
     if total is not None:
         total = total.to(loss_per_sequence.dtype)
     return estimator.with_score(loss_per_sequence, total, loss_zero)
+
+
+# ---------------------------------------------------------------------------------------------------- models
+# Tiny random models of every supported architecture, built from configs (nothing is downloaded): what the tests,
+# `gradest run --hf NAME` and `gradest compare --problem hf --hf NAME` use when no config or checkpoint is given.
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+TINY_MOE = {
+    "mixtral": dict(num_local_experts=4),
+    "qwen2_moe": dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=32),
+    "qwen3_moe": dict(num_experts=4, moe_intermediate_size=16, norm_topk_prob=True),
+    "olmoe": dict(num_experts=4),
+    "phimoe": dict(num_local_experts=4),
+    "deepseek_v3": dict(num_key_value_heads=4, n_routed_experts=4, moe_intermediate_size=16, n_group=2, topk_group=1,
+                        first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=8, routed_scaling_factor=2.5),
+    "gpt_oss": dict(num_local_experts=4, head_dim=8),
+}
+TINY_SWITCH = dict(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2,
+                   num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, num_experts=4, expert_capacity=64,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0)
+
+
+def tiny_config(model_type: str, *, k: int = 2, vocab_size: int = 100, **overrides):
+    """The config of a tiny random model of a supported architecture (4 experts, k of them per token)."""
+    import transformers
+
+    if model_type not in SUPPORTED:
+        raise GradestError(f"unknown architecture '{model_type}'; valid: {_supported_list()}")
+    if model_type == "switch_transformers":
+        settings = {**TINY_SWITCH, "vocab_size": vocab_size}
+    else:
+        settings = {**TINY, "vocab_size": vocab_size, "num_experts_per_tok": k, **TINY_MOE[model_type]}
+    config = transformers.AutoConfig.for_model(model_type, **settings)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def model_from_config(config) -> nn.Module:
+    """A randomly initialised model of `config`: a causal LM, or Switch's encoder-decoder."""
+    import transformers
+
+    if config.model_type == "switch_transformers":
+        return transformers.SwitchTransformersForConditionalGeneration(config)
+    return transformers.AutoModelForCausalLM.from_config(config)

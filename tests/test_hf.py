@@ -18,9 +18,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from transformers import (AutoModelForCausalLM, DeepseekV3Config, GPT2Config, GPT2LMHeadModel,  # noqa: E402
-                          GptOssConfig, MixtralConfig, OlmoeConfig, PhimoeConfig, Qwen2MoeConfig, Qwen3MoeConfig,
-                          SwitchTransformersConfig, SwitchTransformersForConditionalGeneration)
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from transformers.models.phimoe import modeling_phimoe  # noqa: E402
 
 from gradest import GradestError  # noqa: E402
@@ -38,49 +36,16 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=100)
 BATCH, SEQ = 2, 8
 
 
 def config(arch: str, k: int = 2, **overrides):
-    common = {**TINY, "num_experts_per_tok": k}
-    if arch == "mixtral":
-        c = MixtralConfig(**common, num_local_experts=4)
-    elif arch == "qwen2_moe":
-        c = Qwen2MoeConfig(**common, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=32)
-    elif arch == "qwen3_moe":
-        c = Qwen3MoeConfig(**common, num_experts=4, moe_intermediate_size=16, norm_topk_prob=True)
-    elif arch == "olmoe":
-        c = OlmoeConfig(**common, num_experts=4)
-    elif arch == "phimoe":
-        c = PhimoeConfig(**common, num_local_experts=4)
-    elif arch == "deepseek_v3":
-        c = DeepseekV3Config(**{**common, "num_key_value_heads": 4}, n_routed_experts=4, moe_intermediate_size=16,
-                             n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16,
-                             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, routed_scaling_factor=2.5)
-    elif arch == "gpt_oss":
-        c = GptOssConfig(**common, num_local_experts=4, head_dim=8)
-    elif arch == "switch_transformers":
-        c = SwitchTransformersConfig(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2,
-                                     num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, num_experts=4,
-                                     expert_capacity=64, vocab_size=100, decoder_start_token_id=0, pad_token_id=0,
-                                     eos_token_id=1, dropout_rate=0.0)
-    else:
-        raise AssertionError(arch)
-    for key, value in overrides.items():
-        setattr(c, key, value)
-    return c
+    return hf.tiny_config(arch, k=k, **overrides)
 
 
 def tiny(arch: str, k: int = 2, dtype=torch.float32, **overrides) -> nn.Module:
     torch.manual_seed(0)
-    c = config(arch, k, **overrides)
-    if arch == "switch_transformers":
-        model = SwitchTransformersForConditionalGeneration(c)
-    else:
-        model = AutoModelForCausalLM.from_config(c)
-    model = model.to(dtype)
+    model = hf.model_from_config(config(arch, k, **overrides)).to(dtype)
     if dtype == torch.float64:
         model.set_experts_implementation("eager")  # grouped_mm refuses float64
         for module in model.modules():  # Switch routes in `router_dtype`, which the config limits to 32 bits
