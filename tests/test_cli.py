@@ -8,9 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from click.testing import CliRunner
 
-from gradest.cli import main
+from helpers import assert_one_line_error, cli
 from gradest.estimators import REGISTRY
 from gradest.io import atomic_write_text
 from gradest.report import SUMMARY_COLUMNS, atomic_savefig
@@ -27,18 +26,6 @@ def _restore_threads():
     torch.set_num_threads(threads)
 
 
-def invoke(*args):
-    return CliRunner().invoke(main, [str(arg) for arg in args])
-
-
-def assert_one_line_error(result, *words):
-    """Exit code 2, one line `error: ...` on stderr naming `words`, no traceback anywhere."""
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for word in words:
-        assert word in lines[0]
 
 
 def base_name(label: str) -> str:
@@ -48,7 +35,7 @@ def base_name(label: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------------- list
 def test_list_shows_every_estimator():
-    result = invoke("list")
+    result = cli("list")
     assert result.exit_code == 0, result.output
     first_column = {line.split()[0] for line in result.stdout.splitlines()[2:] if line.strip()}
     assert first_column == set(REGISTRY)
@@ -59,7 +46,7 @@ def test_list_shows_every_estimator():
 @pytest.fixture(scope="module")
 def small_compare(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
-    result = invoke("compare", "--problem", "moe-regression", "--experts", 3, *SMALL, "--seed", 3, "--out", out)
+    result = cli("compare", "--problem", "moe-regression", "--experts", 3, *SMALL, "--seed", 3, "--out", out)
     assert result.exit_code == 0, result.output
     return result, out
 
@@ -82,7 +69,7 @@ def test_compare_writes_the_report(small_compare):
 
 
 def test_compare_all_on_poly_uses_only_categorical_estimators(tmp_path):
-    result = invoke("compare", "--problem", "poly", *SMALL, "--out", tmp_path)
+    result = cli("compare", "--problem", "poly", *SMALL, "--out", tmp_path)
     assert result.exit_code == 0, result.output
     summary = pd.read_csv(tmp_path / "summary.csv")
     assert {base_name(label) for label in summary["estimator"]} == CATEGORICAL_ESTIMATORS
@@ -90,7 +77,7 @@ def test_compare_all_on_poly_uses_only_categorical_estimators(tmp_path):
 
 
 def test_compare_measures_every_combination(tmp_path):
-    result = invoke("compare", "--problem", "moe-regression,moe-classify", "--experts", "3,4", "--sharpness", "1,2",
+    result = cli("compare", "--problem", "moe-regression,moe-classify", "--experts", "3,4", "--sharpness", "1,2",
                     "--estimators", "st:tau=0.5,exact", *SMALL, "--out", tmp_path)
     assert result.exit_code == 0, result.output
     summary = pd.read_csv(tmp_path / "summary.csv")
@@ -99,7 +86,7 @@ def test_compare_measures_every_combination(tmp_path):
 
 
 def test_gate_estimator_on_a_categorical_problem_names_those_that_apply(tmp_path):
-    result = invoke("compare", "--problem", "poly", "--estimators", "switch", *SMALL, "--out", tmp_path)
+    result = cli("compare", "--problem", "poly", "--estimators", "switch", *SMALL, "--out", tmp_path)
     assert_one_line_error(result, "switch", *CATEGORICAL_ESTIMATORS)
 
 
@@ -121,7 +108,7 @@ def test_gate_estimator_on_a_categorical_problem_names_those_that_apply(tmp_path
     (["--sharpness", "nan"], ["sharpness"]),
 ], ids=lambda value: " ".join(map(str, value)) if isinstance(value, list) else None)
 def test_compare_errors_are_one_line(tmp_path, args, words):
-    result = invoke("compare", "--problem", "moe-regression", *SMALL, *args, "--out", tmp_path)
+    result = cli("compare", "--problem", "moe-regression", *SMALL, *args, "--out", tmp_path)
     assert_one_line_error(result, *words)
     assert not list(tmp_path.iterdir())  # nothing written
 
@@ -143,7 +130,7 @@ RUN_SMALL = ["--problem", "moe-regression", "--tokens", 8, "--steps", 15]
 
 
 def run_metrics(out, *args):
-    result = invoke("run", *RUN_SMALL, *args, "--out", out)
+    result = cli("run", *RUN_SMALL, *args, "--out", out)
     assert result.exit_code == 0, result.output
     return pd.read_csv(out / "metrics.csv")
 
@@ -174,7 +161,7 @@ def test_run_with_the_exact_gradient_lowers_the_objective(tmp_path):
 
 def test_run_default_directory_names_estimator_problem_and_seed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = invoke("run", "--estimator", "sparsemixer-v2*", "--problem", "moe-regression", "--tokens", 4,
+    result = cli("run", "--estimator", "sparsemixer-v2*", "--problem", "moe-regression", "--tokens", 4,
                     "--steps", 2)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "runs" / "sparsemixer-v2-star-moe-regression-seed0" / "metrics.csv").exists()
@@ -189,7 +176,7 @@ def test_run_default_directory_names_estimator_problem_and_seed(tmp_path, monkey
     (["--estimator", "st", "--set", "tau=0"], ["tau"]),
 ], ids=lambda value: " ".join(map(str, value)) if isinstance(value, list) else None)
 def test_run_errors_are_one_line(tmp_path, args, words):
-    result = invoke("run", "--problem", "moe-regression", *args, "--out", tmp_path / "out")
+    result = cli("run", "--problem", "moe-regression", *args, "--out", tmp_path / "out")
     assert_one_line_error(result, *words)
     assert not (tmp_path / "out").exists()
 
@@ -212,7 +199,7 @@ def test_compare_probes_the_switch_transformer(tmp_path):
     """--problem switch-lm runs the router-gradient probe next to a synthetic problem, in one report, with the
     probe's reference method and its standard error."""
     out = tmp_path / "probe"
-    result = invoke("compare", "--problem", "switch-lm,moe-regression", "--estimators", "sparsemixer,reinforce,st",
+    result = cli("compare", "--problem", "switch-lm,moe-regression", "--estimators", "sparsemixer,reinforce,st",
                     "--samples", 60, "--out", out)
     assert result.exit_code == 0, result.output
     df = pd.read_csv(out / "summary.csv")
@@ -228,4 +215,4 @@ def test_compare_probes_the_switch_transformer(tmp_path):
     (["--problem", "switch-xx"], ["switch-xx", "switch-lm", "moe-regression"]),
 ])
 def test_compare_switch_errors(tmp_path, args, words):
-    assert_one_line_error(invoke("compare", *args, "--samples", 10, "--out", tmp_path / "out"), *words)
+    assert_one_line_error(cli("compare", *args, "--samples", 10, "--out", tmp_path / "out"), *words)

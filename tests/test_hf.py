@@ -27,13 +27,7 @@ from gradest.estimators import GATED, get_estimator, trainable  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and a busy machine makes idle OpenMP threads spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BATCH, SEQ = 2, 8

@@ -25,13 +25,7 @@ OBJECTIVES = [PLAIN, Objective(k=1, mask="reference", r=0.5), Objective(k=2),
               Objective(k=1, mask="paper", r=0.8, temperature=2.0)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second intra-op thread only adds overhead (and stalls on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomise(model, seed, router_scale=0.4):

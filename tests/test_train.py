@@ -14,6 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from gradest.cli import main
+from helpers import assert_one_line_error, cli
 from gradest.devices import available_devices, check_device
 from gradest.errors import GradestError
 from gradest.estimators import trainable
@@ -217,18 +218,6 @@ def test_io_module_imports_no_pandas_or_plotting():
 TINY_ARGS = ["--batch-size", "4", "--model=block_size=32"] + [f"--model={k}={v}" for k, v in TINY.items()]
 
 
-def cli(*args):
-    return CliRunner().invoke(main, [str(arg) for arg in args])
-
-
-def assert_one_line_error(result, *words):
-    """Exit code 2, one line `error: ...` on stderr naming `words`, no traceback."""
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 def snapshot(directory):

@@ -1,0 +1,20 @@
+"""What several test modules share: running the CLI and checking its one-line errors."""
+
+from click.testing import CliRunner
+
+from gradest.cli import main
+
+
+def cli(*args):
+    """`gradest ARGS...` in-process; arguments may be paths or numbers."""
+    return CliRunner().invoke(main, [str(arg) for arg in args])
+
+
+def assert_one_line_error(result, *words):
+    """Exit code 2, one line `error: ...` on stderr naming `words`, no traceback anywhere."""
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in lines[0], lines[0]
