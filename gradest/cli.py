@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import json
 import re
 import sys
 import time
@@ -33,12 +34,13 @@ from gradest.problems import PROBLEMS, ProblemConfig
 from gradest.report import (atomic_savefig, summary_text, training_figure, training_summary, write_compare_report,
                             write_run_report)
 from gradest.synthetic import SYNTHETIC_LR, SYNTHETIC_STEPS, train_synthetic
-from gradest.train import DTYPES, TASKS, Interrupted, Trainer, TrainConfig, load_checkpoint
+from gradest.train import DTYPES, HF_EXPERTS, TASKS, Interrupted, Trainer, TrainConfig, load_checkpoint
 
 # Problem-specific defaults that differ from ProblemConfig's: ReinMax's polynomial programming is binary.
 PROBLEM_DEFAULTS = {"poly": {"experts": 2}}
 SWITCH_PROBLEMS = {problem: task for task, problem in TASK_PROBLEM.items()}  # switch-lm -> lm, switch-mt -> mt
-ALL_PROBLEMS = [*PROBLEMS, *SWITCH_PROBLEMS]
+HF_PROBLEM = "hf"  # the router-gradient probe on a Hugging Face causal LM (gradest.hf_probe)
+ALL_PROBLEMS = [*PROBLEMS, *SWITCH_PROBLEMS, HF_PROBLEM]
 DEFAULT_SAMPLES = 2000  # the no-argument `gradest compare` (3 problems, every estimator) takes a few seconds
 
 
@@ -217,7 +219,8 @@ def list_estimators():
 @main.command()
 @click.option("--problem", "problems", type=CommaList(click.STRING, "PROBLEM"), default=",".join(PROBLEMS),
               show_default=True, help=f"problems to measure on, comma-separated; valid: {', '.join(ALL_PROBLEMS)} "
-                                      f"(switch-*: the router-gradient probe on a Switch Transformer)")
+                                      f"(switch-*: the router-gradient probe on a Switch Transformer; hf: on a "
+                                      f"Hugging Face MoE model, see --hf)")
 @click.option("--estimators", default="all", show_default=True,
               help="'all' (every estimator that applies, with its variants) or a comma list of NAME[:KEY=VALUE..], "
                    "e.g. st:tau=0.5,reinforce:baseline=mean")
@@ -231,15 +234,31 @@ def list_estimators():
 @click.option("--layer", type=click.IntRange(min=0), default=0, show_default=True,
               help="switch-*: which MoE layer to probe (0 = the first)")
 @click.option("--draws", type=click.IntRange(min=3), default=64, show_default=True,
-              help="switch-*: draws S of the Rao-Blackwellised reference (when enumeration is too large)")
+              help="switch-*, hf: draws S of the Rao-Blackwellised reference (when enumeration is too large)")
+@click.option("--hf", "hf_name", default=None, metavar="NAME",
+              help="hf: a tiny random model of this architecture (mixtral, qwen2_moe, qwen3_moe, olmoe, phimoe, "
+                   "deepseek_v3, gpt_oss), k experts per token from --top-k [default 2], seeded by --seed")
+@click.option("--hf-config", "hf_config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="hf: build the model from this transformers config.json (random weights)")
+@click.option("--hf-model", "hf_model", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="hf: a saved transformers causal LM (local directory); its tokenizer is not used: the bundled "
+                   "text's character ids modulo its vocabulary are")
+@click.option("--batch-size", "hf_batch", type=click.IntRange(min=1), default=2, show_default=True,
+              help="hf: sequences in the fixed batch of the bundled tiny-shakespeare")
+@click.option("--seq-len", "hf_seq", type=click.IntRange(min=1), default=8, show_default=True,
+              help="hf: tokens per sequence")
 @config_options(lists=True)
-def compare(problems, estimators, samples, wrt, checkpoint, layer, draws, experts, tokens, dim, top_k, sharpness,
-            seed, settings, out):
+def compare(problems, estimators, samples, wrt, checkpoint, layer, draws, hf_name, hf_config, hf_model, hf_batch,
+            hf_seq, experts, tokens, dim, top_k, sharpness, seed, settings, out):
     """Bias, variance and cost of every estimator against the exact gradient; writes a report into --out
     (default: runs/compare, or runs/compare-2, ... if that holds an earlier report)."""
     unknown = [name for name in problems if name not in ALL_PROBLEMS]
     if unknown:
         raise GradestError(f"unknown problem '{unknown[0]}'; valid: {', '.join(ALL_PROBLEMS)}")
+    hf_given = [name for name, value in (("--hf", hf_name), ("--hf-config", hf_config), ("--hf-model", hf_model))
+                if value is not None]
+    if hf_given and HF_PROBLEM not in problems:
+        raise GradestError(f"{hf_given[0]} applies to --problem hf only")
     out = output_directory(out, Path("runs/compare"), "summary.csv")
     hparams = parse_settings(settings)
     synthetic = [name for name in problems if name in PROBLEMS]
@@ -256,15 +275,76 @@ def compare(problems, estimators, samples, wrt, checkpoint, layer, draws, expert
             frames.append(switch_probe(SWITCH_PROBLEMS[name], estimators=chosen, samples=samples, seed=seed,
                                        checkpoint=checkpoint, layer=layer, experts=n, top_k=k, draws=draws, wrt=wrt,
                                        settings=hparams, progress=progress))
+    if HF_PROBLEM in problems:
+        from gradest.hf_probe import hf_probe_command
+        if wrt == "all":
+            raise GradestError("--wrt all is not measured on hf; valid: logits, router")
+        for k in (top_k or [None]):
+            frames.append(hf_probe_command(hf_name, hf_config, hf_model, layer=layer, batch_size=hf_batch,
+                                           seq_len=hf_seq, top_k=k, estimators=chosen, samples=samples, seed=seed,
+                                           draws=draws, wrt=wrt, settings=hparams, progress=progress))
     results = pd.concat(frames, ignore_index=True)
     with report_errors(out):
         write_compare_report(results, out, {
             "command": "compare", "problems": [config.to_dict() for config in configs],
             "switch_problems": [name for name in problems if name in SWITCH_PROBLEMS], "estimators": estimators,
             "settings": hparams, "samples": samples, "wrt": wrt, "seed": seed, "checkpoint": checkpoint,
-            "layer": layer, "draws": draws, "out": str(out)}, command_line())
+            "layer": layer, "draws": draws, "hf": hf_name, "hf_config": hf_config, "hf_model": hf_model,
+            "batch_size": hf_batch, "seq_len": hf_seq, "out": str(out)}, command_line())
     click.echo(summary_text(results, tablefmt="simple", heading=""))
     click.echo(f"\nreport written to {out}/ (summary.csv, summary.md, bias_variance.png, rel_bias.png, config.json)")
+
+
+@main.command()
+@click.option("--hf", "hf_name", default=None, metavar="NAME",
+              help="a tiny random model of this architecture (mixtral, qwen2_moe, qwen3_moe, olmoe, phimoe, "
+                   "deepseek_v3, gpt_oss)")
+@click.option("--hf-config", "hf_config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="build the model from this transformers config.json (random weights)")
+@click.option("--hf-model", "hf_model", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="a saved transformers causal LM (local directory)")
+@click.option("--top-k", "top_k", type=click.IntRange(min=1), default=None,
+              help="experts per token of a model built by --hf/--hf-config [default: the config's; --hf: 2]")
+@click.option("--text", "text_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="text to measure on (UTF-8 bytes modulo the vocabulary) [default: the bundled tiny-shakespeare]")
+@click.option("--batches", type=click.IntRange(min=1), default=4, show_default=True, help="batches of text")
+@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True, help="sequences per batch")
+@click.option("--seq-len", type=click.IntRange(min=1), default=16, show_default=True, help="tokens per sequence")
+@click.option("--draws", type=click.IntRange(min=3), default=16, show_default=True,
+              help="draws S of the Rao-Blackwellised reference (when enumeration is too large)")
+@click.option("--seed", type=click.INT, default=0, show_default=True,
+              help="seeds a built model's weights, the text windows and the reference's draws")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="report directory [default: runs/doctor, or runs/doctor-2, ... if that holds an earlier report]")
+def doctor(hf_name, hf_config, hf_model, top_k, text_file, batches, batch_size, seq_len, draws, seed, out):
+    """Check a Hugging Face MoE model's native router gradient, layer by layer, against the exact gradient of the
+    expected loss over that layer's routing (the model's own softmax and k); prints a verdict per layer and one for
+    the model and writes doctor.md, layers.csv, cosine.png and config.json."""
+    from gradest.doctor import diagnose, doctor_batch, write_doctor_report
+    from gradest.hf_probe import load_model
+    text = None
+    if text_file is not None:
+        try:
+            text = text_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise GradestError(f"cannot read --text {text_file} as UTF-8 text: {error}") from None
+        if not text.strip():
+            raise GradestError(f"--text {text_file} is empty")
+    out = output_directory(out, Path("runs/doctor"), "layers.csv")
+    model = load_model(hf_name, hf_config, hf_model, k=top_k, seed=seed)
+    batch = doctor_batch(model.config.vocab_size, batches, batch_size, seq_len, text, data_seed=seed)
+    result = diagnose(model, batch, draws=draws, seed=seed,
+                      progress=functools.partial(progress_bar, description="layers"))
+    label = str(hf_model or hf_config or hf_name)
+    with report_errors(out):
+        write_doctor_report(result, out, {
+            "command": "doctor", "model": label, "model_type": model.config.model_type, "top_k": top_k,
+            "text": None if text_file is None else str(text_file), "batches": batches, "batch_size": batch_size,
+            "seq_len": seq_len, "draws": draws, "seed": seed, "out": str(out)}, command_line())
+    for line in result.verdicts:
+        click.echo(line)
+    click.echo(result.model_verdict)
+    click.echo(f"report written to {out}/ (doctor.md, layers.csv, cosine.png, config.json)")
 
 
 @main.command()
@@ -295,10 +375,22 @@ def compare(problems, estimators, samples, wrt, checkpoint, layer, draws, expert
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="continue the run whose checkpoint is in this directory, with its own settings: only --steps "
                    "and --device may be given with it")
+@click.option("--hf", "hf_name", metavar="ARCH", default=None,
+              help="train a tiny random Hugging Face MoE causal LM of this architecture instead of the Switch "
+                   "Transformer: " + ", ".join(HF_EXPERTS))
+@click.option("--hf-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="train a Hugging Face MoE causal LM built (randomly initialised) from this transformers config "
+                   "JSON; its vocab_size is replaced by the corpus's")
+@click.option("--hf-model", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="train the Hugging Face MoE causal LM saved in this local directory (save_pretrained), from "
+                   "its weights; its vocabulary must hold the corpus's character ids")
+@click.option("--hf-set", "hf_settings", multiple=True, metavar="KEY=VALUE",
+              help="Hugging Face config setting over --hf/--hf-config/--hf-model's, e.g. --hf-set "
+                   "num_hidden_layers=2 (value read as JSON, else text; repeatable)")
 @config_options(lists=False)
 @click.pass_context
 def run(ctx, estimator_spec, task, problem, steps, lr, batch_size, omega, device, dtype, model_settings, resume,
-        experts, tokens, dim, top_k, sharpness, seed, settings, out):
+        hf_name, hf_config, hf_model, hf_settings, experts, tokens, dim, top_k, sharpness, seed, settings, out):
     """Train with one estimator: a Switch Transformer (default: a character LM on tiny-shakespeare, a few minutes
     on 2 CPU cores), or with --problem a synthetic problem next to the exact gradient. Writes metrics, plots,
     config.json and (Switch) a checkpoint into --out, and prints a line at every evaluation.
@@ -312,7 +404,19 @@ def run(ctx, estimator_spec, task, problem, steps, lr, batch_size, omega, device
     is refused; the run's own steps on a complete run do nothing. A run continued to more steps than it was planned
     for keeps its learning-rate schedule: the cosine still ends where it was planned to, and the steps after it run
     at lr * min_lr_ratio, so the learning rate never jumps. config.json keeps how the run was started and lists
-    each resume under "resumes"."""
+    each resume under "resumes".
+
+    --hf ARCH (e.g. mixtral), --hf-config FILE or --hf-model DIR train a Hugging Face MoE causal LM on the same
+    characters and batches instead, every MoE block routed by the estimator (gradest.hf.patch); k defaults to the
+    model's num_experts_per_tok, the load-balancing loss is the model's own (router_aux_loss_coef), and metrics.csv
+    also has each patched block's layer{i}_max_load, layer{i}_router_entropy, layer{i}_argmax_fraction. --model
+    then takes only block_size; set the model with --hf-set KEY=VALUE."""
+    hf_given = {"hf": hf_name, "hf_config": None if hf_config is None else str(hf_config.resolve()),
+                "hf_model": None if hf_model is None else str(hf_model.resolve())}
+    hf_overrides = parse_hf_settings(hf_settings)
+    if problem is not None and (any(v is not None for v in hf_given.values()) or hf_overrides):
+        raise GradestError("--hf, --hf-config, --hf-model and --hf-set train a Hugging Face model, not a synthetic "
+                           "problem; give them without --problem")
     if problem is not None and resume is None:
         if estimator_spec is None:
             raise GradestError("--estimator is required; valid: " + ", ".join(REGISTRY))
@@ -325,7 +429,8 @@ def run(ctx, estimator_spec, task, problem, steps, lr, batch_size, omega, device
             "estimator_spec": estimator_spec, "task": task, "problem": problem, "lr": lr, "batch_size": batch_size,
             "omega": omega, "dtype": dtype, "model_settings": parse_model_settings(model_settings),
             "experts": experts, "top_k": top_k, "seed": seed, "settings": parse_settings(settings), "out": out,
-            "tokens": tokens, "dim": dim, "sharpness": sharpness})
+            "tokens": tokens, "dim": dim, "sharpness": sharpness, "hf_name": hf_given["hf"],
+            "hf_config": hf_given["hf_config"], "hf_model": hf_given["hf_model"], "hf_settings": hf_overrides})
         trainer = Trainer.resume(resume, steps, device if explicit(ctx, "device") else None, state)
         out = resume
         if trainer.step >= trainer.config.steps:  # writes nothing
@@ -340,13 +445,23 @@ def run(ctx, estimator_spec, task, problem, steps, lr, batch_size, omega, device
                                    + ", ".join(PROBLEMS))
         if estimator_spec is None:
             raise GradestError("--estimator is required (or --resume DIR); valid: " + ", ".join(REGISTRY))
-        given = {"top_k": top_k, "steps": steps, "lr": lr, "experts": experts, "omega": omega}  # None: not given
+        hf_run = any(value is not None for value in hf_given.values())
+        if hf_overrides and not hf_run:
+            raise GradestError("--hf-set sets a Hugging Face model's config; add --hf ARCH, --hf-config FILE or "
+                               "--hf-model DIR")
+        if hf_run:
+            for name, value in (("--experts", experts), ("--omega/--no-omega", omega)):
+                if value is not None:
+                    raise GradestError(f"{name} is a Switch Transformer setting; a Hugging Face model takes its "
+                                       f"settings from its config (--hf-set KEY=VALUE)")
+        given = {"top_k": top_k, "steps": steps, "lr": lr, "experts": experts, "omega": omega, **hf_given}
         config = TrainConfig(task=task, estimator=estimator_spec, hparams=parse_settings(settings),
                              batch_size=batch_size, seed=seed, device=device, dtype=dtype,
-                             model=parse_model_settings(model_settings),
+                             model=parse_model_settings(model_settings), hf_settings=hf_overrides,
                              **{key: value for key, value in given.items() if value is not None})
         estimator = config.build_estimator()
-        out = out or Path("runs") / (f"{file_name(estimator.label)}-{task}-n{config.model.experts}-k{config.top_k}"
+        what = f"hf-{config.hf_transformers_config.model_type}" if hf_run else task
+        out = out or Path("runs") / (f"{file_name(estimator.label)}-{what}-n{config.model.experts}-k{config.top_k}"
                                      f"-seed{seed}")
         if (out / "checkpoint.pt").exists():  # never overwrite a run: continuing it is one flag away
             raise GradestError(f"{out}/ already holds a run; continue it with --resume {out}, or choose another "
@@ -370,6 +485,10 @@ def run(ctx, estimator_spec, task, problem, steps, lr, batch_size, omega, device
     with report_errors(out):
         if trainer.rank == 0:  # under torchrun only rank 0 writes and reports
             atomic_savefig(training_figure(metrics, trainer.estimator.label), out / "loss.png", dpi=120)
+            if trainer.config.is_hf:
+                hf_model = trainer.model.hf_model
+                click.echo(f"Hugging Face {hf_model.config.model_type} ({type(hf_model).__name__}, "
+                           f"{len(trainer.model.patched.blocks)} MoE blocks routed by {trainer.estimator.label})")
             click.echo(training_summary(trainer, metrics, out))
     trainer.close()
 
@@ -390,7 +509,9 @@ def refuse_changes_on_resume(ctx: click.Context, config: TrainConfig, resume: Pa
            "omega": config.model.omega, "dtype": config.dtype, "experts": config.model.experts,
            "model_settings": {key: getattr(config.model, key) for key in given["model_settings"]},
            "top_k": config.top_k, "seed": config.seed, "settings": config.hparams, "out": resume,
-           "problem": None, "tokens": None, "dim": None, "sharpness": None}  # a Switch run has no synthetic problem
+           "problem": None, "tokens": None, "dim": None, "sharpness": None,  # a Switch run has no synthetic problem
+           "hf_name": config.hf, "hf_config": config.hf_config, "hf_model": config.hf_model,
+           "hf_settings": config.hf_settings}
 
     def same(name):
         if name == "out":
@@ -426,6 +547,20 @@ def resume_command(trainer: Trainer, out: Path) -> str:
     import shlex
     launcher = "gradest" if trainer.world == 1 else f"torchrun --nproc-per-node {trainer.world} -m gradest.cli"
     return f"{launcher} run --resume {shlex.quote(str(out))}"
+
+
+def parse_hf_settings(texts) -> dict:
+    """`--hf-set key=value`: each value read as JSON (2, 0.01, true, null, [1, 2]), else kept as text."""
+    settings = {}
+    for text in texts:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise GradestError(f"--hf-set {text!r} is not KEY=VALUE; valid: e.g. --hf-set num_hidden_layers=2")
+        try:
+            settings[key.strip()] = json.loads(value)
+        except ValueError:
+            settings[key.strip()] = value
+    return settings
 
 
 def parse_model_settings(texts) -> dict:

@@ -329,6 +329,9 @@ class PatchedBlock:
     patch: "Patched" = field(repr=False)
     router: nn.Module = field(init=False, repr=False)
     routing: Routing | None = field(default=None, init=False, repr=False)  # this forward's, for the experts
+    # the last routing, detached, for statistics (`gradest run --hf`): logits z (T, n) and the experts (T, k) each
+    # token's forward value uses (a dense estimator's: the top k of its gates); a zero-output pass leaves it
+    routed: tuple[Tensor, Tensor] | None = field(default=None, init=False, repr=False)
     kept: Tensor | None = field(default=None, init=False, repr=False)  # (T, k) pairs within capacity (Switch)
     _saved: list = field(default_factory=list, init=False, repr=False)  # (module, had forward, old forward)
     _buffers: list = field(default_factory=list, init=False, repr=False)
@@ -370,7 +373,7 @@ class PatchedBlock:
         self._buffers.clear()
         for attribute in ("gradest_log_prob", "_gradest_patch"):
             self.block.__dict__.pop(attribute, None)
-        self.routing = self.kept = None
+        self.routing = self.kept = self.routed = None
 
     def router_weight(self) -> Tensor:
         return self.router.classifier.weight if hasattr(self.router, "classifier") else self.router.weight
@@ -401,6 +404,8 @@ class PatchedBlock:
         else:
             index = routing.experts[:, 0]
         self.routing = routing
+        self.routed = (z.detach(), index.detach() if routing.experts is not None else
+                       gates.detach().topk(self.k, -1).indices)
         self.block.gradest_log_prob = routing.log_prob
         return self.family.output(self, hidden, logits, index, gates, routing)
 

@@ -502,12 +502,20 @@ def test_estimators_that_cannot_route_the_model_are_refused():
                                                                               "model.layers.1.mlp"]
 
 
-def test_only_gradest_hf_imports_transformers():
+def test_only_the_hugging_face_modules_import_transformers():
+    """transformers is an optional extra: only gradest.hf and gradest.hf_probe import it, and the core package, the
+    CLI and the trainer load without it (the CLI imports the Hugging Face modules inside the commands that use
+    them)."""
     import pathlib
     import re
+    import subprocess
+    import sys
 
     import gradest
     root = pathlib.Path(gradest.__file__).parent
-    importing = [path.relative_to(root).as_posix() for path in root.rglob("*.py")
-                 if re.search(r"^\s*(import|from)\s+transformers\b", path.read_text(), re.M)]
-    assert importing == ["hf.py"]
+    importing = sorted(path.relative_to(root).as_posix() for path in root.rglob("*.py")
+                       if re.search(r"^\s*(import|from)\s+transformers\b", path.read_text(), re.M))
+    assert importing == ["hf.py", "hf_probe.py"]
+    code = ("import sys, gradest, gradest.cli, gradest.train, gradest.study, gradest.probe; "
+            "assert 'transformers' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,377 @@
+"""The router-gradient probe (gradest/probe.py, docs/estimators.md §4) on one MoE layer of a Hugging Face causal LM.
+
+For MoE layer L of a transformers causal LM: every other MoE block keeps its NATIVE routing in eval mode
+(deterministic: top-k of its own softmax; dropout off); block L alone is routed by gradest, through the
+`gradest.hf.patch` mechanism restricted to that one block. L(D) is the mean over sequences of each sequence's mean
+next-token cross-entropy, and the objective is J = E_D[L(D)] over block L's routing D, with D drawn from the
+objective's softmax of the block's own router logits and the gates from the same softmax (`ForcedRouting`).
+
+Why a subclass of `gradest.probe.Site`: probe.py's reference (exact enumeration, or the Rao-Blackwellised
+Monte-Carlo reference with its standard error), its batched estimator samples and its bias/variance metrics only
+need a "site" that can (1) run a batch of rows (copies of sequences) with whatever rule the layer holds, and (2)
+say what the layer's router saw. `HFSite` provides exactly that, so the maths is probe.py's, unchanged:
+
+- `site.layer` is a `_BlockSlot`: assigning its `estimator` (what `gradest.probe.installed` does) patches block L
+  with that estimator (`gradest.hf.patch`, then every other block's patch undone); assigning None undoes it. The
+  probe's routing rules (`ForcedRouting`, `_Sampled`) thus run inside the HF block, with the block's own logits,
+  experts and output format.
+- There is no prefix caching: each row re-runs the WHOLE model (the layers below L recompute the same values).
+  Rows are batched (`chunk_rows`), so the cost is a few large forwards, not one per row.
+- Router-weight gradients are sum_t grad z_t (outer) x_t with x_t the input the router module received (captured
+  with a forward pre-hook); the logits are made a leaf inside the block, so one backward gives every row's.
+
+Data: the bundled tiny-shakespeare validation split, as its character ids, modulo the model's vocabulary (a tiny
+model built by `--hf NAME` has a vocabulary of at least the 65 characters, so they are unchanged); a user's text
+(`doctor --text`) as its UTF-8 bytes modulo the vocabulary. A pretrained model's own tokenizer is NOT used: the probe
+measures gradients, for which any fixed token sequence is a valid batch, and this keeps it free of downloads.
+
+Limits: causal LMs only (SwitchTransformers, an encoder-decoder, is refused); stateful estimators (default-moe)
+are not probed here (their state lives in buffers that a single patched block would have to seed); no padding,
+so every token at layer L can change the loss (`relevant` is all true).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from gradest.errors import GradestError
+from gradest.estimators import GATED, Estimator
+from gradest.measure import bias_variance
+from gradest.model import token_cross_entropy
+from gradest.probe import (REFERENCES, SCORES, PROBE_WRT, Site, bias_variance_mc, layer_gradient_samples,
+                           probe_estimators, probing, reference_gradient)
+
+IGNORE = -100  # no target is ignored (no padding); the value transformers uses
+
+
+# ------------------------------------------------------------------------------------------------ the model
+def _hf():
+    """gradest.hf, imported on use: it needs transformers (the `hf` extra)."""
+    from gradest import hf
+    return hf
+
+
+def moe_blocks(model: nn.Module) -> list:
+    """The MoE blocks gradest.hf recognises in `model`: (module name, block, Architecture), in model order."""
+    hf = _hf()
+    if not isinstance(model, nn.Module):
+        raise GradestError(f"the HF probe needs a transformers model, got {type(model).__name__}")
+    found = hf._find(model)
+    if not found:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        raise GradestError(f"no mixture-of-experts block that gradest.hf can route in {type(model).__name__}"
+                           + (f" (model_type '{model_type}')" if model_type else "")
+                           + f"; supported architectures: {', '.join(hf.SUPPORTED)}")
+    if any(arch.model_type == "switch_transformers" for _, _, arch in found):
+        causal = ", ".join(a for a in hf.SUPPORTED if a != "switch_transformers")
+        raise GradestError(f"the HF router-gradient probe runs causal LMs; SwitchTransformers is an encoder-decoder; "
+                           f"valid: {causal}")
+    return found
+
+
+def load_model(name: str | None = None, config_file: str | Path | None = None, model_dir: str | Path | None = None,
+               *, k: int | None = None, seed: int = 0, dtype: torch.dtype | None = None) -> nn.Module:
+    """The causal LM to probe: a tiny random model of architecture `name` (`gradest.hf.tiny_config`, its
+    vocabulary the bundled text's 65 characters, seeded by `seed`), the same built from a config file
+    (`config_file`: a transformers config.json, with `name` its model_type unless the file says), or a saved model
+    (`model_dir`, `from_pretrained`, local only). `k` overrides num_experts_per_tok of a built model. A model in
+    float64 gets the eager experts implementation (grouped_mm refuses float64)."""
+    import transformers
+    hf = _hf()
+    given = [x is not None for x in (config_file, model_dir)]
+    if sum(given) > 1:
+        raise GradestError("give --hf-config or --hf-model, not both")
+    if model_dir is not None:
+        if name is not None or k is not None:
+            raise GradestError("--hf-model DIR is a saved model: --hf and --top-k do not apply to it")
+        path = Path(model_dir)
+        if not (path / "config.json").is_file():
+            raise GradestError(f"{path}/ is not a saved transformers model (no config.json)")
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, KeyError) as error:
+            raise GradestError(f"cannot load the model in {path}/: {error}") from None
+    else:
+        if config_file is not None:
+            path = Path(config_file)
+            try:
+                settings = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as error:
+                raise GradestError(f"cannot read the config {path}: {error}") from None
+            if not isinstance(settings, dict):
+                raise GradestError(f"{path} is not a JSON object (a transformers config.json)")
+            model_type = settings.pop("model_type", None) or name
+            if model_type is None:
+                raise GradestError(f"{path} has no model_type; give it, or --hf NAME")
+            if name is not None and name != model_type:
+                raise GradestError(f"--hf {name} but {path} is a '{model_type}' config")
+            if model_type not in hf.SUPPORTED:
+                raise GradestError(f"unknown architecture '{model_type}'; valid: {', '.join(hf.SUPPORTED)}")
+            if k is not None:
+                settings["num_experts_per_tok"] = k
+            try:
+                config = transformers.AutoConfig.for_model(model_type, **settings)
+            except (TypeError, ValueError) as error:
+                raise GradestError(f"invalid config {path}: {error}") from None
+        else:
+            if name is None:
+                raise GradestError("which model? give --hf NAME (a tiny random model), --hf-config FILE or "
+                                   "--hf-model DIR")
+            from gradest.datasets import load_shakespeare
+            config = hf.tiny_config(name, k=2 if k is None else k, vocab_size=load_shakespeare().vocab_size)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = hf.model_from_config(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    if next(model.parameters()).dtype == torch.float64 and hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("eager")
+    moe_blocks(model)  # refuse a model the probe cannot run, in one line
+    return model.eval()
+
+
+# -------------------------------------------------------------------------------------------------- the data
+def text_tokens(vocab_size: int, text: str | None = None) -> Tensor:
+    """Token ids: the bundled tiny-shakespeare validation split (character ids), or `text` as UTF-8 bytes; both
+    modulo `vocab_size` (see the module docstring)."""
+    if text is None:
+        from gradest.datasets import load_shakespeare
+        ids = load_shakespeare().val
+    else:
+        ids = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+    return ids % vocab_size
+
+
+def text_batch(vocab_size: int, batch_size: int, seq_len: int, data_seed: int = 0,
+               text: str | None = None) -> tuple[Tensor, Tensor]:
+    """A fixed batch (idx, targets) of `batch_size` windows of `seq_len` tokens (`gradest.datasets.lm_batch`)."""
+    from gradest.datasets import lm_batch
+    tokens = text_tokens(vocab_size, text)
+    if len(tokens) <= seq_len:
+        raise GradestError(f"the text has {len(tokens)} tokens; seq_len={seq_len} needs more than {seq_len}")
+    return lm_batch(tokens, batch_size, seq_len, torch.Generator().manual_seed(data_seed))
+
+
+# -------------------------------------------------------------------------------------------- the patched slot
+class _Aux:
+    def __init__(self, block: nn.Module):
+        self.block = block
+
+    @property
+    def log_prob(self) -> Tensor | None:
+        """The log-probability of the routing the patched block sampled (score-function estimators)."""
+        return getattr(self.block, "gradest_log_prob", None)
+
+
+class _BlockSlot:
+    """Stands in for gradest's `MoE` layer in probe.py's functions, for one HF block: assigning `estimator`
+    patches the block with it (and no other block), assigning None restores the block's native routing. `k`
+    is kept for `installed`, which saves and restores it; `aux.log_prob` is what a score-function estimator left."""
+
+    def __init__(self, model: nn.Module, block: nn.Module):
+        self.model, self.block = model, block
+        self.k = None
+        self.patched = None
+        self.aux = _Aux(block)
+
+    @property
+    def estimator(self) -> Estimator | None:
+        return None if self.patched is None else self.patched.estimator
+
+    @estimator.setter
+    def estimator(self, value: Estimator | None) -> None:
+        if self.patched is not None:
+            self.patched.undo()
+            self.patched = None
+        if value is not None:
+            patched = _hf().patch(self.model, value)
+            for b in patched.blocks:  # only this block is routed by gradest; the others keep their own rule
+                if b.block is not self.block:
+                    b.restore()
+            patched.blocks = [b for b in patched.blocks if b.block is self.block]
+            self.patched = patched
+
+
+class _Captured(Exception):
+    pass
+
+
+@contextmanager
+def frozen(model: nn.Module):
+    """The model's parameters need no gradient inside (the probe differentiates w.r.t. leaf logits only, so the
+    graph through the weights is dead weight); restored afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+# --------------------------------------------------------------------------------------------------- the site
+class HFSite(Site):
+    """MoE layer `layer` (an index into the model's MoE blocks) of a transformers causal LM on a batch
+    (idx, targets), for probe.py's reference and sample functions. Attributes as `Site`'s: `u` the router's input
+    (B, T, d), `z0` its logits in the routing dtype (B, T, n), `relevant` (B, T) all true, `layer` the slot."""
+
+    def __init__(self, model: nn.Module, batch, layer: int = 0):  # noqa: super().__init__ is Switch-specific
+        found = moe_blocks(model)
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -len(found) <= layer < len(found):
+            raise GradestError(f"layer must be an MoE layer index in 0..{len(found) - 1}, got {layer!r}")
+        if len(batch) != 2:
+            raise GradestError("an HF probe batch is (idx, targets)")
+        self.model, self.index = model, layer % len(found)
+        self.name, self.hf_block, self.arch = found[self.index]
+        self.router = getattr(self.hf_block, self.arch.family.router)
+        self.native_k = self.arch.family.native_k(self.router)
+        self.problem = f"hf-{self.arch.model_type}"
+        self.where = "decoder"
+        self.memory = None
+        self.device = next(model.parameters()).device
+        idx, targets = (t.to(self.device) for t in batch)
+        vocab = model.config.vocab_size
+        if idx.shape != targets.shape or idx.dim() != 2:
+            raise GradestError(f"idx and targets must be (batch, seq) alike, got {tuple(idx.shape)} and "
+                               f"{tuple(targets.shape)}")
+        if int(idx.max()) >= vocab or int(targets.max()) >= vocab or int(idx.min()) < 0:
+            raise GradestError(f"token ids must lie in 0..{vocab - 1} (the model's vocabulary)")
+        self.inputs, self.targets, self.ignore = {"idx": idx}, targets, IGNORE
+        self.counted = torch.ones_like(targets, dtype=torch.bool)
+        self.counts = self.counted.sum(-1)
+        self.layer = _BlockSlot(model, self.hf_block)
+        B, T = idx.shape
+        with probing(model), torch.no_grad():
+            self.u = self.capture_input(B, T)
+            z = self.arch.family.logits(self.router, self.u.reshape(B * T, -1).clone())
+            self.z0 = z.reshape(B, T, -1).to(_hf().routing_dtype(z.dtype))
+        self.B, self.T, self.d, self.n = B, T, self.u.shape[-1], self.z0.shape[-1]
+        self.relevant = torch.ones(B, T, dtype=torch.bool, device=self.device)
+        self._zero_losses = None
+
+    def capture_input(self, B: int, T: int) -> Tensor:  # noqa: a different signature from Site's (no prefix)
+        """The router module's input on the batch (B, T, d), as the block hands it over (native routing below)."""
+        seen = {}
+
+        def hook(module, args):
+            seen["x"] = args[0].detach().clone()
+            raise _Captured
+
+        handle = self.router.register_forward_pre_hook(hook)
+        try:
+            self.model(input_ids=self.inputs["idx"], use_cache=False)
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
+        return seen["x"].reshape(B, T, -1)
+
+    def losses(self, rows: Tensor) -> Tensor:
+        """Each row's sequence loss (R,): the whole model on copies of those sequences, block L routed by what
+        the slot holds, the other blocks natively."""
+        with frozen(self.model):
+            logits = self.model(input_ids=self.inputs["idx"][rows], use_cache=False).logits
+        return token_cross_entropy(logits, self.targets[rows], self.ignore).sum(-1) / self.counts[rows]
+
+    def zero_losses(self) -> Tensor:
+        """Each sequence's loss with block L's routed output zeroed (REINFORCE's f(0) baseline), (B,). Called while
+        the slot holds an estimator (inside `installed`)."""
+        if self._zero_losses is None:
+            if self.layer.patched is None:
+                raise GradestError("zero_losses needs block L patched")
+            with self.layer.patched.zero_output(), probing(self.model), torch.no_grad():
+                self._zero_losses = self.losses(torch.arange(self.B, device=self.device))
+        return self._zero_losses
+
+    def estimator_state(self, estimator: Estimator):
+        if estimator.stateful:
+            raise GradestError(f"estimator '{estimator.name}' is stateful: the HF probe does not seed its state; "
+                               "probe it on --problem switch-lm")
+        return None
+
+    def chunk_rows(self, max_elements: int, dense: bool = True) -> int:
+        """Rows per forward so that the activations kept for the backward hold about max_elements: the widest of
+        the logits, every layer's hidden states, the experts' intermediate activations."""
+        cfg = self.model.config
+        hidden = getattr(cfg, "hidden_size", self.d)
+        inner = getattr(cfg, "moe_intermediate_size", None) or getattr(cfg, "intermediate_size", hidden)
+        layers = getattr(cfg, "num_hidden_layers", 1)
+        width = max(cfg.vocab_size, 8 * hidden * layers, (self.n if dense else max(1, self.native_k)) * inner)
+        return max(1, max_elements // (self.T * width))
+
+
+# ------------------------------------------------------------------------------------------------------ probe
+def hf_probe(model: nn.Module, batch, layer: int = 0, estimators="all", samples: int = 256, *,
+             wrt: str | tuple = "router", reference: str = "auto", draws: int = 64, seed: int = 0,
+             top_k: int | None = None, settings: dict | None = None, score: str = "sequence",
+             max_enumeration: int = 4096, max_elements: int = 2 ** 22, progress=None) -> pd.DataFrame:
+    """`gradest.probe.probe` on MoE layer `layer` of a transformers causal LM: one row per estimator and wrt in
+    the format of `gradest.measure.compare` (plus the probe's reference columns); `problem` is `hf-<model_type>`.
+    top_k: k of the estimators and the objective (default: the block's num_experts_per_tok). The model's modes
+    and routing are restored afterwards."""
+    wrts = (wrt,) if isinstance(wrt, str) else tuple(wrt)
+    for w in wrts:
+        if w not in PROBE_WRT:
+            raise GradestError(f"unknown gradient target '{w}' for the probe; valid: {', '.join(PROBE_WRT)}")
+    if not isinstance(samples, int) or samples < 3:
+        raise GradestError(f"samples must be an integer >= 3 (bias and variance need them), got {samples!r}")
+    if score not in SCORES:
+        raise GradestError(f"unknown score '{score}'; valid: {', '.join(SCORES)}")
+    if reference not in REFERENCES:
+        raise GradestError(f"unknown reference '{reference}'; valid: {', '.join(REFERENCES)}")
+    site = HFSite(model, batch, layer)
+    chosen = probe_estimators(estimators, top_k or site.native_k, settings)
+    if estimators == "all" or estimators == ["all"]:
+        chosen = [e for e in chosen if not e.stateful]
+    for estimator in chosen:
+        estimator.check(site.n, GATED)
+        site.estimator_state(estimator)  # refuses a stateful one before any work
+    config = {"experts": site.n, "tokens": site.B * site.T, "dim": site.d, "top_k": None,
+              "sharpness": round(float(site.z0.pow(2).mean().sqrt()), 4), "layer": site.index,
+              "batch_size": site.B, "seq_len": site.T, "relevant_tokens": int(site.relevant.sum())}
+    rows, references = [], {}
+    with probing(model):
+        for estimator in (progress(chosen) if progress else chosen):
+            objective = estimator.objective()
+            key = objective.label
+            if key not in references:
+                references[key] = reference_gradient(site, objective, reference, draws, seed, max_enumeration,
+                                                     max_elements)
+            ref = references[key]
+            start = time.perf_counter()
+            grads = layer_gradient_samples(site, estimator, samples, seed, score, max_elements)
+            computed = 1 if estimator.noise_dim(site.n) == 0 else samples
+            seconds = time.perf_counter() - start
+            for w in wrts:
+                values = site.router_gradient(grads) if w == "router" else grads.flatten(1)
+                target = ref.values(site, w)
+                metrics = bias_variance(values, target) if ref.draws is None else bias_variance_mc(values, target)
+                rows.append({"problem": site.problem, "estimator": estimator.label, "target": key, "wrt": w,
+                             "samples": samples, **config, "top_k": objective.k, "seed": seed, **metrics,
+                             "sec_per_sample": seconds / computed,
+                             "experts_per_token": estimator.k if estimator.sparse else site.n,
+                             "downstream_per_token": 1 + (1 if estimator.needs_zero_output else 0),
+                             "reference": ref.kind, "reference_se": ref.relative_se(site, w),
+                             "reference_draws": 0 if ref.draws is None else ref.draws.shape[0],
+                             "reference_rows": ref.rows, "reference_seconds": ref.seconds})
+    return pd.DataFrame(rows)
+
+
+def hf_probe_command(name: str | None = None, config_file=None, model_dir=None, *, layer: int = 0,
+                     batch_size: int = 2, seq_len: int = 8, data_seed: int = 0, top_k: int | None = None,
+                     **options) -> pd.DataFrame:
+    """What `gradest compare --problem hf` runs: the model (`load_model`; a built one seeded by `seed`), a fixed
+    batch of the bundled text, `hf_probe`."""
+    seed = options.get("seed", 0)
+    built = model_dir is None
+    model = load_model(name, config_file, model_dir, k=top_k if built else None, seed=seed)
+    batch = text_batch(model.config.vocab_size, batch_size, seq_len, data_seed)
+    return hf_probe(model, batch, layer, top_k=None if built else top_k, **options)

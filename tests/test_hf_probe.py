@@ -1,0 +1,161 @@
+"""gradest.hf_probe: the router-gradient probe on one MoE layer of a Hugging Face causal LM (tiny Mixtral, float64).
+
+- The enumeration reference is the gradient of J = E_D[L(D)]: central finite differences of a brute-force J
+  (every assignment of the layer's routing, its probability from the router's softmax computed here).
+- The batched estimator samples (the batch replicated K times, noise supplied) equal a per-sample loop in which
+  the patched block draws its own noise after torch.manual_seed and the router weight's .grad is read.
+- reinforce is unbiased (its bias interval covers 0); switch is measurably biased.
+- `gradest compare --problem hf` writes summary.csv.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from gradest import hf  # noqa: E402
+from gradest.estimators import Objective, get_estimator  # noqa: E402
+from gradest.hf_probe import HFSite, hf_probe, load_model, text_batch  # noqa: E402
+from gradest.probe import (ForcedRouting, enumerate_reference, installed, layer_gradient_samples,  # noqa: E402
+                           probing, sample_seeds)
+from helpers import assert_one_line_error, cli  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny(k: int):
+    return load_model("mixtral", k=k, seed=0, dtype=torch.float64)
+
+
+def brute_force_J(site: HFSite, k: int) -> float:
+    """mean_b sum_D prod_t P_t(D_t) L_b(D), every assignment D of every sequence, P from softmax(W u) here."""
+    W = site.router.weight
+    with torch.no_grad():
+        p = torch.softmax(site.u @ W.T.to(site.u.dtype), -1)  # (B, T, n)
+    tuples = list(itertools.permutations(range(site.n), k))
+    total = 0.0
+    for b in range(site.B):
+        assignments = list(itertools.product(range(len(tuples)), repeat=site.T))
+        experts = torch.tensor([[tuples[a] for a in combo] for combo in assignments])  # (R, T, k)
+        prob = torch.ones(len(assignments), dtype=torch.float64)
+        for t in range(site.T):
+            first = p[b, t, experts[:, t, 0]]
+            prob = prob * first
+            if k == 2:
+                prob = prob * p[b, t, experts[:, t, 1]] / (1 - first)
+        forced = ForcedRouting(Objective(k), experts.reshape(-1, k), leaf=False)
+        with probing(site.model), installed(site.layer, forced), torch.no_grad():
+            losses = site.losses(torch.full((len(assignments),), b))
+        total += float((prob * losses).sum())
+    return total / site.B
+
+
+@pytest.mark.parametrize("k,T", [(1, 3), (2, 2)])
+def test_enumeration_equals_finite_differences(k, T):
+    model = tiny(k)
+    # the last MoE layer: the native Mixtral router rounds its gates to float32 even in a float64 model, which
+    # a native layer above the probed one would add to J as rounding noise of 1e-7 (too coarse for the FD)
+    site = HFSite(model, text_batch(model.config.vocab_size, 2, T), layer=1)
+    grad = enumerate_reference(site, Objective(k)).values(site, "router").reshape(site.n, site.d)
+    W = site.router.weight
+    # Mixtral's RMSNorm computes in float32 even in a float64 model: J carries rounding noise of about 1e-9, so
+    # the step is large (truncation O(h^2) ~ 1e-5 relative) and the tolerance 1e-3 relative; a wrong weight, gate
+    # or probability is off by far more
+    h = 3e-3
+    generator = torch.Generator().manual_seed(0)
+    directions = [grad / grad.norm()] + [torch.randn(W.shape, generator=generator, dtype=W.dtype) for _ in range(2)]
+    for v in directions:
+        with torch.no_grad():
+            W += h * v
+        plus = brute_force_J(site, k)
+        with torch.no_grad():
+            W -= 2 * h * v
+        minus = brute_force_J(site, k)
+        with torch.no_grad():
+            W += h * v
+        fd = (plus - minus) / (2 * h)
+        assert fd == pytest.approx(float((grad * v).sum()), rel=1e-3, abs=1e-3 * float(grad.norm() * v.norm()))
+    assert grad.norm() > 0
+
+
+@pytest.mark.parametrize("k,spec", [(1, "sparsemixer-v2"), (2, "reinforce:baseline=mean")])
+def test_batched_samples_equal_a_per_sample_loop(k, spec):
+    model = tiny(k)
+    batch = text_batch(model.config.vocab_size, 2, 4)
+    site = HFSite(model, batch, layer=1)
+    estimator = get_estimator(*spec.split(":")[:1], k=k, **dict(kv.split("=") for kv in spec.split(":")[1:]))
+    K = 3
+    batched = site.router_gradient(layer_gradient_samples(site, estimator, K, seed=5))
+    seeds = sample_seeds(5, K)
+    W = site.router.weight
+    idx, targets = batch
+    for j, s in enumerate(seeds):
+        model.eval()
+        patched = hf.patch(model, estimator)
+        for block in patched.blocks:
+            if block.block is not site.hf_block:
+                block.restore()
+        site.router.train()  # the patched block routes in training mode, drawing its own noise
+        try:
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(s)
+            logits = model(input_ids=idx, use_cache=False).logits
+            per_sequence = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets,
+                                                             reduction="none").mean(-1)
+            hf.score_loss(model, per_sequence).mean().backward()
+        finally:
+            patched.undo()
+            model.eval()
+        torch.testing.assert_close(W.grad.flatten(), batched[j], rtol=1e-9, atol=1e-12)
+
+
+def test_reinforce_unbiased_switch_biased():
+    model = tiny(1)
+    df = hf_probe(model, text_batch(model.config.vocab_size, 2, 3), layer=0,
+                  estimators="reinforce:baseline=mean,switch", samples=300, seed=0)
+    rows = df.set_index("estimator")
+    assert set(rows["reference"]) == {"enumeration"}
+    reinforce = rows.loc["reinforce(baseline=mean)"]
+    assert reinforce["bias_sq_lo"] <= 0 <= reinforce["bias_sq_hi"]
+    switch = rows.loc["switch"]
+    assert switch["rel_bias_lo"] > 0.1, switch["rel_bias_lo"]
+
+
+def test_rao_blackwell_reference_agrees_with_enumeration():
+    model = tiny(1)
+    batch = text_batch(model.config.vocab_size, 2, 3)
+    exact = hf_probe(model, batch, 1, "topk", 3, reference="enumeration")
+    mc = hf_probe(model, batch, 1, "topk", 3, reference="rao-blackwell", draws=32)
+    assert mc["reference"][0] == "rao-blackwell" and 0 < mc["reference_se"][0] < 0.5
+    # topk is deterministic: its relative bias differs only by the reference's noise
+    assert abs(mc["rel_bias"][0] - exact["rel_bias"][0]) < 4 * mc["reference_se"][0] + 0.05
+
+
+def test_cli_writes_summary(tmp_path):
+    import pandas as pd
+    out = tmp_path / "report"
+    result = cli("--threads", 1, "compare", "--problem", "hf", "--hf", "mixtral", "--top-k", 1, "--layer", 1,
+                 "--estimators", "switch,topk", "--samples", 4, "--seq-len", 4, "--out", out)
+    assert result.exit_code == 0, result.output
+    df = pd.read_csv(out / "summary.csv")
+    assert list(df["estimator"]) == ["switch", "topk"] and set(df["problem"]) == {"hf-mixtral"}
+    assert (out / "summary.md").exists() and (out / "rel_bias.png").exists()
+    switch_like = pd.read_csv(out / "summary.csv").columns
+    assert {"rel_bias", "reference", "reference_se", "layer"} <= set(switch_like)
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--hf", "nope"], ["unknown architecture"]),
+    (["--hf", "mixtral", "--layer", 7], ["layer"]),
+    ([], ["--hf NAME"]),
+    (["--hf", "switch_transformers"], ["causal"]),
+    (["--hf-model", "/nonexistent"], ["config.json"]),
+])
+def test_cli_bad_inputs(tmp_path, args, words):
+    result = cli("compare", "--problem", "hf", *args, "--samples", 3, "--out", tmp_path / "x")
+    assert_one_line_error(result, *words)
