@@ -29,6 +29,7 @@ from gradest.estimators.base import parse_as
 from gradest.estimators import expand_estimators, parse_setting
 from gradest.measure import WRT, compare as compare_estimators
 from gradest.model import SwitchConfig
+from gradest.presets import PRESETS, apply_preset
 from gradest.probe import TASK_PROBLEM, switch_probe
 from gradest.problems import PROBLEMS, ProblemConfig
 from gradest.report import (atomic_savefig, summary_text, training_figure, training_summary, write_compare_report,
@@ -375,6 +376,9 @@ def doctor(hf_name, hf_config, hf_model, top_k, text_file, batches, batch_size, 
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="continue the run whose checkpoint is in this directory, with its own settings: only --steps "
                    "and --device may be given with it")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
+              help="fill the settings not given from a named setup: sparsemixer-reference is microsoft/"
+                   "SparseMixer's (README: Reproducing the paper)")
 @click.option("--hf", "hf_name", metavar="ARCH", default=None,
               help="train a tiny random Hugging Face MoE causal LM of this architecture instead of the Switch "
                    "Transformer: " + ", ".join(HF_EXPERTS))
@@ -390,7 +394,7 @@ def doctor(hf_name, hf_config, hf_model, top_k, text_file, batches, batch_size, 
 @config_options(lists=False)
 @click.pass_context
 def run(ctx, estimator_spec, task, problem, steps, lr, batch_size, omega, device, dtype, model_settings, resume,
-        hf_name, hf_config, hf_model, hf_settings, experts, tokens, dim, top_k, sharpness, seed, settings, out):
+        preset, hf_name, hf_config, hf_model, hf_settings, experts, tokens, dim, top_k, sharpness, seed, settings, out):
     """Train with one estimator: a Switch Transformer (default: a character LM on tiny-shakespeare, a few minutes
     on 2 CPU cores), or with --problem a synthetic problem next to the exact gradient. Writes metrics, plots,
     config.json and (Switch) a checkpoint into --out, and prints a line at every evaluation.
@@ -429,7 +433,7 @@ def run(ctx, estimator_spec, task, problem, steps, lr, batch_size, omega, device
             "estimator_spec": estimator_spec, "task": task, "problem": problem, "lr": lr, "batch_size": batch_size,
             "omega": omega, "dtype": dtype, "model_settings": parse_model_settings(model_settings),
             "experts": experts, "top_k": top_k, "seed": seed, "settings": parse_settings(settings), "out": out,
-            "tokens": tokens, "dim": dim, "sharpness": sharpness, "hf_name": hf_given["hf"],
+            "tokens": tokens, "dim": dim, "sharpness": sharpness, "preset": preset, "hf_name": hf_given["hf"],
             "hf_config": hf_given["hf_config"], "hf_model": hf_given["hf_model"], "hf_settings": hf_overrides})
         trainer = Trainer.resume(resume, steps, device if explicit(ctx, "device") else None, state)
         out = resume
@@ -454,11 +458,15 @@ def run(ctx, estimator_spec, task, problem, steps, lr, batch_size, omega, device
                 if value is not None:
                     raise GradestError(f"{name} is a Switch Transformer setting; a Hugging Face model takes its "
                                        f"settings from its config (--hf-set KEY=VALUE)")
+        if preset is not None and hf_run:
+            raise GradestError(f"--preset {preset} sets up the Switch Transformer; a Hugging Face model takes its "
+                               f"settings from its config (--hf-set KEY=VALUE)")
         given = {"top_k": top_k, "steps": steps, "lr": lr, "experts": experts, "omega": omega, **hf_given}
-        config = TrainConfig(task=task, estimator=estimator_spec, hparams=parse_settings(settings),
-                             batch_size=batch_size, seed=seed, device=device, dtype=dtype,
-                             model=parse_model_settings(model_settings), hf_settings=hf_overrides,
-                             **{key: value for key, value in given.items() if value is not None})
+        run_settings = {"task": task, "estimator": estimator_spec, "hparams": parse_settings(settings),
+                        "batch_size": batch_size, "seed": seed, "device": device, "dtype": dtype,
+                        "model": parse_model_settings(model_settings), "hf_settings": hf_overrides,
+                        **{key: value for key, value in given.items() if value is not None}}
+        config = TrainConfig(**apply_preset(preset, run_settings), preset=preset)
         estimator = config.build_estimator()
         what = f"hf-{config.hf_transformers_config.model_type}" if hf_run else task
         out = out or Path("runs") / (f"{file_name(estimator.label)}-{what}-n{config.model.experts}-k{config.top_k}"
@@ -510,6 +518,7 @@ def refuse_changes_on_resume(ctx: click.Context, config: TrainConfig, resume: Pa
            "model_settings": {key: getattr(config.model, key) for key in given["model_settings"]},
            "top_k": config.top_k, "seed": config.seed, "settings": config.hparams, "out": resume,
            "problem": None, "tokens": None, "dim": None, "sharpness": None,  # a Switch run has no synthetic problem
+           "preset": config.preset,
            "hf_name": config.hf, "hf_config": config.hf_config, "hf_model": config.hf_model,
            "hf_settings": config.hf_settings}
 

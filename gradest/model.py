@@ -210,11 +210,12 @@ class SwitchModel(nn.Module):
         return total
 
 
-def token_cross_entropy(logits: Tensor, targets: Tensor, ignore: int) -> Tensor:
-    """Per-token cross-entropy (B, T), 0 where the target is `ignore`; in float32 at least (bf16 logits under
-    autocast are too coarse for a loss), float64 kept."""
+def token_cross_entropy(logits: Tensor, targets: Tensor, ignore: int, label_smoothing: float = 0.0) -> Tensor:
+    """Per-token cross-entropy (B, T), 0 where the target is `ignore`, optionally label-smoothed; in float32 at
+    least (bf16 logits under autocast are too coarse for a loss), float64 kept."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=ignore, reduction="none")
+    return F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=ignore, reduction="none",
+                           label_smoothing=label_smoothing)
 
 
 class SwitchLM(SwitchModel):

@@ -46,11 +46,13 @@ from gradest.errors import GradestError
 from gradest.estimators import GATED, Estimator, expand_estimators, trainable
 from gradest.estimators.base import (Constraint, NonFiniteLogits, check_settings, integer_at_least, nonnegative,
                                      one_of, optional, positive, unit_interval)
-from gradest.model import SwitchConfig, SwitchLM, SwitchSeq2Seq
 from gradest.io import atomic_write_bytes, atomic_write_text, run_metadata, write_json
+from gradest.model import SwitchConfig, SwitchLM, SwitchSeq2Seq, token_cross_entropy
+from gradest.presets import PRESETS
 
 TASKS = ("lm", "mt")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SCHEDULES = ("cosine", "inverse-sqrt")
 
 
 TASK_MODELS = {"lm": {}, "mt": {"n_encoder_layer": 3, "n_layer": 3}}  # each task's model, over SwitchConfig's
@@ -61,6 +63,9 @@ RUN_SETTINGS = {  # what a run's settings must be (the model's are SwitchConfig'
     "hparams": Constraint(lambda v: isinstance(v, dict), "a table of hyper-parameters"),
     "top_k": integer_at_least(1), "steps": integer_at_least(1), "batch_size": integer_at_least(1),
     "lr": positive, "warmup": integer_at_least(0), "schedule_steps": optional(integer_at_least(1), "steps"),
+    "schedule": one_of(*SCHEDULES), "adam_betas": Constraint(
+        lambda v: isinstance(v, tuple) and len(v) == 2 and all(unit_interval(b) for b in v), "two numbers in [0, 1)"),
+    "label_smoothing": unit_interval, "preset": optional(one_of(*PRESETS), "none"),
     "min_lr_ratio": Constraint(lambda v: unit_interval(v) or v == 1, "a number in [0, 1]"),
     "weight_decay": nonnegative, "grad_clip": optional(positive, "no clipping"),
     "eval_interval": integer_at_least(1), "eval_batches": integer_at_least(1),
@@ -78,8 +83,11 @@ class TrainConfig:
     `block_size` and `omega` are the model's settings of those names, also accepted here (as on the command line
     and in study specs); given both ways they must agree.
 
-    The learning rate warms up linearly for `warmup` steps, then decays along a cosine to `lr * min_lr_ratio` at
-    step `schedule_steps` (None: `steps`) and stays there. A run planned for N steps keeps that schedule when it
+    The learning rate warms up linearly for `warmup` steps, then (schedule "cosine") decays along a cosine to
+    `lr * min_lr_ratio` at step `schedule_steps` (None: `steps`) and stays there, or (schedule "inverse-sqrt",
+    fairseq's, as in the SparseMixer code) falls as sqrt(warmup / step). `adam_betas` are AdamW's; `label_smoothing`
+    smooths the training loss only (validation losses are plain cross-entropy). `preset` records the named setup
+    (gradest.presets) the run's settings were filled from. A run planned for N steps keeps that schedule when it
     is resumed to another number of steps (`Trainer.resume` sets `schedule_steps` = N): the learning rate never
     jumps at the resume point, a resume to the same steps reproduces the uninterrupted run exactly, and the steps
     that extend a run beyond N run at the final rate `lr * min_lr_ratio`."""
@@ -93,6 +101,9 @@ class TrainConfig:
     lr: float = 2e-3
     warmup: int = 50
     schedule_steps: int | None = None  # the steps the cosine decays over; None: steps (see above)
+    schedule: str = "cosine"  # or "inverse-sqrt"
+    adam_betas: tuple = (0.9, 0.999)
+    label_smoothing: float = 0.0
     min_lr_ratio: float = 0.1  # cosine decay to this fraction of lr
     weight_decay: float = 0.1
     grad_clip: float | None = 1.0
@@ -108,11 +119,14 @@ class TrainConfig:
     hf_config: str | None = None  # a transformers config file (JSON), randomly initialised
     hf_model: str | None = None  # a local model directory (save_pretrained), its weights loaded
     hf_settings: dict = field(default_factory=dict)  # config overrides, e.g. {"num_hidden_layers": 2}
+    preset: str | None = None  # the named setup the settings came from (gradest.presets), for the record
     experts: InitVar[int | None] = None
     block_size: InitVar[int | None] = None  # lm: characters per sequence
     omega: InitVar[bool | None] = None  # None: the estimator's default
 
     def __post_init__(self, experts, block_size, omega):
+        if isinstance(self.adam_betas, list):  # as read back from JSON
+            self.adam_betas = tuple(self.adam_betas)
         given = {key: value for key, value in (("experts", experts), ("block_size", block_size), ("omega", omega))
                  if value is not None}
         if self.is_hf:
@@ -150,7 +164,9 @@ class TrainConfig:
         set (an extended run's), the `hf*` settings only in a Hugging Face run: a study cell's hash covers these
         settings, and a new one would change them all."""
         default = SwitchConfig(**TASK_MODELS[self.task])
-        unset = {"schedule_steps": self.schedule_steps is None, "hf": self.hf is None,
+        unset = {"schedule_steps": self.schedule_steps is None, "schedule": self.schedule == "cosine",
+                 "adam_betas": self.adam_betas == (0.9, 0.999), "label_smoothing": self.label_smoothing == 0,
+                 "preset": self.preset is None, "hf": self.hf is None,
                  "hf_config": self.hf_config is None, "hf_model": self.hf_model is None,
                  "hf_settings": not self.is_hf}
         flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"
@@ -189,9 +205,11 @@ class LanguageModelling:
         return x.to(self.config.device), y.to(self.config.device)
 
     @staticmethod
-    def token_loss(model, batch):
-        """Per-token cross-entropy (B, T) and which tokens count (all of them here)."""
-        loss = model(*batch)[1]
+    def token_loss(model, batch, label_smoothing: float = 0.0):
+        """Per-token cross-entropy (B, T) (label-smoothed if asked) and which tokens count (all of them here)."""
+        logits, loss = model(*batch)
+        if label_smoothing:
+            loss = token_cross_entropy(logits, batch[1], -100, label_smoothing)
         return loss, torch.ones_like(loss, dtype=torch.bool)
 
     def final_metrics(self, model) -> dict:
@@ -222,9 +240,12 @@ class Translation:
         src, tgt_in, tgt_out = next(iter(self.batches(pairs, self.config.batch_size, generator, self.data.pad_id)))
         return src.to(self.config.device), tgt_in.to(self.config.device), tgt_out.to(self.config.device)
 
-    def token_loss(self, model, batch):
-        """Per-token cross-entropy (B, T) and which tokens count (not the padding)."""
-        return model(*batch)[1], batch[2] != self.data.pad_id
+    def token_loss(self, model, batch, label_smoothing: float = 0.0):
+        """Per-token cross-entropy (B, T) (label-smoothed if asked) and which tokens count (not the padding)."""
+        logits, loss = model(*batch)
+        if label_smoothing:
+            loss = token_cross_entropy(logits, batch[2], self.data.pad_id, label_smoothing)
+        return loss, batch[2] != self.data.pad_id
 
     def final_metrics(self, model) -> dict:
         from gradest.datasets import bleu
@@ -394,7 +415,6 @@ class HFCausalLM(torch.nn.Module):
 
     def forward(self, idx, targets=None):
         """Logits (B, T, V) and, given targets, the per-token cross-entropy (B, T)."""
-        from gradest.model import token_cross_entropy
 
         out = self.hf_model(input_ids=idx, use_cache=False)
         aux = out.get("aux_loss") if self.aux_coef else None
@@ -569,7 +589,8 @@ class Trainer:
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
         no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.config.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=self.config.lr)
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=self.config.lr,
+                                           betas=self.config.adam_betas)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.data_generator = torch.Generator().manual_seed(self.config.seed)
         self.step, self.rows, self.seconds = 0, [], 0.0
@@ -582,6 +603,8 @@ class Trainer:
         c = self.config
         if step < c.warmup:
             return (step + 1) / c.warmup
+        if c.schedule == "inverse-sqrt":
+            return math.sqrt(max(c.warmup, 1) / (step + 1))
         progress = min(1.0, (step - c.warmup) / max(1, (c.schedule_steps or c.steps) - c.warmup))
         return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -593,7 +616,7 @@ class Trainer:
         """The loss to back-propagate: mean cross-entropy + auxiliary losses (+ the score-function surrogate)."""
         forward_model = forward_model or self.forward_model
         with self.autocast():
-            token_loss, counted = self.task.token_loss(forward_model, batch)
+            token_loss, counted = self.task.token_loss(forward_model, batch, self.config.label_smoothing)
         tokens = counted.sum(-1).clamp_min(1)
         sequence_loss = token_loss.sum(-1) / tokens  # f of each sequence
         aux = self.model.aux_loss()
