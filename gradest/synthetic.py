@@ -18,6 +18,7 @@ import torch
 
 from gradest.errors import GradestError
 from gradest.estimators import Estimator, get_estimator
+from gradest.estimators.base import MAX_STEPS, check_settings, integer_between
 from gradest.problems import Problem, ProblemConfig, make_problem
 
 SYNTHETIC_STEPS = 300  # `gradest run --problem P` defaults
@@ -38,8 +39,7 @@ def train_synthetic(config: ProblemConfig, estimator: Estimator, steps: int = SY
     the estimator run's cumulative time in forward, backward and optimiser steps (evaluation excluded). The
     routing noise comes from a generator seeded with `seed`, so the same arguments give the same numbers.
     """
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise GradestError(f"steps must be an integer >= 1, got {steps!r}")
+    check_settings("run", {"steps": steps}, {"steps": integer_between(1, MAX_STEPS)})
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise GradestError(f"lr must be a finite number > 0, got {lr!r}")
     problem = make_problem(config)

@@ -44,8 +44,8 @@ from torch.nn.parallel import DistributedDataParallel
 from gradest.devices import check_device
 from gradest.errors import GradestError
 from gradest.estimators import GATED, Estimator, expand_estimators, trainable
-from gradest.estimators.base import (Constraint, NonFiniteLogits, check_settings, integer_at_least, nonnegative,
-                                     one_of, optional, positive, unit_interval)
+from gradest.estimators.base import (MAX_STEPS, Constraint, NonFiniteLogits, check_settings, integer_at_least,
+                                     integer_between, nonnegative, one_of, optional, positive, unit_interval)
 from gradest.io import atomic_write_bytes, atomic_write_text, run_metadata, write_json
 from gradest.model import SwitchConfig, SwitchLM, SwitchSeq2Seq, token_cross_entropy
 from gradest.presets import PRESETS
@@ -61,7 +61,7 @@ DATA_SETTINGS = ("vocab_size", "pad_id")  # model settings the task's data decid
 RUN_SETTINGS = {  # what a run's settings must be (the model's are SwitchConfig's)
     "task": one_of(*TASKS), "estimator": Constraint(lambda v: isinstance(v, str) and bool(v), "an estimator name"),
     "hparams": Constraint(lambda v: isinstance(v, dict), "a table of hyper-parameters"),
-    "top_k": integer_at_least(1), "steps": integer_at_least(1), "batch_size": integer_at_least(1),
+    "top_k": integer_at_least(1), "steps": integer_between(1, MAX_STEPS), "batch_size": integer_at_least(1),
     "lr": positive, "warmup": integer_at_least(0), "schedule_steps": optional(integer_at_least(1), "steps"),
     "schedule": one_of(*SCHEDULES), "adam_betas": Constraint(
         lambda v: isinstance(v, tuple) and len(v) == 2 and all(unit_interval(b) for b in v), "two numbers in [0, 1)"),

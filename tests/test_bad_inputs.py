@@ -68,6 +68,11 @@ CASES = [
     (["run", "--estimator", "switch", "--model", "nosuch=1"], ["nosuch", "n_layer"], None),
     # devices
     (["run", "--estimator", "switch", "--device", "bogus", *TINY_RUN], ["bogus", "cpu"], None),
+    (["run", "--estimator", "switch", "--device", "cuda:7", *TINY_RUN], ["cuda:7", "not available", "cpu"], None),
+    # step counts no run could keep
+    (["run", "--problem", "moe-regression", "--estimator", "switch", "--steps", "99999999999999"],
+     ["steps=99999999999999", "10,000,000"], None),
+    (["run", "--estimator", "switch", "--steps", "99999999999999"], ["steps=99999999999999", "10,000,000"], None),
     # results already there
     (["compare", "--problem", "moe-regression", "--estimators", "switch", "--samples", "20", "--out",
       "runs/compare"], ["runs/compare", "already holds results", "--out"], earlier_report),

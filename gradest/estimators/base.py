@@ -53,6 +53,16 @@ def integer_at_least(low: int) -> Constraint:
     return Constraint(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low, f"an integer >= {low}")
 
 
+def integer_between(low: int, high: int) -> Constraint:
+    return Constraint(lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high,
+                      f"an integer from {low:,} to {high:,}")
+
+
+# A run keeps a row of metrics per step in memory: more steps than this is a typo, not a plan (10 million
+# Switch steps take weeks on a GPU).
+MAX_STEPS = 10_000_000
+
+
 def optional(constraint: Constraint, meaning: str) -> Constraint:
     """`constraint`, or None (which means `meaning`)."""
     return Constraint(lambda v: v is None or constraint(v), f"{constraint.text}, or none ({meaning})")
