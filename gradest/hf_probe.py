@@ -33,7 +33,6 @@ so every token at layer L can change the loss (`relevant` is all true).
 from __future__ import annotations
 
 import json
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,11 +41,9 @@ import torch
 from torch import Tensor, nn
 
 from gradest.errors import GradestError
-from gradest.estimators import GATED, Estimator
-from gradest.measure import bias_variance
+from gradest.estimators import Estimator
 from gradest.model import token_cross_entropy
-from gradest.probe import (REFERENCES, SCORES, PROBE_WRT, Site, bias_variance_mc, layer_gradient_samples,
-                           probe_estimators, probing, reference_gradient)
+from gradest.probe import Site, check_probe_options, probe_estimators, probe_site, probing
 
 IGNORE = -100  # no target is ignored (no padding); the value transformers uses
 
@@ -317,52 +314,15 @@ def hf_probe(model: nn.Module, batch, layer: int = 0, estimators="all", samples:
     the format of `gradest.measure.compare` (plus the probe's reference columns); `problem` is `hf-<model_type>`.
     top_k: k of the estimators and the objective (default: the block's num_experts_per_tok). The model's modes
     and routing are restored afterwards."""
-    wrts = (wrt,) if isinstance(wrt, str) else tuple(wrt)
-    for w in wrts:
-        if w not in PROBE_WRT:
-            raise GradestError(f"unknown gradient target '{w}' for the probe; valid: {', '.join(PROBE_WRT)}")
-    if not isinstance(samples, int) or samples < 3:
-        raise GradestError(f"samples must be an integer >= 3 (bias and variance need them), got {samples!r}")
-    if score not in SCORES:
-        raise GradestError(f"unknown score '{score}'; valid: {', '.join(SCORES)}")
-    if reference not in REFERENCES:
-        raise GradestError(f"unknown reference '{reference}'; valid: {', '.join(REFERENCES)}")
+    wrts = check_probe_options(wrt, samples, score, reference)
     site = HFSite(model, batch, layer)
     chosen = probe_estimators(estimators, top_k or site.native_k, settings)
     if estimators == "all" or estimators == ["all"]:
         chosen = [e for e in chosen if not e.stateful]
     for estimator in chosen:
-        estimator.check(site.n, GATED)
         site.estimator_state(estimator)  # refuses a stateful one before any work
-    config = {"experts": site.n, "tokens": site.B * site.T, "dim": site.d, "top_k": None,
-              "sharpness": round(float(site.z0.pow(2).mean().sqrt()), 4), "layer": site.index,
-              "batch_size": site.B, "seq_len": site.T, "relevant_tokens": int(site.relevant.sum())}
-    rows, references = [], {}
-    with probing(model):
-        for estimator in (progress(chosen) if progress else chosen):
-            objective = estimator.objective()
-            key = objective.label
-            if key not in references:
-                references[key] = reference_gradient(site, objective, reference, draws, seed, max_enumeration,
-                                                     max_elements)
-            ref = references[key]
-            start = time.perf_counter()
-            grads = layer_gradient_samples(site, estimator, samples, seed, score, max_elements)
-            computed = 1 if estimator.noise_dim(site.n) == 0 else samples
-            seconds = time.perf_counter() - start
-            for w in wrts:
-                values = site.router_gradient(grads) if w == "router" else grads.flatten(1)
-                target = ref.values(site, w)
-                metrics = bias_variance(values, target) if ref.draws is None else bias_variance_mc(values, target)
-                rows.append({"problem": site.problem, "estimator": estimator.label, "target": key, "wrt": w,
-                             "samples": samples, **config, "top_k": objective.k, "seed": seed, **metrics,
-                             "sec_per_sample": seconds / computed,
-                             "experts_per_token": estimator.k if estimator.sparse else site.n,
-                             "downstream_per_token": 1 + (1 if estimator.needs_zero_output else 0),
-                             "reference": ref.kind, "reference_se": ref.relative_se(site, w),
-                             "reference_draws": 0 if ref.draws is None else ref.draws.shape[0],
-                             "reference_rows": ref.rows, "reference_seconds": ref.seconds})
-    return pd.DataFrame(rows)
+    return probe_site(site, chosen, samples, wrts, reference=reference, draws=draws, seed=seed, score=score,
+                      max_enumeration=max_enumeration, max_elements=max_elements, progress=progress)
 
 
 def hf_probe_command(name: str | None = None, config_file=None, model_dir=None, *, layer: int = 0,

@@ -630,6 +630,15 @@ def probe(model: SwitchModel, batch, layer: int = 0, estimators="all", samples: 
     f and log P are grouped ("sequence": as the Trainer; "batch": the whole batch is one item). Numbers are a
     function of the model, batch and seed. The model's modes and layer l's estimator are restored afterwards.
     """
+    wrts = check_probe_options(wrt, samples, score, reference)
+    site = Site(model, batch, layer)
+    chosen = probe_estimators(estimators, top_k or site.layer.k, settings)
+    return probe_site(site, chosen, samples, wrts, reference=reference, draws=draws, seed=seed, score=score,
+                      max_enumeration=max_enumeration, max_elements=max_elements, progress=progress)
+
+
+def check_probe_options(wrt, samples, score: str, reference: str) -> tuple:
+    """The probe's options checked before any work (one line each); returns the gradient targets as a tuple."""
     wrts = (wrt,) if isinstance(wrt, str) else tuple(wrt)
     for w in wrts:
         if w not in PROBE_WRT:
@@ -640,15 +649,20 @@ def probe(model: SwitchModel, batch, layer: int = 0, estimators="all", samples: 
         raise GradestError(f"unknown score '{score}'; valid: {', '.join(SCORES)}")
     if reference not in REFERENCES:
         raise GradestError(f"unknown reference '{reference}'; valid: {', '.join(REFERENCES)}")
-    site = Site(model, batch, layer)
-    chosen = probe_estimators(estimators, top_k or site.layer.k, settings)
+    return wrts
+
+
+def probe_site(site, chosen: list[Estimator], samples: int, wrts: tuple, *, reference: str, draws: int, seed: int,
+               score: str, max_enumeration: int, max_elements: int, progress=None) -> pd.DataFrame:
+    """The probe's rows for the estimators `chosen` at a site: gradest's `Site` or another with its interface
+    (gradest.hf_probe's `HFSite`), the model in `probing` mode throughout."""
     for estimator in chosen:
         estimator.check(site.n, GATED)
     config = {"experts": site.n, "tokens": site.B * site.T, "dim": site.d, "top_k": None,
               "sharpness": round(float(site.z0.pow(2).mean().sqrt()), 4), "layer": site.index,
               "batch_size": site.B, "seq_len": site.T, "relevant_tokens": int(site.relevant.sum())}
     rows, references = [], {}
-    with probing(model):
+    with probing(site.model):
         for estimator in (progress(chosen) if progress else chosen):
             objective = estimator.objective()
             key = objective.label
@@ -664,15 +678,14 @@ def probe(model: SwitchModel, batch, layer: int = 0, estimators="all", samples: 
                 values = site.router_gradient(grads) if w == "router" else grads.flatten(1)
                 target = ref.values(site, w)
                 metrics = bias_variance(values, target) if ref.draws is None else bias_variance_mc(values, target)
-                row = {"problem": site.problem, "estimator": estimator.label, "target": key, "wrt": w,
-                       "samples": samples, **config, "top_k": objective.k, "seed": seed, **metrics,
-                       "sec_per_sample": seconds / computed,
-                       "experts_per_token": estimator.k if estimator.sparse else site.n,
-                       "downstream_per_token": 1 + (1 if estimator.needs_zero_output else 0),
-                       "reference": ref.kind, "reference_se": ref.relative_se(site, w),
-                       "reference_draws": 0 if ref.draws is None else ref.draws.shape[0],
-                       "reference_rows": ref.rows, "reference_seconds": ref.seconds}
-                rows.append(row)
+                rows.append({"problem": site.problem, "estimator": estimator.label, "target": key, "wrt": w,
+                             "samples": samples, **config, "top_k": objective.k, "seed": seed, **metrics,
+                             "sec_per_sample": seconds / computed,
+                             "experts_per_token": estimator.k if estimator.sparse else site.n,
+                             "downstream_per_token": 1 + (1 if estimator.needs_zero_output else 0),
+                             "reference": ref.kind, "reference_se": ref.relative_se(site, w),
+                             "reference_draws": 0 if ref.draws is None else ref.draws.shape[0],
+                             "reference_rows": ref.rows, "reference_seconds": ref.seconds})
     return pd.DataFrame(rows)
 
 
