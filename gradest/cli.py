@@ -185,6 +185,26 @@ def command_line() -> list[str]:
     return click.get_current_context().find_root().obj["command"]
 
 
+def hf_model_options(prefix: str = "", tiny_note: str = ""):
+    """--hf, --hf-config, --hf-model: the Hugging Face MoE causal LM a command probes or checks (`prefix` starts
+    each help text, e.g. the problem they belong to)."""
+    options = [
+        click.option("--hf", "hf_name", default=None, metavar="NAME",
+                     help=f"{prefix}a tiny random model of this architecture ({', '.join(HF_EXPERTS)}){tiny_note}"),
+        click.option("--hf-config", "hf_config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help=f"{prefix}build the model from this transformers config.json (random weights)"),
+        click.option("--hf-model", "hf_model", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help=f"{prefix}a saved transformers causal LM (local directory); its tokenizer is not used: "
+                          f"the bundled text's character ids modulo its vocabulary are"),
+    ]
+
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return decorate
+
+
 # ---------------------------------------------------------------------------------------------------- commands
 @click.group(cls=OneLineErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="gradest")
@@ -236,14 +256,7 @@ def list_estimators():
               help="switch-*: which MoE layer to probe (0 = the first)")
 @click.option("--draws", type=click.IntRange(min=3), default=64, show_default=True,
               help="switch-*, hf: draws S of the Rao-Blackwellised reference (when enumeration is too large)")
-@click.option("--hf", "hf_name", default=None, metavar="NAME",
-              help="hf: a tiny random model of this architecture (mixtral, qwen2_moe, qwen3_moe, olmoe, phimoe, "
-                   "deepseek_v3, gpt_oss), k experts per token from --top-k [default 2], seeded by --seed")
-@click.option("--hf-config", "hf_config", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="hf: build the model from this transformers config.json (random weights)")
-@click.option("--hf-model", "hf_model", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="hf: a saved transformers causal LM (local directory); its tokenizer is not used: the bundled "
-                   "text's character ids modulo its vocabulary are")
+@hf_model_options("hf: ", "; k experts per token from --top-k [default 2], seeded by --seed")
 @click.option("--batch-size", "hf_batch", type=click.IntRange(min=1), default=2, show_default=True,
               help="hf: sequences in the fixed batch of the bundled tiny-shakespeare")
 @click.option("--seq-len", "hf_seq", type=click.IntRange(min=1), default=8, show_default=True,
@@ -297,13 +310,7 @@ def compare(problems, estimators, samples, wrt, checkpoint, layer, draws, hf_nam
 
 
 @main.command()
-@click.option("--hf", "hf_name", default=None, metavar="NAME",
-              help="a tiny random model of this architecture (mixtral, qwen2_moe, qwen3_moe, olmoe, phimoe, "
-                   "deepseek_v3, gpt_oss)")
-@click.option("--hf-config", "hf_config", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="build the model from this transformers config.json (random weights)")
-@click.option("--hf-model", "hf_model", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="a saved transformers causal LM (local directory)")
+@hf_model_options()
 @click.option("--top-k", "top_k", type=click.IntRange(min=1), default=None,
               help="experts per token of a model built by --hf/--hf-config [default: the config's; --hf: 2]")
 @click.option("--text", "text_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
