@@ -195,7 +195,7 @@ class NativeDraws:
 
     def add(self, input, other, *, alpha=1, **kwargs):
         if self.exact_thirds and isinstance(input, float) and input == 0.3333 and alpha == 0.6667:
-            return torch.where(other, 1.0, 1 / 3).to(torch.float64)
+            return torch.where(other, torch.tensor(1.0, dtype=torch.float64), torch.tensor(1 / 3, dtype=torch.float64))
         return torch.add(input, other, alpha=alpha, **kwargs)
 
 

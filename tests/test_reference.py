@@ -7,6 +7,11 @@
 - `sparsemixer` (v1, with omega) and `switch` against transcriptions of microsoft/SparseMixer's routers
   (`SparseMixer`, `SwitchGate`), written from its source with their random draws as arguments: the same expert
   draws, coin flips and jitter are fed to both sides.
+- `sparsemixer-v2` (mask "reference") against the `sparsemixer` routing function of transformers' PhiMoE
+  (modeling_phimoe), k = 1, 2, r = 0.01, 0.1, training and eval, float64: its torch draws (Gumbel exponentials,
+  coin uniforms) are replaced by ones that make its Gumbel-max pick gradest's inverse-CDF expert and its coin
+  (r > 0.75) agree with gradest's (c < 0.25); chosen experts, gate multipliers and logit gradients agree. Its
+  rounded 1/3 (0.3333 in float32) is patched to 1/3, the as-shipped difference bounded (1.0e-4 relative).
 """
 
 from __future__ import annotations
@@ -160,3 +165,148 @@ def test_switch_equals_the_reference_switch_gate(training):
     (ours_grad,) = torch.autograd.grad((ours_y * weight).sum(), logits)
     torch.testing.assert_close(ours_y, theirs_y, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(ours_grad, theirs_grad, rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------------- Hugging Face PhiMoE: `sparsemixer`
+class Drawn(torch.Tensor):
+    """A prepared draw: redrawing it in place (`exponential_`, `uniform_`) keeps its values; operations on it give
+    plain tensors."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def exponential_(self, *args, **kwargs):
+        return self
+
+    def uniform_(self, *args, **kwargs):
+        return self
+
+
+class PhimoeDraws:
+    """Stands in for `torch` inside transformers' modeling_phimoe, so that its `sparsemixer` sees gradest's noise
+    (T, 2k): the k selection uniforms u_j, then the k coin uniforms c_j (same approach as tests/test_hf.py).
+
+    Per stage j the native code draws E = torch.empty_like(masked z).exponential_() and picks argmax(masked z -
+    log E) (Gumbel-max), then r = torch.rand_like(...) (stage 2: .uniform_() again) and keeps scale 1 when r > 0.75.
+    gradest picks stage j's expert by inverse CDF of the same masked softmax at u_j, and keeps scale 1 when
+    c_j < 0.25. So E is 1 except 1e-300 on the inverse-CDF expert of u_j under the native stage's own masked
+    softmax (-log E = 690.8 dwarfs any logit gap, so Gumbel-max picks it), and r = 1 - c_j (r > 0.75 iff c_j < 0.25).
+    With k = 1 the native second stage (which gradest does not have) gets u = c = 1/2. With `exact_thirds` the
+    native Heun scale torch.add(0.3333, mask, alpha=0.6667) (float32, so 0.33329999446868896, not 1/3) is
+    replaced by 1/3 in float64."""
+
+    def __init__(self, noise, k, exact_thirds):
+        self.noise, self.k, self.exact_thirds = noise, k, exact_thirds
+        self.selections = self.coins = 0
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def uniform(self, j, column):
+        return self.noise[:, column:column + 1] if j < self.k else torch.full_like(self.noise[:, :1], 0.5)
+
+    def empty_like(self, masked_gates, **kwargs):
+        j, self.selections = self.selections, self.selections + 1
+        u = self.uniform(j, j)
+        cdf = torch.softmax(masked_gates.detach(), -1).cumsum(-1)
+        cdf = (cdf / cdf[:, -1:]).contiguous()
+        chosen = torch.searchsorted(cdf, u.contiguous(), right=True).clamp_max(cdf.shape[-1] - 1)
+        return torch.ones_like(masked_gates.detach()).scatter(-1, chosen, 1e-300).as_subclass(Drawn)
+
+    def rand_like(self, like, **kwargs):
+        j, self.coins = self.coins, self.coins + 1
+        return (1 - self.uniform(j, self.k + j)).reshape(like.shape).to(like.dtype).as_subclass(Drawn)
+
+    def add(self, input, other, *, alpha=1, **kwargs):
+        if self.exact_thirds and isinstance(input, float) and input == 0.3333 and alpha == 0.6667:
+            return torch.where(other, torch.tensor(1.0, dtype=torch.float64), torch.tensor(1 / 3, dtype=torch.float64))
+        return torch.add(input, other, alpha=alpha, **kwargs)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("jitter_eps", [0.01, 0.1])
+@pytest.mark.parametrize("k", [1, 2])
+def test_sparsemixer_v2_equals_phimoe_sparsemixer(k, jitter_eps, training, monkeypatch):
+    """`sparsemixer-v2` (mask "reference") equals the `sparsemixer` routing function of transformers' PhiMoE on the
+    same logits and draws (float64): chosen experts, gate multipliers, and the router-logit gradient of a random
+    linear loss of sum_j multiplier_j e_{D_j}.
+
+    The native function ignores its top_k and always routes 2 experts by sequential top-2; its first stage does not
+    depend on the second, so for k = 1 its first column is compared and its second is dropped. Its backward ignores
+    the Heun scale (it is p_D's softmax gradient, as gradest's grad_scale = 1), but its forward uses the rounded
+    constant 0.3333 (float32) for 1/3: the main comparison patches it to 1/3 (float64), and the as-shipped run is
+    bounded separately (relative 1.0e-4, only on the lost coin flips). gradest builds its 1/3 in the gates' dtype
+    (this test found it rounded to float32 before), so every gate is compared to 1e-12."""
+    modeling_phimoe = pytest.importorskip("transformers.models.phimoe.modeling_phimoe")
+    from gradest.estimators.base import sparsity_mask
+    g = torch.Generator().manual_seed(100 * k + int(1000 * jitter_eps) + training)
+    T, n, d = 512, 6, 3
+    # per-token offsets -3, 0, 3: logits of both signs, so both sides of max(|z_i|, z*) in the mask are exercised,
+    # and near-ties within the narrow r = 0.01 mask
+    offset = 3.0 * torch.randint(-1, 2, (T, 1), generator=g).double()
+    logits = offset + 0.5 * torch.randn(T, n, generator=g, dtype=torch.float64)
+    outputs = torch.randn(T, n, d, generator=g, dtype=torch.float64)
+    weight = torch.randn(T, d, generator=g, dtype=torch.float64)
+    noise = torch.rand(T, 2 * k, generator=g, dtype=torch.float64)
+
+    def loss_and_grad(gates, experts, z):
+        y = (gates.unsqueeze(-1) * outputs.gather(1, experts[..., None].expand(T, k, d))).sum(1)
+        (grad,) = torch.autograd.grad((y * weight).sum(), z, retain_graph=True)
+        return grad
+
+    estimator = get_estimator("sparsemixer-v2", k=k, jitter_eps=jitter_eps)
+    assert estimator.mask == "reference"
+    z = logits.clone().requires_grad_()
+    routing = estimator.route(z, training=training, noise=noise if training else None)
+    ours_experts, ours_gates = routing.experts[:, 0], routing.gates[:, 0]
+    ours_grad = loss_and_grad(ours_gates, ours_experts, z)
+    # the same loss through gradest's own mixing
+    (mixed_grad,) = torch.autograd.grad((mix(outputs, routing)[:, 0] * weight).sum(), z)
+    torch.testing.assert_close(mixed_grad, ours_grad, rtol=1e-12, atol=1e-14)
+
+    def native(exact_thirds):
+        draws = PhimoeDraws(noise, k, exact_thirds)
+        monkeypatch.setattr(modeling_phimoe, "torch", draws)
+        z = logits.clone().requires_grad_()
+        multiplier, experts = modeling_phimoe.sparsemixer(z, jitter_eps, training, top_k=k)
+        monkeypatch.undo()
+        assert multiplier.shape == experts.shape == (T, 2)  # always top-2, whatever top_k
+        assert (draws.selections, draws.coins) == ((2, 2) if training else (0, 0))  # every draw injected
+        multiplier, experts = multiplier[:, :k], experts[:, :k]
+        return experts, multiplier, loss_and_grad(multiplier, experts, z)
+
+    theirs_experts, theirs_gates, theirs_grad = native(exact_thirds=True)
+    assert torch.equal(ours_experts, theirs_experts)
+    torch.testing.assert_close(ours_gates, theirs_gates, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ours_grad, theirs_grad, rtol=1e-12, atol=1e-14)
+    assert theirs_grad.abs().max() > 1e-2
+
+    # not vacuous: the mask masks; in training, at every stage some draws are not the stage's arg-max, and among
+    # those some lose the Heun coin (scale 1/3) and some win it
+    keep = sparsity_mask(logits, logits.max(-1, keepdim=True).values, "reference", jitter_eps)
+    assert (~keep).any() and (keep.sum(-1) > k).any()
+    removed, third = torch.zeros(T, n, dtype=torch.bool), torch.zeros(T, k, dtype=torch.bool)
+    for j in range(k):
+        stage_max = logits.masked_fill(removed, float("-inf")).argmax(-1)
+        removed = removed.scatter(-1, ours_experts[:, j:j + 1], True)
+        if not training:
+            assert torch.equal(ours_experts[:, j], stage_max)
+            continue
+        not_max, lost = ours_experts[:, j] != stage_max, noise[:, k + j] >= 0.25
+        third[:, j] = not_max & lost
+        assert (not_max & lost).any() and (not_max & ~lost).any(), j
+        # a lost coin scales the gate by 1/3 (forward only); the arg-max and won coins keep it
+        p = estimator.objective().route(logits, experts=ours_experts)[1]
+        expected = torch.where(not_max & lost, p[:, j] / 3, p[:, j])
+        torch.testing.assert_close(ours_gates[:, j], expected, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(ours_gates[:, j][~(not_max & lost)], theirs_gates[:, j][~(not_max & lost)],
+                                   rtol=1e-12, atol=1e-14)
+
+    # as shipped (0.3333 in float32 for 1/3): same experts and gradient; the gates differ only on lost coin flips,
+    # by the constant's relative error 1 - 3 * 0.33329999446868896 = 1.00002e-4 (1.0006e-4 from gradest's float32
+    # 1/3); elsewhere not at all
+    shipped_experts, shipped_gates, shipped_grad = native(exact_thirds=False)
+    assert torch.equal(shipped_experts, ours_experts)
+    torch.testing.assert_close(shipped_grad, ours_grad, rtol=1e-12, atol=1e-14)
+    relative = (shipped_gates / ours_gates - 1).abs()
+    assert relative.max() < 1.001e-4 and relative[~third].max() < 1e-12
+    assert (relative.max() > 0.99e-4) == training  # eval applies no Heun scale at all

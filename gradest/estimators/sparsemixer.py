@@ -86,7 +86,8 @@ class HeunFamily(SparseMixerFamily):
 
     def sample(self, logits, noise, kind):
         experts, p, was_max = self.draw(logits, noise)
-        s = torch.where(was_max | (noise[..., self.k:] < self.coin), 1.0, 1 / 3).to(p.dtype)
+        # the scale in p's own dtype: a float32 1/3 would be 3e-8 off in a float64 measurement
+        s = torch.where(was_max | (noise[..., self.k:] < self.coin), p.new_tensor(1.0), p.new_tensor(1 / 3))
         return Routing(experts.unsqueeze(-2), value_with_gradient(p, s, self.grad_scale).unsqueeze(-2))
 
 
