@@ -29,7 +29,7 @@ PRESETS: dict[str, dict] = {
         },
         "weight_decay": 0.0,  # --weight-decay 0
         "grad_clip": None,  # --clip-norm 0.0
-        "adam_betas": (0.9, 0.98),  # --adam-betas '(0.9,0.98)'
+        "adam_beta2": 0.98,  # --adam-betas '(0.9,0.98)'
         "schedule": "inverse-sqrt",  # --lr-scheduler inverse_sqrt (its 8,000 warm-up updates: see the README)
         "lr": 7e-4,  # --lr 7e-4
         "by_task": {"mt": {"label_smoothing": 0.1}},  # --label-smoothing 0.1 (its task is translation)

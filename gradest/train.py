@@ -63,8 +63,7 @@ RUN_SETTINGS = {  # what a run's settings must be (the model's are SwitchConfig'
     "hparams": Constraint(lambda v: isinstance(v, dict), "a table of hyper-parameters"),
     "top_k": integer_at_least(1), "steps": integer_between(1, MAX_STEPS), "batch_size": integer_at_least(1),
     "lr": positive, "warmup": integer_at_least(0), "schedule_steps": optional(integer_at_least(1), "steps"),
-    "schedule": one_of(*SCHEDULES), "adam_betas": Constraint(
-        lambda v: isinstance(v, tuple) and len(v) == 2 and all(unit_interval(b) for b in v), "two numbers in [0, 1)"),
+    "schedule": one_of(*SCHEDULES), "adam_beta2": unit_interval,
     "label_smoothing": unit_interval, "preset": optional(one_of(*PRESETS), "none"),
     "min_lr_ratio": Constraint(lambda v: unit_interval(v) or v == 1, "a number in [0, 1]"),
     "weight_decay": nonnegative, "grad_clip": optional(positive, "no clipping"),
@@ -85,7 +84,7 @@ class TrainConfig:
 
     The learning rate warms up linearly for `warmup` steps, then (schedule "cosine") decays along a cosine to
     `lr * min_lr_ratio` at step `schedule_steps` (None: `steps`) and stays there, or (schedule "inverse-sqrt",
-    fairseq's, as in the SparseMixer code) falls as sqrt(warmup / step). `adam_betas` are AdamW's; `label_smoothing`
+    fairseq's, as in the SparseMixer code) falls as sqrt(warmup / step). `adam_beta2` is AdamW's second beta (the first is 0.9); `label_smoothing`
     smooths the training loss only (validation losses are plain cross-entropy). `preset` records the named setup
     (gradest.presets) the run's settings were filled from. A run planned for N steps keeps that schedule when it
     is resumed to another number of steps (`Trainer.resume` sets `schedule_steps` = N): the learning rate never
@@ -102,7 +101,7 @@ class TrainConfig:
     warmup: int = 50
     schedule_steps: int | None = None  # the steps the cosine decays over; None: steps (see above)
     schedule: str = "cosine"  # or "inverse-sqrt"
-    adam_betas: tuple = (0.9, 0.999)
+    adam_beta2: float = 0.999
     label_smoothing: float = 0.0
     min_lr_ratio: float = 0.1  # cosine decay to this fraction of lr
     weight_decay: float = 0.1
@@ -125,8 +124,6 @@ class TrainConfig:
     omega: InitVar[bool | None] = None  # None: the estimator's default
 
     def __post_init__(self, experts, block_size, omega):
-        if isinstance(self.adam_betas, list):  # as read back from JSON
-            self.adam_betas = tuple(self.adam_betas)
         given = {key: value for key, value in (("experts", experts), ("block_size", block_size), ("omega", omega))
                  if value is not None}
         if self.is_hf:
@@ -165,7 +162,7 @@ class TrainConfig:
         settings, and a new one would change them all."""
         default = SwitchConfig(**TASK_MODELS[self.task])
         unset = {"schedule_steps": self.schedule_steps is None, "schedule": self.schedule == "cosine",
-                 "adam_betas": self.adam_betas == (0.9, 0.999), "label_smoothing": self.label_smoothing == 0,
+                 "adam_beta2": self.adam_beta2 == 0.999, "label_smoothing": self.label_smoothing == 0,
                  "preset": self.preset is None, "hf": self.hf is None,
                  "hf_config": self.hf_config is None, "hf_model": self.hf_model is None,
                  "hf_settings": not self.is_hf}
@@ -590,7 +587,7 @@ class Trainer:
         no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.config.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=self.config.lr,
-                                           betas=self.config.adam_betas)
+                                           betas=(0.9, self.config.adam_beta2))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.data_generator = torch.Generator().manual_seed(self.config.seed)
         self.step, self.rows, self.seconds = 0, [], 0.0

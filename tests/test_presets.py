@@ -20,8 +20,8 @@ def test_the_preset_is_microsoft_sparsemixers_setup():
     assert (m.balance_coef, m.balance_probs, m.router_bias, m.moe_first, m.post_ln) == \
         (0.01 / 8192, "sampled", True, True, True)
     assert (m.dropout, m.expert_dropout) == (0.1, 0.1)
-    assert (config.weight_decay, config.grad_clip, config.adam_betas, config.schedule, config.lr) == \
-        (0.0, None, (0.9, 0.98), "inverse-sqrt", 7e-4)
+    assert (config.weight_decay, config.grad_clip, config.adam_beta2, config.schedule, config.lr) == \
+        (0.0, None, 0.98, "inverse-sqrt", 7e-4)
     assert config.build_estimator().jitter_eps == 0.1  # --jitter-eps 0.1 for Switch's jitter
     assert config.label_smoothing == 0  # the LM task; translation gets 0.1
     mt = apply_preset("sparsemixer-reference", {"task": "mt", "estimator": "sparsemixer"})
@@ -45,9 +45,9 @@ def test_inverse_sqrt_schedule_betas_and_label_smoothing(tmp_path):
     """inverse-sqrt: linear warm-up, then sqrt(warmup / step) (fairseq's); the betas reach AdamW; label smoothing
     raises the training loss of the same batch and leaves the validation loss (plain cross-entropy) alone."""
     trainer = Trainer(TrainConfig(estimator="switch", steps=10, warmup=4, schedule="inverse-sqrt",
-                                  adam_betas=(0.8, 0.95), batch_size=2, block_size=16, model=TINY), tmp_path / "a")
+                                  adam_beta2=0.95, batch_size=2, block_size=16, model=TINY), tmp_path / "a")
     assert [trainer.lr_factor(s) for s in (0, 3, 4, 15)] == [0.25, 1.0, math.sqrt(4 / 5), math.sqrt(4 / 16)]
-    assert trainer.optimizer.param_groups[0]["betas"] == (0.8, 0.95)
+    assert trainer.optimizer.param_groups[0]["betas"] == (0.9, 0.95)
     plain = Trainer(TrainConfig(estimator="topk", steps=2, batch_size=2, block_size=16, model=TINY), tmp_path / "b")
     smooth = Trainer(TrainConfig(estimator="topk", steps=2, batch_size=2, block_size=16, model=TINY,
                                  label_smoothing=0.1), tmp_path / "c")

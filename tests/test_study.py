@@ -776,3 +776,29 @@ def test_cost_and_top2_quick_profiles_run_and_report(tmp_path):
     assert not run_study(top2, "quick", results=tmp_path, progress=False).failed
     text = (write_report(top2, "quick", tmp_path, tmp_path / "top2") / "README.md").read_text()
     assert "| sparsemixer-v2* " in text and "| topk " in text
+
+
+def test_optional_run_settings_reach_the_run_and_leave_other_hashes_alone(tmp_path):
+    """schedule, adam_beta2 and label_smoothing (the reference setup's) may be set by a train study; a cell that
+    sets one to its default is the same cell (same hash) as one that does not, and a cell's config passes them to
+    its TrainConfig."""
+    from gradest.study.spec import train_fields
+    from gradest.train import TrainConfig
+    base = """
+    [study]
+    name = "optional"
+    kind = "train"
+    description = "optional run settings"
+    [grid]
+    seed = [0]
+    [settings]
+    steps = 5
+    """
+    plain = load_study(write_spec(tmp_path, base, "plain.toml")).cells(None, tmp_path / "res")[0]
+    same = load_study(write_spec(tmp_path, base + '    schedule = "cosine"\n    label_smoothing = 0.0\n',
+                                 "same.toml")).cells(None, tmp_path / "res")[0]
+    other = load_study(write_spec(tmp_path, base + '    schedule = "inverse-sqrt"\n    adam_beta2 = 0.98\n',
+                                  "other.toml")).cells(None, tmp_path / "res")[0]
+    assert plain.hash == same.hash != other.hash and "schedule" not in plain.config
+    config = TrainConfig(**train_fields(other.config))
+    assert (config.schedule, config.adam_beta2) == ("inverse-sqrt", 0.98)

@@ -189,10 +189,16 @@ def problem_fields(config: dict) -> dict:
     return {f.name: config[f.name] for f in dataclasses.fields(ProblemConfig) if f.name != "seed"}
 
 
+# Run settings a train cell's config holds only when they differ from these defaults, so that adding them left every
+# earlier cell's hash as it was (TrainConfig.settings() leaves them out the same way).
+TRAIN_OPTIONAL = {"schedule": "cosine", "adam_beta2": 0.999, "label_smoothing": 0.0}
+
+
 def train_fields(config: dict) -> dict:
     """The run settings of a train cell's config (TrainConfig's flat settings: `TrainConfig(**train_fields(...))`)."""
     from gradest.train import TrainConfig
-    return {key: config[key] for key in TrainConfig().settings()}
+    keys = [*TrainConfig().settings(), *(key for key in TRAIN_OPTIONAL if key in config)]
+    return {key: config[key] for key in keys}
 
 
 def canonical(data) -> str:
@@ -312,7 +318,7 @@ def _probe_defaults() -> dict:
 
 def _train_defaults() -> dict:
     from gradest.train import TrainConfig
-    return {"name": None, **TrainConfig().settings()}
+    return {"name": None, **TrainConfig().settings(), **TRAIN_OPTIONAL}
 
 
 def _resolve_compare(config: dict, given=()) -> dict:
@@ -381,7 +387,8 @@ def _resolve_train(config: dict, given=()) -> dict:
         device = None
     if device is None or device.type not in DEVICE_TYPES:
         raise GradestError(f"unknown device '{config['device']}'; valid: {', '.join(DEVICE_TYPES)}, cuda:N")
-    return config
+    return {key: value for key, value in config.items()
+            if not (key in TRAIN_OPTIONAL and value == TRAIN_OPTIONAL[key])}
 
 
 def _model_defaults() -> dict:
