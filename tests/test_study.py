@@ -802,3 +802,25 @@ def test_optional_run_settings_reach_the_run_and_leave_other_hashes_alone(tmp_pa
     assert plain.hash == same.hash != other.hash and "schedule" not in plain.config
     config = TrainConfig(**train_fields(other.config))
     assert (config.schedule, config.adam_beta2) == ("inverse-sqrt", 0.98)
+
+
+def test_a_preset_fills_what_a_train_spec_does_not_give(tmp_path):
+    """`preset = "sparsemixer-reference"` in a train study: the cell holds the preset's settings (so its hash covers
+    the run it will be) under the ones the spec gives."""
+    spec = write_spec(tmp_path, """
+    [study]
+    name = "preset"
+    kind = "train"
+    description = "a preset"
+    [grid]
+    estimator = ["switch"]
+    [settings]
+    steps = 5
+    preset = "sparsemixer-reference"
+    model = { post_ln = false }
+    """, "preset.toml")
+    (cell,) = load_study(spec).cells(None, tmp_path / "res")
+    config = cell.config
+    assert config["preset"] == "sparsemixer-reference" and config["schedule"] == "inverse-sqrt"
+    assert config["hparams"] == {"jitter_eps": 0.1} and config["weight_decay"] == 0.0
+    assert config["model"]["post_ln"] is False and config["model"]["router_bias"] is True

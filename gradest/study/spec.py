@@ -152,7 +152,7 @@ def resolve(kind: str, config: dict, given=()) -> dict:
 
 
 # settings whose default None means "unset": the type a spec may set them to (TOML has no null)
-OPTIONAL_TYPES = {"name": str, "omega": bool, "capacity_factor": float}
+OPTIONAL_TYPES = {"name": str, "omega": bool, "capacity_factor": float, "preset": str}
 TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a table"}
 
 
@@ -191,7 +191,7 @@ def problem_fields(config: dict) -> dict:
 
 # Run settings a train cell's config holds only when they differ from these defaults, so that adding them left every
 # earlier cell's hash as it was (TrainConfig.settings() leaves them out the same way).
-TRAIN_OPTIONAL = {"schedule": "cosine", "adam_beta2": 0.999, "label_smoothing": 0.0}
+TRAIN_OPTIONAL = {"schedule": "cosine", "adam_beta2": 0.999, "label_smoothing": 0.0, "preset": None}
 
 
 def train_fields(config: dict) -> dict:
@@ -377,9 +377,15 @@ def _resolve_probe(config: dict, given=()) -> dict:
 
 
 def _resolve_train(config: dict, given=()) -> dict:
-    """A `TrainConfig` (its settings and its model's checked) that builds its estimator, on a device torch knows."""
+    """A `TrainConfig` (its settings and its model's checked) that builds its estimator, on a device torch knows.
+    A `preset` fills the settings the spec does not give (gradest.presets), so the cell holds, and its hash covers,
+    the settings the run will have."""
     import torch
+    from gradest.presets import apply_preset
     from gradest.train import TrainConfig
+    if config.get("preset"):
+        spec = {key: config[key] for key in ("task", "estimator", *given) if key in config and key != "preset"}
+        config = {**config, **apply_preset(config["preset"], spec)}
     TrainConfig(**train_fields(config)).build_estimator()
     try:
         device = torch.device(config["device"])
