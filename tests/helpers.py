@@ -1,5 +1,6 @@
-"""What several test modules share: running the CLI and checking its one-line errors."""
+"""What several test modules share: running the CLI and checking its one-line errors; prepared random draws."""
 
+import torch
 from click.testing import CliRunner
 
 from gradest.cli import main
@@ -18,3 +19,16 @@ def assert_one_line_error(result, *words):
     assert "Traceback" not in result.output
     for word in words:
         assert word in lines[0], lines[0]
+
+
+class Drawn(torch.Tensor):
+    """A prepared draw: redrawing it in place (`exponential_`, `uniform_`) keeps its values; operations on it give
+    plain tensors."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def exponential_(self, *args, **kwargs):
+        return self
+
+    def uniform_(self, *args, **kwargs):
+        return self

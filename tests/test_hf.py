@@ -23,6 +23,7 @@ from transformers.models.phimoe import modeling_phimoe  # noqa: E402
 
 from gradest import GradestError  # noqa: E402
 from gradest import hf  # noqa: E402
+from helpers import Drawn  # noqa: E402
 from gradest.estimators import GATED, get_estimator, trainable  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -139,19 +140,6 @@ def test_topk_matches_native_in_float32(arch):
 
 
 # ------------------------------------------------------------------------------------------ PhiMoE: SparseMixer-v2
-class Drawn(torch.Tensor):
-    """A prepared draw: redrawing it in place (`exponential_`, `uniform_`) keeps its values; operations on it give
-    plain tensors."""
-
-    __torch_function__ = torch._C._disabled_torch_function_impl
-
-    def exponential_(self, *args, **kwargs):
-        return self
-
-    def uniform_(self, *args, **kwargs):
-        return self
-
-
 class NativeDraws:
     """Stands in for `torch` inside transformers' phimoe module, so that its `sparsemixer` sees the uniforms the
     patched run was given (`uniforms`, one (T, 2k) tensor per routed block, in call order: gradest's noise layout,

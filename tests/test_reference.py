@@ -23,6 +23,7 @@ import torch
 
 from gradest.estimators import get_estimator
 from gradest.problems import mix
+from helpers import Drawn
 
 
 def densemixer_package(logits, outputs, k, renormalize):
@@ -168,19 +169,6 @@ def test_switch_equals_the_reference_switch_gate(training):
 
 
 # ------------------------------------------------------------------------- Hugging Face PhiMoE: `sparsemixer`
-class Drawn(torch.Tensor):
-    """A prepared draw: redrawing it in place (`exponential_`, `uniform_`) keeps its values; operations on it give
-    plain tensors."""
-
-    __torch_function__ = torch._C._disabled_torch_function_impl
-
-    def exponential_(self, *args, **kwargs):
-        return self
-
-    def uniform_(self, *args, **kwargs):
-        return self
-
-
 class PhimoeDraws:
     """Stands in for `torch` inside transformers' modeling_phimoe, so that its `sparsemixer` sees gradest's noise
     (T, 2k): the k selection uniforms u_j, then the k coin uniforms c_j (same approach as tests/test_hf.py).
