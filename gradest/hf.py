@@ -643,7 +643,8 @@ TINY_SWITCH = dict(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_d
 
 
 def tiny_config(model_type: str, *, k: int = 2, vocab_size: int = 100, **overrides):
-    """The config of a tiny random model of a supported architecture (4 experts, k of them per token)."""
+    """The config of a tiny random model of a supported architecture (4 experts, k of them per token), with
+    `overrides` given to the config's constructor (so that the fields it derives from them agree)."""
     import transformers
 
     if model_type not in SUPPORTED:
@@ -652,10 +653,7 @@ def tiny_config(model_type: str, *, k: int = 2, vocab_size: int = 100, **overrid
         settings = {**TINY_SWITCH, "vocab_size": vocab_size}
     else:
         settings = {**TINY, "vocab_size": vocab_size, "num_experts_per_tok": k, **TINY_MOE[model_type]}
-    config = transformers.AutoConfig.for_model(model_type, **settings)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
+    return transformers.AutoConfig.for_model(model_type, **{**settings, **overrides})
 
 
 def model_from_config(config) -> nn.Module:

@@ -314,9 +314,8 @@ def hf_model_config(config: TrainConfig, given: dict):
             name = config.hf
             where = f"--hf {name}"
             if name in HF_EXPERTS:
-                tiny = {**hf.TINY, **HF_TRAIN, **hf.TINY_MOE[name], HF_EXPERTS[name]: HF_TRAIN_EXPERTS,
-                        "num_experts_per_tok": 2, **HF_TRAIN_MOE.get(name, {})}
-                cfg = hf.transformers.AutoConfig.for_model(name, **{**tiny, **settings})
+                cfg = hf.tiny_config(name, k=2, **{**HF_TRAIN, HF_EXPERTS[name]: HF_TRAIN_EXPERTS,
+                                                   **HF_TRAIN_MOE.get(name, {}), **settings})
         elif config.hf_config is not None:
             path = Path(config.hf_config)
             where = str(path)
@@ -412,7 +411,6 @@ class HFCausalLM(torch.nn.Module):
 
     def forward(self, idx, targets=None):
         """Logits (B, T, V) and, given targets, the per-token cross-entropy (B, T)."""
-
         out = self.hf_model(input_ids=idx, use_cache=False)
         aux = out.get("aux_loss") if self.aux_coef else None
         self.last_aux = self.aux_coef * aux.float() if aux is not None else torch.zeros(())
