@@ -10,8 +10,8 @@ import time
 
 import torch
 
-from gradest.estimators import REGISTRY
-from gradest.measure import expand_estimators, gradient_samples, gradient_samples_loop
+from gradest.estimators import REGISTRY, expand_estimators
+from gradest.measure import gradient_samples, gradient_samples_loop
 from gradest.problems import make_problem
 
 SIZES = {"moe-regression": dict(experts=4, tokens=6, dim=4, out_dim=3),

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from gradest.errors import GradestError
-from gradest.estimators import Estimator, Objective, expand_estimators, parse_setting, parse_spec  # noqa: F401
+from gradest.estimators import Estimator, Objective, expand_estimators
 from gradest.problems import Problem, ProblemConfig, make_problem
 
 WRT = ("logits", "router", "all")  # what the gradient is taken with respect to

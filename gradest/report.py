@@ -18,9 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from gradest.estimators import REGISTRY
-from gradest.io import atomic_write
-# Re-exported: older callers (the study code, scripts) import these from here; new code imports gradest.io.
-from gradest.io import atomic_write_bytes, atomic_write_text, git_state, run_metadata, write_json  # noqa: F401
+from gradest.io import atomic_write, atomic_write_text, run_metadata, write_json
 
 # The configuration a compare row belongs to: its problem and the ProblemConfig fields a row records.
 CONFIG_COLUMNS = ["problem", "experts", "tokens", "top_k", "sharpness"]

@@ -21,7 +21,7 @@ from gradest.cli import main
 from gradest.errors import GradestError
 from gradest.estimators import (REGISTRY, Estimator, Objective, Routing, get_estimator, hparam, register,
                                 unregister)
-from gradest.estimators.base import positive_integer, softmax, unit_interval
+from gradest.estimators.base import softmax, unit_interval
 from gradest.moe import MoE
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 
-from gradest.estimators import REGISTRY, applicable, get_estimator
-from gradest.measure import bias_variance, compare, draw_noise, expand_estimators, gradient_samples, \
-    gradient_samples_loop
+from gradest.estimators import REGISTRY, applicable, expand_estimators, get_estimator
+from gradest.measure import bias_variance, compare, draw_noise, gradient_samples, gradient_samples_loop
 from gradest.problems import ProblemConfig, make_problem
 
 PROBLEMS = {"moe-regression": dict(experts=4, tokens=5, dim=3, out_dim=2),
@@ -133,7 +132,7 @@ def test_compare_rows_and_targets():
 def test_estimator_specs_and_settings():
     """`name:key=value` specs and `--set` settings reach the estimators that declare them, typed by default."""
     from gradest.errors import GradestError
-    from gradest.measure import parse_spec
+    from gradest.estimators import parse_spec
     assert parse_spec("reinforce:baseline=mean:k=2").hparams == (("baseline", "mean"), ("k", 2))
     chosen = expand_estimators(["sparsemixer:mask=paper", "st", "reinforce"], "gated", 1,
                                {"jitter_eps": "0.2", "tau": 2})

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from scipy.stats import norm
 
 from gradest.errors import GradestError
-from gradest.estimators import Objective, Routing, get_estimator
-from gradest.measure import bias_variance, compare, expand_estimators
+from gradest.estimators import Objective, Routing, expand_estimators, get_estimator
+from gradest.measure import bias_variance, compare
 from gradest.model import SwitchConfig, SwitchLM, SwitchSeq2Seq
 from gradest.probe import (ForcedRouting, Site, bias_variance_mc, enumerate_reference, installed,
                            layer_gradient_samples, probe, probing, rao_blackwell_reference, sample_seeds,

@@ -77,9 +77,9 @@ def _winners(table: pd.DataFrame, groups: list, metric: str) -> str:
 
 def _estimator_report(study: Study, done: list[Cell], out: Path, columns: list[str]) -> tuple[str, str, list[str], str]:
     """(summary paragraph, tables markdown, figure files) of a compare or probe study."""
-    from gradest.report import (aggregate_seeds, atomic_savefig, atomic_write_text, bias_interval_figure,
-                                bias_variance_figure, configuration_label, metric_vs_experts_figure, plus_minus,
-                                stage_figure)
+    from gradest.io import atomic_write_text
+    from gradest.report import (aggregate_seeds, atomic_savefig, bias_interval_figure, bias_variance_figure,
+                                configuration_label, metric_vs_experts_figure, plus_minus, stage_figure)
     frames = []
     for cell in done:
         frame = pd.read_csv(cell.directory / "results.csv")
@@ -328,7 +328,8 @@ def _train_figures(study: Study, summary: pd.DataFrame, curves: pd.DataFrame, gr
 
 
 def _train_report(study: Study, done: list[Cell], out: Path, profile: str | None = None):
-    from gradest.report import aggregate_seeds, atomic_write_text, plus_minus
+    from gradest.io import atomic_write_text
+    from gradest.report import aggregate_seeds, plus_minus
     varying = _varying([cell.config for cell in done], skip=("seed", "name"))
     grid, _ = study.layout(profile)
     group_keys = [key for key in grid if key not in NOT_GROUPS and key in varying]
@@ -423,7 +424,7 @@ def report_dir(study: Study, profile: str | None) -> Path:
 def write_report(study: Study, profile: str | None = None, results=None, out=None, command=None) -> Path:
     """README.md with tables, figures and the CSVs, from the finished cells of the profile, in `out` (default:
     `report_dir`)."""
-    from gradest.report import atomic_write_text, run_metadata, write_json
+    from gradest.io import atomic_write_text, run_metadata, write_json
     profile = study.resolve_profile(profile)
     done, failed, missing = finished(study, profile, results)
     if not done:

@@ -42,7 +42,7 @@ from gradest.study.spec import (FORMAT, Cell, Study, _compare_defaults, _probe_d
 def run_compare(config: dict, directory: Path) -> dict:
     from gradest.measure import compare
     from gradest.problems import ProblemConfig
-    from gradest.report import atomic_write_text
+    from gradest.io import atomic_write_text
     problem = ProblemConfig(**problem_fields(config), seed=config["seed"])
     estimators = "all" if config["estimator"] == "all" else [config["estimator"]]
     df = compare([problem], estimators, samples=config["samples"], wrt=config["wrt"], seed=config["seed"],
@@ -55,7 +55,7 @@ def run_probe(config: dict, directory: Path) -> dict:
     """The probe of `probe.switch_probe`, on the tiny model or, with a `train` table, on that run's model at
     initialisation (stage "init") or after training (stage "trained": the train cell is run first unless cached)."""
     from gradest.probe import switch_probe
-    from gradest.report import atomic_write_text
+    from gradest.io import atomic_write_text
     from gradest.train import Trainer, TrainConfig
     estimators = "all" if config["estimator"] == "all" else [config["estimator"]]
     train, trainer, model = probe_train_config(config), None, config["model"] or None
@@ -174,7 +174,7 @@ def execute(cell: Cell, runner: Callable[[dict, Path], dict] | None = None, comm
 
 
 def _execute(cell: Cell, runner, command) -> tuple[str, str]:
-    from gradest.report import run_metadata, write_json
+    from gradest.io import run_metadata, write_json
     directory = cell.directory
     write_json(directory / "cell.json", {"kind": cell.kind, "format": FORMAT, "hash": cell.hash,
                                          "config": cell.config})
