@@ -34,8 +34,9 @@ PROFILES = ("quick", "full", "paper")
 DEFAULT_PROFILE = "full"
 RESULTS_ENV = "GRADEST_RESULTS"
 TOP_KEYS = ("study", "grid", "settings", "profiles")
-# findings: what the numbers show, in words; baseline: the run label (train studies) that ratios are taken against
-STUDY_KEYS = ("name", "kind", "description", "findings", "baseline")
+# findings: what the numbers show, in words; baseline: the run label (train studies) that ratios are taken against;
+# group_by: the settings (`model.balance_coef` for a model setting) whose values group a train study's report
+STUDY_KEYS = ("name", "kind", "description", "findings", "baseline", "group_by")
 LABEL_KEYS = ("name",)  # settings that only label a cell: not hashed
 PROFILE_KEYS = ("grid", "settings", "description")
 PROBLEM_DEFAULTS = {"poly": {"experts": 2}}  # as `gradest compare`: ReinMax's polynomial programming is binary
@@ -73,6 +74,9 @@ class Study:
     path: Path | None = None
     findings: str = ""  # a person's reading of the full profile's numbers; the report opens with it
     baseline: str = ""  # train studies: ratios (time, FLOPs, steps to its final loss) are against this run
+    # train studies: the settings whose values group the report's runs (the baseline is paired within a group);
+    # empty: the grid's keys other than those that make arms (variant, seed, estimator, ...)
+    group_by: list = dataclasses.field(default_factory=list)
 
     @property
     def profile_names(self) -> list[str]:
@@ -269,9 +273,14 @@ def parse_study(data: dict, path: Path | None = None) -> Study:
         _check_keys(profile, PROFILE_KEYS, f"[profiles.{name}]{source}")
         check_grid(profile.get("grid", {}), f"[profiles.{name}.grid]{source}")
         check_settings(profile.get("settings", {}), f"[profiles.{name}.settings]{source}")
+    group_by = study.get("group_by", [])
+    if not isinstance(group_by, list) or not all(isinstance(key, str) and key.split(".")[0] in valid
+                                                 for key in group_by):
+        raise GradestError(f"[study] group_by{source} must be a list of settings (`model.NAME` for a model "
+                           f"setting), got {group_by!r}")
     return Study(name=study["name"], kind=kind, description=study.get("description", ""), grid=grid,
                  settings=settings, profiles=profiles, path=path, findings=study.get("findings", ""),
-                 baseline=study.get("baseline", ""))
+                 baseline=study.get("baseline", ""), group_by=group_by)
 
 
 def results_root(results=None) -> Path:
