@@ -116,6 +116,9 @@ def verdict(row: dict) -> str:
 def diagnose(model: nn.Module, batch, *, draws: int = 16, seed: int = 0, max_enumeration: int = 4096,
              progress=None) -> DoctorResult:
     """Every MoE layer's native router gradient against the exact one on `batch` (idx, targets)."""
+    if model.config.is_encoder_decoder:
+        raise GradestError("gradest doctor checks causal LMs; this model is an encoder-decoder (SwitchTransformers): "
+                           "measure its router gradients with gradest compare --problem hf")
     natives = native_router_gradients(model, batch)
     rows, verdicts = [], []
     layers = range(len(natives))

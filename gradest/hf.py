@@ -119,6 +119,18 @@ try:
 except ImportError as error:  # pragma: no cover - the hf extra is missing
     raise GradestError("gradest.hf needs transformers 5.x: pip install 'gradest[hf]'") from error
 
+try:  # a config field of the wrong type: transformers 5 validates configs with huggingface_hub's strict dataclasses
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # pragma: no cover - an older huggingface_hub
+    StrictDataclassError = ValueError
+CONFIG_ERRORS = (TypeError, ValueError, KeyError, StrictDataclassError)  # what building a config from bad settings raises
+
+
+def config_error(error: Exception) -> str:
+    """A config error's message on one line (huggingface_hub's span several)."""
+    return " ".join(str(error).split())
+
+
 TESTED_TRANSFORMERS = (5, 6)  # major versions [from, to); the `hf` extra asks for >= 5.24, the version tested
 
 __all__ = ["SUPPORTED", "Patched", "PatchedBlock", "patch", "score_loss"]
@@ -642,9 +654,33 @@ TINY_SWITCH = dict(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_d
                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0)
 
 
+# Full-size configurations by name: `--hf switch-base-8` builds the architecture of google/switch-base-8 (its
+# config.json: 12 + 12 layers, every second one sparse, d_model 768, d_ff 3072, 8 experts of capacity 64; 619M
+# parameters) at random initialisation. transformers' own SwitchTransformersConfig() defaults differ (d_ff 2048,
+# every fourth layer sparse: 317M).
+NAMED = {
+    "switch-base-8": ("switch_transformers", dict(
+        vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_heads=12, num_layers=12, num_decoder_layers=12,
+        num_sparse_encoder_layers=6, num_sparse_decoder_layers=6, num_experts=8, expert_capacity=64,
+        router_bias=False, router_jitter_noise=0.01, router_dtype="float32", dropout_rate=0.1,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)),
+}
+
+
+def named_config(name: str, **overrides):
+    """The configuration of a full-size model listed in NAMED, with `overrides`."""
+    import transformers
+
+    if name not in NAMED:
+        raise GradestError(f"unknown model '{name}'; valid: {', '.join(NAMED)}")
+    model_type, settings = NAMED[name]
+    return transformers.AutoConfig.for_model(model_type, **{**settings, **overrides})
+
+
 def tiny_config(model_type: str, *, k: int = 2, vocab_size: int = 100, **overrides):
     """The config of a tiny random model of a supported architecture (4 experts, k of them per token), with
-    `overrides` given to the config's constructor (so that the fields it derives from them agree)."""
+    `overrides` given to the config's constructor (so that the fields it derives from them agree). A causal LM
+    has no special tokens (its architecture's defaults lie outside a small vocabulary)."""
     import transformers
 
     if model_type not in SUPPORTED:
@@ -652,7 +688,8 @@ def tiny_config(model_type: str, *, k: int = 2, vocab_size: int = 100, **overrid
     if model_type == "switch_transformers":
         settings = {**TINY_SWITCH, "vocab_size": vocab_size}
     else:
-        settings = {**TINY, "vocab_size": vocab_size, "num_experts_per_tok": k, **TINY_MOE[model_type]}
+        settings = {**TINY, "vocab_size": vocab_size, "num_experts_per_tok": k, **TINY_MOE[model_type],
+                    "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
     return transformers.AutoConfig.for_model(model_type, **{**settings, **overrides})
 
 

@@ -1,9 +1,10 @@
-"""The router-gradient probe (gradest/probe.py, docs/estimators.md §4) on one MoE layer of a Hugging Face causal LM.
+"""The router-gradient probe (gradest/probe.py, docs/estimators.md §4) on one MoE layer of a Hugging Face MoE model:
+a causal LM, or SwitchTransformers' encoder-decoder.
 
-For MoE layer L of a transformers causal LM: every other MoE block keeps its NATIVE routing in eval mode
+For MoE layer L of a transformers model: every other MoE block keeps its NATIVE routing in eval mode
 (deterministic: top-k of its own softmax; dropout off); block L alone is routed by gradest, through the
 `gradest.hf.patch` mechanism restricted to that one block. L(D) is the mean over sequences of each sequence's mean
-next-token cross-entropy, and the objective is J = E_D[L(D)] over block L's routing D, with D drawn from the
+next-token cross-entropy (of the decoder's tokens, for an encoder-decoder), and the objective is J = E_D[L(D)] over block L's routing D, with D drawn from the
 objective's softmax of the block's own router logits and the gates from the same softmax (`ForcedRouting`).
 
 Why a subclass of `gradest.probe.Site`: probe.py's reference (exact enumeration, or the Rao-Blackwellised
@@ -22,10 +23,15 @@ say what the layer's router saw. `HFSite` provides exactly that, so the maths is
 
 Data: the bundled tiny-shakespeare validation split, as its character ids, modulo the model's vocabulary (a tiny
 model built by `--hf NAME` has a vocabulary of at least the 65 characters, so they are unchanged); a user's text
-(`doctor --text`) as its UTF-8 bytes modulo the vocabulary. A pretrained model's own tokenizer is NOT used: the probe
+(`doctor --text`) as its UTF-8 bytes modulo the vocabulary. A causal LM reads windows of seq_len tokens and predicts
+each next token; an encoder-decoder reads a window of seq_len tokens and predicts the seq_len tokens that follow it
+(teacher-forced, the decoder's input starting with its `decoder_start_token_id`). A pretrained model's own tokenizer is NOT used: the probe
 measures gradients, for which any fixed token sequence is a valid batch, and this keeps it free of downloads.
 
-Limits: causal LMs only (SwitchTransformers, an encoder-decoder, is refused); stateful estimators (default-moe)
+SwitchTransformers' expert capacity is counted per sequence (gradest.hf), so the copies of a sequence in one
+forward do not compete for it: each row's loss depends on its own routing only, as the probe needs.
+
+Limits: stateful estimators (default-moe)
 are not probed here (their state lives in buffers that a single patched block would have to seed); no padding,
 so every token at layer L can change the loss (`relevant` is all true).
 """
@@ -66,36 +72,38 @@ def moe_blocks(model: nn.Module) -> list:
         raise GradestError(f"no mixture-of-experts block that gradest.hf can route in {type(model).__name__}"
                            + (f" (model_type '{model_type}')" if model_type else "")
                            + f"; supported architectures: {', '.join(hf.SUPPORTED)}")
-    if any(arch.model_type == "switch_transformers" for _, _, arch in found):
-        causal = ", ".join(a for a in hf.SUPPORTED if a != "switch_transformers")
-        raise GradestError(f"the HF router-gradient probe runs causal LMs; SwitchTransformers is an encoder-decoder; "
-                           f"valid: {causal}")
     return found
 
 
 def load_model(name: str | None = None, config_file: str | Path | None = None, model_dir: str | Path | None = None,
-               *, k: int | None = None, seed: int = 0, dtype: torch.dtype | None = None) -> nn.Module:
-    """The causal LM to probe: a tiny random model of architecture `name` (`gradest.hf.tiny_config`, its
-    vocabulary the bundled text's 65 characters, seeded by `seed`), the same built from a config file
-    (`config_file`: a transformers config.json, with `name` its model_type unless the file says), or a saved model
-    (`model_dir`, `from_pretrained`, local only). `k` overrides num_experts_per_tok of a built model. A model in
-    float64 gets the eager experts implementation (grouped_mm refuses float64)."""
+               *, k: int | None = None, seed: int = 0, dtype: torch.dtype | None = None,
+               settings: dict | None = None) -> nn.Module:
+    """The model to probe: a tiny random model of architecture `name` (`gradest.hf.tiny_config`, its vocabulary
+    the bundled text's 65 characters, seeded by `seed`) or a full-size one named in `gradest.hf.NAMED` (such as
+    switch-base-8, random too), the same built from a config file (`config_file`: a transformers config.json, with
+    `name` its model_type unless the file says), or a saved model (`model_dir`, `from_pretrained`, local only). `k`
+    overrides num_experts_per_tok of a built model, `settings` any of its config's fields. A model in float64 gets
+    the eager experts implementation (grouped_mm refuses float64)."""
     import transformers
     hf = _hf()
     given = [x is not None for x in (config_file, model_dir)]
     if sum(given) > 1:
         raise GradestError("give --hf-config or --hf-model, not both")
     if model_dir is not None:
-        if name is not None or k is not None:
-            raise GradestError("--hf-model DIR is a saved model: --hf and --top-k do not apply to it")
+        if name is not None or k is not None or settings:
+            raise GradestError("--hf-model DIR is a saved model: --hf, --top-k and config settings do not apply "
+                               "to it")
         path = Path(model_dir)
         if not (path / "config.json").is_file():
             raise GradestError(f"{path}/ is not a saved transformers model (no config.json)")
         try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+            seq2seq = transformers.AutoConfig.from_pretrained(path, local_files_only=True).is_encoder_decoder
+            auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
+            model = auto.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError, KeyError) as error:
             raise GradestError(f"cannot load the model in {path}/: {error}") from None
     else:
+        overrides = dict(settings or {})
         if config_file is not None:
             path = Path(config_file)
             try:
@@ -114,15 +122,24 @@ def load_model(name: str | None = None, config_file: str | Path | None = None, m
             if k is not None:
                 settings["num_experts_per_tok"] = k
             try:
-                config = transformers.AutoConfig.for_model(model_type, **settings)
-            except (TypeError, ValueError) as error:
-                raise GradestError(f"invalid config {path}: {error}") from None
+                config = transformers.AutoConfig.for_model(model_type, **{**settings, **overrides})
+            except hf.CONFIG_ERRORS as error:
+                raise GradestError(f"invalid config {path}: {hf.config_error(error)}") from None
         else:
             if name is None:
                 raise GradestError("which model? give --hf NAME (a tiny random model), --hf-config FILE or "
                                    "--hf-model DIR")
             from gradest.datasets import load_shakespeare
-            config = hf.tiny_config(name, k=2 if k is None else k, vocab_size=load_shakespeare().vocab_size)
+            try:
+                if name in hf.NAMED:
+                    if k is not None:
+                        raise GradestError(f"{name} routes its own k experts per token; --top-k does not apply")
+                    config = hf.named_config(name, **overrides)
+                else:
+                    config = hf.tiny_config(name, k=2 if k is None else k,
+                                            vocab_size=load_shakespeare().vocab_size, **overrides)
+            except hf.CONFIG_ERRORS as error:
+                raise GradestError(f"invalid settings for {name}: {hf.config_error(error)}") from None
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = hf.model_from_config(config)
@@ -154,6 +171,19 @@ def text_batch(vocab_size: int, batch_size: int, seq_len: int, data_seed: int = 
     if len(tokens) <= seq_len:
         raise GradestError(f"the text has {len(tokens)} tokens; seq_len={seq_len} needs more than {seq_len}")
     return lm_batch(tokens, batch_size, seq_len, torch.Generator().manual_seed(data_seed))
+
+
+def model_batch(model: nn.Module, batch_size: int, seq_len: int, data_seed: int = 0,
+                text: str | None = None) -> tuple[Tensor, ...]:
+    """The fixed batch a model's probe reads (see the module docstring): (idx, targets) for a causal LM; for an
+    encoder-decoder (src, tgt_in, tgt_out), a window of seq_len tokens and the seq_len tokens after it."""
+    config = model.config
+    if not config.is_encoder_decoder:
+        return text_batch(config.vocab_size, batch_size, seq_len, data_seed, text)
+    idx, _ = text_batch(config.vocab_size, batch_size, 2 * seq_len, data_seed, text)
+    src, tgt_out = idx[:, :seq_len], idx[:, seq_len:]
+    start = torch.full((batch_size, 1), config.decoder_start_token_id, dtype=idx.dtype)
+    return src, torch.cat([start, tgt_out[:, :-1]], 1), tgt_out
 
 
 # -------------------------------------------------------------------------------------------- the patched slot
@@ -216,36 +246,41 @@ def frozen(model: nn.Module):
 
 # --------------------------------------------------------------------------------------------------- the site
 class HFSite(Site):
-    """MoE layer `layer` (an index into the model's MoE blocks) of a transformers causal LM on a batch
-    (idx, targets), for probe.py's reference and sample functions. Attributes as `Site`'s: `u` the router's input
-    (B, T, d), `z0` its logits in the routing dtype (B, T, n), `relevant` (B, T) all true, `layer` the slot."""
+    """MoE layer `layer` (an index into the model's MoE blocks, in model order: an encoder-decoder's encoder blocks
+    first) of a transformers model on a batch (`model_batch`: (idx, targets), or (src, tgt_in, tgt_out) for an
+    encoder-decoder), for probe.py's reference and sample functions. Attributes as `Site`'s: `u` the router's input
+    (B, T, d), `z0` its logits in the routing dtype (B, T, n), `relevant` (B, T) all true, `layer` the slot,
+    `where` encoder or decoder."""
 
     def __init__(self, model: nn.Module, batch, layer: int = 0):  # noqa: super().__init__ is Switch-specific
         found = moe_blocks(model)
         if isinstance(layer, bool) or not isinstance(layer, int) or not -len(found) <= layer < len(found):
             raise GradestError(f"layer must be an MoE layer index in 0..{len(found) - 1}, got {layer!r}")
-        if len(batch) != 2:
-            raise GradestError("an HF probe batch is (idx, targets)")
         self.model, self.index = model, layer % len(found)
         self.name, self.hf_block, self.arch = found[self.index]
         self.router = getattr(self.hf_block, self.arch.family.router)
         self.native_k = self.arch.family.native_k(self.router)
         self.problem = f"hf-{self.arch.model_type}"
-        self.where = "decoder"
+        seq2seq = model.config.is_encoder_decoder
+        self.where = "encoder" if seq2seq and self.name.startswith(("encoder.", "model.encoder.")) else "decoder"
         self.memory = None
         self.device = next(model.parameters()).device
-        idx, targets = (t.to(self.device) for t in batch)
+        names = ("src", "tgt_in", "targets") if seq2seq else ("idx", "targets")
+        if len(batch) != len(names):
+            raise GradestError(f"this model's probe batch is ({', '.join(names)})")
+        tensors = [t.to(self.device) for t in batch]
         vocab = model.config.vocab_size
-        if idx.shape != targets.shape or idx.dim() != 2:
-            raise GradestError(f"idx and targets must be (batch, seq) alike, got {tuple(idx.shape)} and "
-                               f"{tuple(targets.shape)}")
-        if int(idx.max()) >= vocab or int(targets.max()) >= vocab or int(idx.min()) < 0:
+        if len({t.shape for t in tensors[1:]}) != 1 or any(t.dim() != 2 for t in tensors):
+            raise GradestError(f"{', '.join(names)} must be (batch, seq) alike, got "
+                               f"{', '.join(str(tuple(t.shape)) for t in tensors)}")
+        if any(int(t.max()) >= vocab or int(t.min()) < 0 for t in tensors):
             raise GradestError(f"token ids must lie in 0..{vocab - 1} (the model's vocabulary)")
-        self.inputs, self.targets, self.ignore = {"idx": idx}, targets, IGNORE
+        self.inputs, targets, self.ignore = dict(zip(names[:-1], tensors[:-1])), tensors[-1], IGNORE
+        self.targets = targets
         self.counted = torch.ones_like(targets, dtype=torch.bool)
         self.counts = self.counted.sum(-1)
         self.layer = _BlockSlot(model, self.hf_block)
-        B, T = idx.shape
+        B, T = tensors[0 if self.where == "encoder" else -1].shape
         with probing(model), torch.no_grad():
             self.u = self.capture_input(B, T)
             z = self.arch.family.logits(self.router, self.u.reshape(B * T, -1).clone())
@@ -264,18 +299,25 @@ class HFSite(Site):
 
         handle = self.router.register_forward_pre_hook(hook)
         try:
-            self.model(input_ids=self.inputs["idx"], use_cache=False)
+            self.forward(torch.arange(B, device=self.device))
         except _Captured:
             pass
         finally:
             handle.remove()
         return seen["x"].reshape(B, T, -1)
 
+    def forward(self, rows: Tensor) -> Tensor:
+        """The model's logits on copies of the sequences `rows`."""
+        if "src" in self.inputs:
+            return self.model(input_ids=self.inputs["src"][rows], decoder_input_ids=self.inputs["tgt_in"][rows],
+                              use_cache=False).logits
+        return self.model(input_ids=self.inputs["idx"][rows], use_cache=False).logits
+
     def losses(self, rows: Tensor) -> Tensor:
         """Each row's sequence loss (R,): the whole model on copies of those sequences, block L routed by what
         the slot holds, the other blocks natively."""
         with frozen(self.model):
-            logits = self.model(input_ids=self.inputs["idx"][rows], use_cache=False).logits
+            logits = self.forward(rows)
         return token_cross_entropy(logits, self.targets[rows], self.ignore).sum(-1) / self.counts[rows]
 
     def zero_losses(self) -> Tensor:
@@ -299,10 +341,12 @@ class HFSite(Site):
         the logits, every layer's hidden states, the experts' intermediate activations."""
         cfg = self.model.config
         hidden = getattr(cfg, "hidden_size", self.d)
-        inner = getattr(cfg, "moe_intermediate_size", None) or getattr(cfg, "intermediate_size", hidden)
-        layers = getattr(cfg, "num_hidden_layers", 1)
+        inner = (getattr(cfg, "moe_intermediate_size", None) or getattr(cfg, "intermediate_size", None)
+                 or getattr(cfg, "d_ff", hidden))
+        layers = getattr(cfg, "num_hidden_layers", 1) + (getattr(cfg, "num_decoder_layers", 0) or 0)
         width = max(cfg.vocab_size, 8 * hidden * layers, (self.n if dense else max(1, self.native_k)) * inner)
-        return max(1, max_elements // (self.T * width))
+        tokens = sum(t.shape[-1] for t in self.inputs.values())  # an encoder-decoder's rows hold both sequences
+        return max(1, max_elements // (tokens * width))
 
 
 # ------------------------------------------------------------------------------------------------------ probe
@@ -310,7 +354,7 @@ def hf_probe(model: nn.Module, batch, layer: int = 0, estimators="all", samples:
              wrt: str | tuple = "router", reference: str = "auto", draws: int = 64, seed: int = 0,
              top_k: int | None = None, settings: dict | None = None, score: str = "sequence",
              max_enumeration: int = 4096, max_elements: int = 2 ** 22, progress=None) -> pd.DataFrame:
-    """`gradest.probe.probe` on MoE layer `layer` of a transformers causal LM: one row per estimator and wrt in
+    """`gradest.probe.probe` on MoE layer `layer` of a transformers model: one row per estimator and wrt in
     the format of `gradest.measure.compare` (plus the probe's reference columns); `problem` is `hf-<model_type>`.
     top_k: k of the estimators and the objective (default: the block's num_experts_per_tok). The model's modes
     and routing are restored afterwards."""
@@ -327,11 +371,11 @@ def hf_probe(model: nn.Module, batch, layer: int = 0, estimators="all", samples:
 
 def hf_probe_command(name: str | None = None, config_file=None, model_dir=None, *, layer: int = 0,
                      batch_size: int = 2, seq_len: int = 8, data_seed: int = 0, top_k: int | None = None,
-                     **options) -> pd.DataFrame:
-    """What `gradest compare --problem hf` runs: the model (`load_model`; a built one seeded by `seed`), a fixed
-    batch of the bundled text, `hf_probe`."""
+                     model_settings: dict | None = None, **options) -> pd.DataFrame:
+    """What `gradest compare --problem hf` runs: the model (`load_model`; a built one seeded by `seed`, with
+    `model_settings` over its config), a fixed batch of the bundled text (`model_batch`), `hf_probe`."""
     seed = options.get("seed", 0)
-    built = model_dir is None
-    model = load_model(name, config_file, model_dir, k=top_k if built else None, seed=seed)
-    batch = text_batch(model.config.vocab_size, batch_size, seq_len, data_seed)
+    built = model_dir is None and name not in _hf().NAMED
+    model = load_model(name, config_file, model_dir, k=top_k if built else None, seed=seed, settings=model_settings)
+    batch = model_batch(model, batch_size, seq_len, data_seed)
     return hf_probe(model, batch, layer, top_k=None if built else top_k, **options)

@@ -340,8 +340,8 @@ def hf_model_config(config: TrainConfig, given: dict):
                                    f"model.save_pretrained(dir)")
             cfg = hf.transformers.AutoConfig.from_pretrained(path, local_files_only=True, **settings)
             name = cfg.model_type
-    except (TypeError, ValueError, KeyError, OSError) as error:
-        raise GradestError(f"cannot build the Hugging Face config: {error}") from None
+    except (*hf.CONFIG_ERRORS, OSError) as error:
+        raise GradestError(f"cannot build the Hugging Face config: {hf.config_error(error)}") from None
     if name not in HF_EXPERTS:
         why = ("is an encoder-decoder; gradest run trains causal LMs (route it with gradest.hf.patch in your own "
                "loop)" if name == "switch_transformers" else "has no mixture-of-experts block gradest.hf can route")

@@ -5,6 +5,8 @@
 - The batched estimator samples (the batch replicated K times, noise supplied) equal a per-sample loop in which
   the patched block draws its own noise after torch.manual_seed and the router weight's .grad is read.
 - reinforce is unbiased (its bias interval covers 0); switch is measurably biased.
+- The same on SwitchTransformers' encoder-decoder, on an encoder and a decoder MoE layer; switch-base-8's
+  architecture is built by name.
 - `gradest compare --problem hf` writes summary.csv.
 """
 
@@ -19,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 from gradest import hf  # noqa: E402
 from gradest.estimators import Objective, get_estimator  # noqa: E402
-from gradest.hf_probe import HFSite, hf_probe, load_model, text_batch  # noqa: E402
+from gradest.hf_probe import HFSite, hf_probe, load_model, model_batch, text_batch  # noqa: E402
 from gradest.probe import (ForcedRouting, enumerate_reference, installed, layer_gradient_samples,  # noqa: E402
                            probing, sample_seeds)
 from helpers import assert_one_line_error, cli  # noqa: E402
@@ -153,9 +155,105 @@ def test_cli_writes_summary(tmp_path):
     (["--hf", "nope"], ["unknown architecture"]),
     (["--hf", "mixtral", "--layer", 7], ["layer"]),
     ([], ["--hf NAME"]),
-    (["--hf", "switch_transformers"], ["causal"]),
     (["--hf-model", "/nonexistent"], ["config.json"]),
+    (["--hf-config", "{cfg}"], ["invalid config", "router_dtype"]),
 ])
 def test_cli_bad_inputs(tmp_path, args, words):
+    (tmp_path / "cfg.json").write_text('{"model_type": "switch_transformers", "router_dtype": "float64"}')
+    args = [str(a).format(cfg=tmp_path / "cfg.json") for a in args]
     result = cli("compare", "--problem", "hf", *args, "--samples", 3, "--out", tmp_path / "x")
     assert_one_line_error(result, *words)
+
+
+# ------------------------------------------------------------------------------------ SwitchTransformers (seq2seq)
+def tiny_switch():
+    return load_model("switch_transformers", seed=0, dtype=torch.float64)
+
+
+def switch_brute_force_J(site: HFSite) -> float:
+    """mean_b sum_D prod_t P_t(D_t) L_b(D) over every top-1 assignment D of the probed layer's tokens."""
+    W = site.router.classifier.weight
+    with torch.no_grad():
+        p = torch.softmax(site.u @ W.T, -1)  # (B, T, n)
+    total = 0.0
+    for b in range(site.B):
+        experts = torch.tensor(list(itertools.product(range(site.n), repeat=site.T)))  # (R, T)
+        prob = p[b, torch.arange(site.T), experts].prod(-1)
+        forced = ForcedRouting(Objective(1), experts.reshape(-1, 1), leaf=False)
+        with probing(site.model), installed(site.layer, forced), torch.no_grad():
+            losses = site.losses(torch.full((len(experts),), b))
+        total += float((prob * losses).sum())
+    return total / site.B
+
+
+@pytest.mark.parametrize("layer,where", [(0, "encoder"), (1, "decoder")])
+def test_switch_transformers_enumeration_equals_finite_differences(layer, where):
+    model = tiny_switch()
+    site = HFSite(model, model_batch(model, 2, 3), layer=layer)
+    assert site.where == where and site.name.startswith(where)
+    grad = enumerate_reference(site, Objective(1)).values(site, "router").reshape(site.n, site.d)
+    W = site.router.classifier.weight
+    # the router computes in its router_dtype, float32 at most: J carries rounding noise of about 1e-7 relative,
+    # so the step is large (truncation O(h^2)) and the tolerance 1e-3 relative, as for Mixtral above
+    h = 3e-3
+    generator = torch.Generator().manual_seed(0)
+    for v in [grad / grad.norm()] + [torch.randn(W.shape, generator=generator, dtype=W.dtype) for _ in range(2)]:
+        with torch.no_grad():
+            W += h * v
+        plus = switch_brute_force_J(site)
+        with torch.no_grad():
+            W -= 2 * h * v
+        minus = switch_brute_force_J(site)
+        with torch.no_grad():
+            W += h * v
+        fd = (plus - minus) / (2 * h)
+        assert fd == pytest.approx(float((grad * v).sum()), rel=1e-3, abs=1e-3 * float(grad.norm() * v.norm()))
+    assert grad.norm() > 0
+
+
+def test_switch_transformers_reinforce_unbiased_switch_biased():
+    model = tiny_switch()
+    df = hf_probe(model, model_batch(model, 2, 3), layer=1, estimators="reinforce:baseline=mean,switch",
+                  samples=300, seed=0).set_index("estimator")
+    assert set(df["problem"]) == {"hf-switch_transformers"} and set(df["reference"]) == {"enumeration"}
+    reinforce = df.loc["reinforce(baseline=mean)"]
+    assert reinforce["bias_sq_lo"] <= 0 <= reinforce["bias_sq_hi"]
+    assert df.loc["switch", "rel_bias_lo"] > 0.1
+
+
+def test_switch_base_8_by_name():
+    """switch-base-8's architecture (google/switch-base-8's config.json), built on the meta device: 619M
+    parameters, 6 + 6 MoE blocks of 8 experts."""
+    with torch.device("meta"):
+        model = hf.model_from_config(hf.named_config("switch-base-8"))
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(619.3e6, rel=1e-3)
+    blocks = hf._find(model)
+    assert [name.split(".")[0] for name, _, _ in blocks] == ["encoder"] * 6 + ["decoder"] * 6
+    assert {block.router.classifier.out_features for _, block, _ in blocks} == {8}
+
+
+def test_doctor_refuses_an_encoder_decoder(tmp_path):
+    result = cli("doctor", "--hf", "switch_transformers", "--out", tmp_path / "d")
+    assert_one_line_error(result, "encoder-decoder", "compare --problem hf")
+
+
+def test_hf_probe_study_quick_profile(tmp_path):
+    """studies/hf-probe.toml's quick profile: the hf-probe cells (a tiny Mixtral, a tiny SwitchTransformers'
+    encoder and decoder blocks) run, record their cost, and report; a bad cell is refused before any runs."""
+    import pandas as pd
+    from gradest.errors import GradestError
+    from gradest.study import load_study, run_study, write_report
+    study = load_study("studies/hf-probe.toml")
+    summary = run_study(study, "quick", results=tmp_path / "res", progress=False)
+    assert not summary.failed
+    out = write_report(study, "quick", tmp_path / "res", tmp_path / "report")
+    rows = pd.read_csv(out / "results.csv")
+    assert set(rows["problem"]) == {"hf-mixtral", "hf-switch_transformers"}
+    assert set(rows["layer"]) == {0, 1} and (rows["peak_rss_gb"] > 0).all() and (rows["parameters"] > 0).all()
+    assert (rows["reference"] == "enumeration").all()
+    study.profiles["quick"]["grid"]["variant"] = [{"hf": "switch_transformers", "layer": 2}]
+    with pytest.raises(GradestError, match="layer must be in 0..1"):
+        study.cells("quick", tmp_path / "res")
+    study.profiles["quick"]["grid"]["variant"] = [{"hf": "mixtral", "hf_settings": {"router_jitter_noise": "x"}}]
+    with pytest.raises(GradestError, match="invalid hf_settings for mixtral"):
+        study.cells("quick", tmp_path / "res")

@@ -170,6 +170,7 @@ def test_hf_model_directory(tmp_path):
     (["--hf", "mixtral", "--top-k", "9"], ["top_k=9", "8 experts"]),
     (["--hf", "mixtral", "--hf-model", "x"], ["give one of"]),
     (["--hf-set", "num_hidden_layers=2"], ["--hf ARCH"]),
+    (["--hf", "mixtral", "--hf-set", "router_jitter_noise=abc"], ["router_jitter_noise", "expected float"]),
     (["--hf", "mixtral", "--problem", "linear"], ["synthetic problem"]),
 ])
 def test_bad_inputs_give_one_line_and_exit_2(tmp_path, args, words):

@@ -2,8 +2,9 @@
 
 Kinds: "compare" (one cell = a synthetic problem configuration x an estimator spec x a seed: the rows of
 `measure.compare`), "probe" (`probe.switch_probe`: task x estimator x experts x top-k x seed; with a `train` table
-the probed model is that training run's, at `stage` "init" or "trained", the run being a `train` cell of its own)
-and "train" (one `TrainConfig`, trained in the cell's directory and resumed from its checkpoint if killed).
+the probed model is that training run's, at `stage` "init" or "trained", the run being a `train` cell of its own),
+"train" (one `TrainConfig`, trained in the cell's directory and resumed from its checkpoint if killed) and
+"hf-probe" (`hf_probe.hf_probe` on one MoE layer of a Hugging Face model built at random initialisation).
 
 Cache: `RESULTS/<kind>/<hash>/` where hash is the sha256 of the canonical JSON of the cell's full configuration
 (kind, every resolved setting, FORMAT; not a variant's `name`, which is only its label). The cache is shared by
@@ -33,9 +34,10 @@ from typing import Callable, Collection
 
 from gradest.devices import check_device
 from gradest.errors import GradestError, one_line
-from gradest.study.spec import (FORMAT, Cell, Study, _compare_defaults, _probe_defaults, _resolve_compare,
-                                _resolve_probe, _resolve_train, _train_defaults, make_cell, parse_shard,
-                                probe_train_config, problem_fields, results_root, shard, train_fields)
+from gradest.study.spec import (FORMAT, Cell, Study, _compare_defaults, _hf_probe_defaults, _probe_defaults,
+                                _resolve_compare, _resolve_hf_probe, _resolve_probe, _resolve_train, _train_defaults,
+                                hf_probe_config, make_cell, parse_shard, probe_train_config, problem_fields,
+                                results_root, shard, train_fields)
 
 
 # ------------------------------------------------------------------------------------------------------ runners
@@ -82,6 +84,34 @@ def run_probe(config: dict, directory: Path) -> dict:
     df.insert(df.columns.get_loc("layer") + 1, "stage", config["stage"] if train is not None else "init")
     atomic_write_text(directory / "results.csv", df.to_csv(index=False))
     return {"rows": len(df), "rel_bias": df["rel_bias"].tolist(), "mse": df["mse"].tolist()}
+
+
+def run_hf_probe(config: dict, directory: Path) -> dict:
+    """`gradest compare --problem hf` on the cell's model (`spec.hf_probe_config`, at random initialisation seeded
+    by `seed`); its rows' problem is `hf-<hf>`. The cell's time and its process's peak memory (resident set) are
+    columns and in the summary: the full-size models' cost is part of what such a study reports."""
+    import resource
+    import torch
+    from gradest import hf
+    from gradest.hf_probe import hf_probe, model_batch
+    from gradest.io import atomic_write_text
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config["seed"])
+        model = hf.model_from_config(hf_probe_config(config)).eval()
+    built = time.perf_counter() - start
+    df = hf_probe(model, model_batch(model, config["batch_size"], config["seq_len"], config["data_seed"]),
+                  config["layer"], config["estimator"], config["samples"], wrt=config["wrt"],
+                  reference=config["reference"], draws=config["draws"], seed=config["seed"], top_k=config["top_k"],
+                  settings=config["hparams"], score=config["score"])
+    parameters = sum(p.numel() for p in model.parameters())
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # kilobytes on Linux
+    seconds = time.perf_counter() - start
+    df["problem"] = f"hf-{config['hf']}"
+    df["parameters"], df["cell_seconds"], df["build_seconds"], df["peak_rss_gb"] = parameters, seconds, built, peak_gb
+    atomic_write_text(directory / "results.csv", df.to_csv(index=False))
+    return {"rows": len(df), "parameters": parameters, "seconds": seconds, "peak_rss_gb": peak_gb,
+            "rel_bias": df["rel_bias"].tolist(), "reference_se": df["reference_se"].tolist()}
 
 
 def run_train(config: dict, directory: Path) -> dict:
@@ -155,6 +185,8 @@ register_cell_kind(CellKind("probe", defaults=_probe_defaults, resolve=_resolve_
                             report=_report("_probe_report")))
 register_cell_kind(CellKind("train", defaults=_train_defaults, resolve=_resolve_train, run=run_train,
                             report=_report("_train_report")))
+register_cell_kind(CellKind("hf-probe", defaults=_hf_probe_defaults, resolve=_resolve_hf_probe, run=run_hf_probe,
+                            report=_report("_probe_report")))
 
 
 # ------------------------------------------------------------------------------------------------------ running

@@ -156,7 +156,7 @@ def resolve(kind: str, config: dict, given=()) -> dict:
 
 
 # settings whose default None means "unset": the type a spec may set them to (TOML has no null)
-OPTIONAL_TYPES = {"name": str, "omega": bool, "capacity_factor": float, "preset": str}
+OPTIONAL_TYPES = {"name": str, "omega": bool, "capacity_factor": float, "preset": str, "top_k": int}
 TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a table"}
 
 
@@ -323,6 +323,56 @@ def _probe_defaults() -> dict:
     return {"task": "lm", "estimator": "all", "experts": 4, "top_k": 1, "samples": 256, "seed": 0, "wrt": "router",
             "layer": 0, "draws": 64, "reference": "auto", "batch_size": 2, "seq_len": 8, "score": "sequence",
             "data_seed": 0, "hparams": {}, "model": {}, "train": {}, "stage": "init"}
+
+
+def _hf_probe_defaults() -> dict:
+    """An hf-probe cell: `gradest compare --problem hf` on one MoE layer of a Hugging Face model, built at random
+    initialisation from `hf` (a tiny model of that architecture, or a full-size one named in gradest.hf.NAMED) with
+    `hf_settings` over its config; top_k unset: the model's own k."""
+    return {"hf": "mixtral", "hf_settings": {}, "estimator": "all", "top_k": None, "samples": 256, "seed": 0,
+            "wrt": "router", "layer": 0, "draws": 64, "reference": "auto", "batch_size": 2, "seq_len": 8,
+            "score": "sequence", "data_seed": 0, "hparams": {}}
+
+
+def hf_probe_config(config: dict):
+    """The transformers config an hf-probe cell builds (checked: a bad setting is one line)."""
+    from gradest import hf
+    from gradest.datasets import load_shakespeare
+    settings = config["hf_settings"]
+    try:
+        if config["hf"] in hf.NAMED:
+            return hf.named_config(config["hf"], **settings)
+        return hf.tiny_config(config["hf"], k=config["top_k"] or 2, vocab_size=load_shakespeare().vocab_size,
+                              **settings)
+    except hf.CONFIG_ERRORS as error:
+        raise GradestError(f"invalid hf_settings for {config['hf']}: {hf.config_error(error)}") from None
+
+
+def _resolve_hf_probe(config: dict, given=()) -> dict:
+    """The model (its config built, its MoE blocks counted on the meta device: nothing is allocated), the layer,
+    the estimators and the probe's options."""
+    import torch
+    from gradest import hf
+    from gradest.probe import PROBE_WRT, REFERENCES, SCORES, probe_estimators
+    valid = [*hf.SUPPORTED, *hf.NAMED]
+    check_choice(config, "hf", valid, "Hugging Face model")
+    for key, choices, what in (("wrt", PROBE_WRT, "gradient target for the probe"),
+                               ("reference", REFERENCES, "reference"), ("score", SCORES, "score")):
+        check_choice(config, key, choices, what)
+    for key, low in (("samples", 3), ("draws", 3), ("batch_size", 1), ("seq_len", 1), ("layer", 0)):
+        check_range(config, key, low)
+    with torch.device("meta"):
+        model = hf.model_from_config(hf_probe_config(config))
+    blocks = hf._find(model)
+    check_range(config, "layer", 0, len(blocks) - 1, why=" (an index into the model's MoE blocks)")
+    _, block, arch = blocks[0]
+    router = getattr(block, arch.family.router)
+    n, k = arch.family.experts(router), config["top_k"] or arch.family.native_k(router)
+    if config["top_k"] is not None:
+        check_range(config, "top_k", 1, n)
+    probe_estimators(config["estimator"] if config["estimator"] == "all" else [config["estimator"]], k,
+                     config["hparams"])
+    return config
 
 
 def _train_defaults() -> dict:
