@@ -667,10 +667,11 @@ def study_run(spec, profile, jobs, shard_spec, results):
               help="where to write the report [default: reports/<study name>/ for the committed profile (full, "
                    "else the base grid), reports/<study name>/<profile>/ for any other]")
 def study_report(spec, profile, results, out):
-    """Write reports/<study>/README.md (tables with means and 95% CIs over seeds), PNG figures and CSVs from the
-    cached results of SPEC. The committed report is the full profile's (the base grid's when the spec has no
-    full); another profile's report goes to reports/<study>/<profile>/ unless --out says otherwise, so it never
-    overwrites the committed one."""
+    """Collect the finished cells of SPEC from the results cache into the report's data (results.csv, curves.csv
+    for a training study, report.json), then render reports/<study>/README.md (tables with means and 95% CIs over
+    seeds), summary.csv and PNG figures from those CSVs, as `gradest figures` does. The committed report is the
+    full profile's (the base grid's when the spec has no full); another profile's report goes to
+    reports/<study>/<profile>/ unless --out says otherwise, so it never overwrites the committed one."""
     from gradest.study import load_study, write_report
     with report_errors(out or Path("reports")):
         out = write_report(load_study(spec), profile, results, out, command_line())
@@ -680,13 +681,14 @@ def study_report(spec, profile, results, out):
 @main.command("figures")
 @click.option("--reports", "reports_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("reports"), show_default=True, help="the directory of committed reports")
-@RESULTS_OPTION
-def figures(reports_dir, results):
-    """Regenerate every report under --reports (each folder REPORTS/<study>/ with a report.json: the committed
-    reports, in place, with the profile each was written from) from the cached results."""
+def figures(reports_dir):
+    """Rebuild the tables, figures and README.md of every report under --reports (each REPORTS/<study>/ or
+    REPORTS/<study>/<profile>/ with a report.json), in place, from the CSVs beside it and its study's spec: no
+    results cache needed, and the data (report.json, results.csv, curves.csv) is left as it is. Recomputing the
+    cells is `gradest study run` then `gradest report`."""
     from gradest.study import regenerate
     with report_errors(reports_dir):
-        written, skipped = regenerate(reports_dir, results, command_line())
+        written, skipped = regenerate(reports_dir)
     for path in written:
         click.echo(f"regenerated {path}/README.md")
     for line in skipped:

@@ -33,8 +33,12 @@ FAMILY_MARKERS = ("o", "s", "^", "D", "P", "X", "v", "*")
 
 # ------------------------------------------------------------------------------------------------ atomic writes
 def atomic_savefig(fig: Figure, path, **kwargs) -> Path:
-    """Save `fig` to `path` atomically, its format taken from the suffix (the temporary file's name has none)."""
+    """Save `fig` to `path` atomically, its format taken from the suffix (the temporary file's name has none). A
+    PNG's bytes depend on its pixels only: without matplotlib's version in its metadata, a committed figure drawn
+    again the same is the same file."""
     fmt = Path(path).suffix.lstrip(".") or "png"
+    if fmt == "png":
+        kwargs.setdefault("metadata", {"Software": None})
     return atomic_write(path, lambda handle: fig.savefig(handle, format=fmt, **kwargs))
 
 

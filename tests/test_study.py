@@ -1,10 +1,12 @@
-"""Declarative studies: cells run once, cached by hash, resumable after a kill; reports from cached results."""
+"""Declarative studies: cells run once, cached by hash, resumable after a kill; reports collected from cached
+results into CSVs, and rendered from those CSVs alone."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -210,10 +212,14 @@ def test_quick_study_end_to_end_then_rerun_is_a_noop(tmp_path, monkeypatch):
         assert (out / name).stat().st_size > 0
     summary = pd.read_csv(out / "summary.csv")
     assert len(summary) == 4 and (summary["seeds"] == 3).all()
-    (out / "README.md").unlink()
+    # `figures` renders it again from its CSVs alone, to the same bytes (tables, figures and all)
+    written = {path.name: path.read_bytes() for path in out.iterdir()}
+    for name in ("README.md", "summary.csv", "rel_bias.png"):
+        (out / name).unlink()
+    shutil.rmtree(tmp_path / "res")
     result = cli("figures", "--reports", "reports/bias-variance")
     assert result.exit_code == 0 and "regenerated reports/bias-variance/quick" in result.output
-    assert (out / "README.md").is_file()
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == written
 
 
 def test_jobs_and_shards_split_the_cells(tmp_path):
@@ -501,6 +507,11 @@ def test_ctrl_c_stops_the_workers_and_keeps_the_finished_cells(parallel_study, t
 
 
 # --------------------------------------------------------------------------------------------------- training
+def table_columns(readme: str) -> set[str]:
+    """The column names of a train report's tables."""
+    return {name.strip() for line in readme.splitlines() if line.startswith("| run ") for name in line.split("|")}
+
+
 def test_train_study_resumes_a_killed_run_from_its_checkpoint(tmp_path):
     from gradest.study import train_fields
     from gradest.train import Trainer, TrainConfig
@@ -518,6 +529,9 @@ def test_train_study_resumes_a_killed_run_from_its_checkpoint(tmp_path):
     text = (out / "README.md").read_text()
     assert "| switch " in text and (out / "val_loss.png").stat().st_size > 0
     assert pd.read_csv(out / "curves.csv")["step"].tolist() == [10, 20]
+    # the run's routing at the end of training, from its metrics.csv
+    assert pd.read_csv(out / "results.csv")[["argmax_fraction", "router_entropy", "max_load"]].notna().all().all()
+    assert {"argmax fraction", "router entropy", "max load"} <= table_columns(text)
 
 
 # ----------------------------------------------------------------------------------------------------- report
@@ -556,9 +570,10 @@ def test_report_on_a_fixed_fixture(tmp_path):
     assert len(pd.read_csv(out / "results.csv")) == 6
     for name in ("bias_variance.png", "rel_bias.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # `figures` regenerates it from the same cached numbers
+    # `figures` renders it again from its results.csv, without the cells
     (out / "README.md").unlink()
-    written, skipped = regenerate(tmp_path, tmp_path / "res")
+    shutil.rmtree(tmp_path / "res")
+    written, skipped = regenerate(tmp_path)
     assert written == [out] and not skipped and (out / "README.md").read_text() == text
 
 
@@ -573,7 +588,7 @@ grid = { seed = [0] }
 
 def test_a_report_of_another_profile_never_overwrites_the_committed_one(tmp_path, monkeypatch):
     """The committed report (reports/<study>/) is the full profile's; a quick report goes to
-    reports/<study>/quick/ (or --out), and `figures` regenerates the committed one in place, from its profile."""
+    reports/<study>/quick/ (or --out), and `figures` renders each in place, from its own profile's CSVs."""
     monkeypatch.chdir(tmp_path)
     write_spec(tmp_path, PROFILED)
     study = load_study("small.toml")
@@ -596,13 +611,69 @@ def test_a_report_of_another_profile_never_overwrites_the_committed_one(tmp_path
     assert (pd.read_csv(committed / "summary.csv")["seeds"] == 3).all()
     result = cli("report", "small.toml", "--profile", "quick", "--results", "res", "--out", "elsewhere")
     assert result.exit_code == 0 and (tmp_path / "elsewhere" / "README.md").is_file()
-    # `figures` rebuilds the committed report where it is, from the full profile, and nothing else
+    # `figures` rebuilds both reports under reports/ where they are, each from its profile, and nothing else
     (committed / "README.md").unlink()
-    quick_readme = (quick / "README.md").stat().st_mtime_ns
-    result = cli("figures", "--results", "res")
-    assert result.exit_code == 0 and result.output.splitlines() == ["regenerated reports/small/README.md"]
+    quick_readme = (quick / "README.md").read_bytes()
+    elsewhere = (tmp_path / "elsewhere" / "README.md").stat().st_mtime_ns
+    result = cli("figures")
+    assert result.exit_code == 0 and result.output.splitlines() == ["regenerated reports/small/README.md",
+                                                                    "regenerated reports/small/quick/README.md"]
     assert (committed / "README.md").read_bytes() == before["README.md"]
-    assert (quick / "README.md").stat().st_mtime_ns == quick_readme
+    assert (quick / "README.md").read_bytes() == quick_readme
+    assert (tmp_path / "elsewhere" / "README.md").stat().st_mtime_ns == elsewhere
+
+
+def test_figures_rebuilds_every_committed_report_from_its_csvs(tmp_path, monkeypatch):
+    """On a clean clone (no results cache), `gradest figures` renders every committed report from the data beside
+    it (report.json, results.csv, curves.csv) and its spec: every file it writes (README.md, summary.csv, the
+    figures) is byte for byte the committed one."""
+    shutil.copytree(ROOT / "reports", tmp_path / "reports")
+    shutil.copytree(STUDIES, tmp_path / "studies")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GRADEST_RESULTS", str(tmp_path / "no-results"))
+
+    def files():
+        return {path.relative_to(tmp_path / "reports"): path.read_bytes()
+                for path in sorted((tmp_path / "reports").rglob("*")) if path.is_file()}
+
+    committed = files()
+    reports = sorted(path.parent for path in (tmp_path / "reports").glob("*/report.json"))
+    assert len(reports) >= 7
+    for report in reports:  # only the data stays
+        for path in report.iterdir():
+            if path.name not in ("report.json", "results.csv", "curves.csv"):
+                path.unlink()
+    result = cli("figures")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [f"regenerated {report.relative_to(tmp_path).as_posix()}/README.md"
+                                          for report in reports]
+    rebuilt = files()
+    assert sorted(rebuilt) == sorted(committed)
+    assert [name for name in committed if rebuilt[name] != committed[name]] == []
+    assert not (tmp_path / "no-results").exists() and not (tmp_path / "results").exists()
+
+
+def test_figures_skips_a_report_without_its_data(tmp_path, monkeypatch):
+    """A report whose CSVs are gone, or whose report.json an older gradest wrote, is skipped with one line; the
+    others are rendered."""
+    monkeypatch.chdir(tmp_path)
+    write_spec(tmp_path, PROFILED)
+    assert not run_study(load_study("small.toml"), "quick", results="res", progress=False).failed
+    for name in ("one", "two", "three"):
+        assert cli("report", "small.toml", "--profile", "quick", "--results", "res",
+                   "--out", f"reports/{name}").exit_code == 0
+    Path("reports/two/results.csv").unlink()
+    meta = json.loads(Path("reports/three/report.json").read_text())
+    del meta["commits"]
+    Path("reports/three/report.json").write_text(json.dumps(meta))
+    result = cli("figures")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        "regenerated reports/one/README.md",
+        "skipped reports/three: reports/three/report.json has no commits or failed cells (an older gradest wrote "
+        "it); write the report again with `gradest report small.toml`",
+        "skipped reports/two: reports/two/results.csv is missing (`gradest report SPEC` writes it from the results "
+        "cache)"]
 
 
 # ------------------------------------------------------------------------------------------- the shared cache
@@ -760,6 +831,67 @@ def test_train_report_ratios_against_the_baseline_on_a_fixed_fixture(tmp_path):
     assert "| fast " in text and "not reached in 3 of 3 seeds" in text and "| 3 ± 0 " in text
     for name in ("val_loss.png", "ratios.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_report_groups_by_a_model_setting_with_the_routing_at_the_end(tmp_path):
+    """`group_by = ["model.balance_coef"]`: the runs are grouped by that setting (a run that leaves it out has the
+    model's default, 0.01) and paired with the baseline within their group. Each run's argmax fraction, router
+    entropy and max load are its means over the last 10% of its steps (its last logged value when none is logged
+    there), averaged over seeds; a dense run has none. `figures` renders the same report from its CSVs."""
+    spec = write_spec(tmp_path, """
+    [study]
+    name = "balance-fixture"
+    kind = "train"
+    baseline = "switch"
+    group_by = ["model.balance_coef"]
+    [grid]
+    variant = [{ name = "switch", estimator = "switch", model = { balance_coef = 0.0 } },
+               { name = "sparsemixer", estimator = "sparsemixer", model = { balance_coef = 0.0 } },
+               { name = "switch", estimator = "switch" },
+               { name = "sparsemixer", estimator = "sparsemixer" },
+               { name = "dense", estimator = "switch", model = { moe_every = 0 } }]
+    seed = [0, 1]
+    [settings]
+    steps = 20
+    """, "balance.toml")
+    study = load_study(spec)
+    for cell in study.cells(None, tmp_path / "res"):
+        name, seed = cell.config["name"], cell.config["seed"]
+        balance = cell.config.get("model", {}).get("balance_coef", 0.01)
+        final = 2.0 + 0.1 * (name == "sparsemixer") + 0.05 * (balance == 0.0) + 0.01 * seed
+        steps = list(range(1, 21))
+        metrics = pd.DataFrame({"step": steps, "train_loss": [3.0] * 20,
+                                "val_loss": [final + 0.5 if s == 10 else final if s == 20 else None for s in steps],
+                                "seconds": [0.5 * s for s in steps]})
+        if name != "dense":  # a dense model has no router
+            metrics["argmax_fraction"] = [s / 100 + 0.1 * seed for s in steps]  # steps 19 and 20: 0.195 + 0.1 seed
+            metrics["router_entropy"] = [s / 10 if s in (5, 10, 15) else None for s in steps]  # last logged: 1.5
+            metrics["max_load"] = 1.25
+        (cell.directory / "run").mkdir(parents=True)
+        metrics.to_csv(cell.directory / "run" / "metrics.csv", index=False)
+        (cell.directory / "done.json").write_text(json.dumps({
+            "seconds": 10.0, "summary": {"flops_per_update": 1e9}, "git": {"commit": "abc123", "dirty": False}}))
+    out = write_report(study, None, tmp_path / "res", tmp_path / "out")
+    results = pd.read_csv(out / "results.csv")
+    assert sorted(results["model.balance_coef"].unique()) == [0.0, 0.01]
+    assert len(results) == 10 and (results[results["label"] == "dense"]["model.balance_coef"] == 0.01).all()
+    summary = pd.read_csv(out / "summary.csv").set_index(["model.balance_coef", "label"])
+    for balance in (0.0, 0.01):
+        assert summary.loc[(balance, "sparsemixer"), "val_loss_diff"] == pytest.approx(0.1)  # paired in its group
+        assert summary.loc[(balance, "sparsemixer"), "argmax_fraction"] == pytest.approx(0.245)
+        assert summary.loc[(balance, "switch"), "router_entropy"] == pytest.approx(1.5)
+        assert summary.loc[(balance, "switch"), "max_load"] == pytest.approx(1.25)
+    assert pd.isna(summary.loc[(0.01, "dense"), "argmax_fraction"])
+    text = (out / "README.md").read_text()
+    assert "### model.balance_coef=0.0\n" in text and "### model.balance_coef=0.01\n" in text
+    assert {"argmax fraction", "router entropy", "max load"} <= table_columns(text)
+    assert "| 0.245 ± 0.64 " in text  # seeds 0.195 and 0.295: half-width t(0.975, 1) x 0.0707 / sqrt(2)
+    dense = next(line for line in text.splitlines() if line.startswith("| dense "))
+    assert dense.count("| -") == 3  # no routing
+    written = {path.name: path.read_bytes() for path in out.iterdir()}
+    shutil.rmtree(tmp_path / "res")
+    assert regenerate(tmp_path) == ([out], [])
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == written
 
 
 def test_cost_and_top2_quick_profiles_run_and_report(tmp_path):

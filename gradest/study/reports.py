@@ -1,10 +1,19 @@
-"""Reports: `reports/<name>/README.md` with its tables, CSVs and figures, from the finished cells of a study (a
-profile other than the committed one: `reports/<name>/<profile>/`, see `report_dir`).
+"""Reports: `reports/<name>/README.md` with its tables, CSVs and figures (a profile other than the committed one:
+`reports/<name>/<profile>/`, see `report_dir`), made in two stages.
+
+- collect (`gradest report`, which needs the results cache): the finished cells of the study's profile become the
+  report's data files: `results.csv` (a compare or probe study's rows; a train study's final numbers, one row per
+  run), a train study's `curves.csv`, and `report.json` (spec, profile, how many cells finished, failed or were not
+  run, the commits they were computed at, the failed cells' errors, and how the report was made).
+- render (`gradest figures`, which needs only the report's folder and its spec): `summary.csv`, the figures and
+  README.md, from the data files read back from disk. `gradest report` renders them the same way, so a report
+  rebuilt from its committed CSVs is byte for byte the one `gradest report` wrote.
 
 A compare or probe study's report has the estimators' bias, variance, MSE and cost per configuration (means over
-seeds with t-intervals); a train study's, each run's final losses, its time and FLOPs per update, and its steps to a
-baseline's final loss, as ratios against that baseline. Which of the two a study gets is its kind's `report` in
-`runner.CELL_KINDS`.
+seeds with t-intervals); a train study's, each run's final losses and routing, its time and FLOPs per update, and
+its steps to a baseline's final loss, as ratios against that baseline. Which of the two a study gets is its kind's
+`report` in `runner.CELL_KINDS`: given the finished cells it collects them, then renders; given None instead, it
+renders the data files already in the report's folder.
 """
 
 from __future__ import annotations
@@ -26,10 +35,23 @@ COMPARE_KEYS = ["problem", "experts", "tokens", "dim", "out_dim", "classes", "po
 PROBE_KEYS = ["problem", "experts", "tokens", "top_k", "stage", "layer", "batch_size", "seq_len", "wrt", "samples",
               "reference", "estimator", "target"]
 TRAIN_METRICS = ["val_loss", "train_loss", "bleu_val", "bleu_test", "sec_per_update", "seconds"]
+# a train run's routing at the end of training: the mean of each over the last ROUTING_TAIL of its steps
+ROUTING_METRICS = {"argmax_fraction": "argmax fraction", "router_entropy": "router entropy", "max_load": "max load"}
+ROUTING_TAIL = 0.1
+Sections = tuple[str, str, list[str], str]  # (summary paragraph, tables markdown, figure files, data files list)
 
 
 def _read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def _read_data(out: Path, name: str) -> pd.DataFrame:
+    """A data file of the report, as every render reads it (`gradest report` too, so that it renders what
+    `gradest figures` will): cell hashes as text, as a hash of digits only is no number."""
+    path = Path(out) / name
+    if not path.is_file():
+        raise GradestError(f"{path.as_posix()} is missing (`gradest report SPEC` writes it from the results cache)")
+    return pd.read_csv(path, dtype={"cell": str})
 
 
 def _varying(configs: list[dict], skip=("seed",)) -> list[str]:
@@ -39,6 +61,8 @@ def _varying(configs: list[dict], skip=("seed",)) -> list[str]:
 
 
 def _commits(done: list[Cell]) -> str:
+    """The commits the cells were computed at, as report.json and the README give them: `4cc45b6abc12`, or
+    `abc (3 cells), def (dirty) (2 cells)` when they differ."""
     commits = {}
     for cell in done:
         git = _read_json(cell.directory / "done.json").get("git", {})
@@ -75,22 +99,38 @@ def _winners(table: pd.DataFrame, groups: list, metric: str) -> str:
                      for name, count in ranked) or "none"
 
 
-def _estimator_report(study: Study, done: list[Cell], out: Path, columns: list[str]) -> tuple[str, str, list[str], str]:
-    """(summary paragraph, tables markdown, figure files) of a compare or probe study."""
+def _relative_bias_sq(rows: pd.DataFrame) -> pd.Series:
+    """Each row's noise-corrected B^2 / ||g*||^2: unbiased per seed, unlike the relative bias (see the render)."""
+    return rows["bias_sq"] / rows["ref_norm"].pow(2)
+
+
+def _collect_rows(done: list[Cell], out: Path) -> None:
+    """A compare or probe study's data: results.csv, every row of every finished cell, with its cell's hash."""
+    from gradest.io import atomic_write_text
+    raw = pd.concat([pd.read_csv(cell.directory / "results.csv").assign(cell=cell.hash) for cell in done],
+                    ignore_index=True)
+    raw["rel_bias_sq"] = _relative_bias_sq(raw)
+    atomic_write_text(out / "results.csv", raw.to_csv(index=False))
+
+
+def _estimator_report(done: list[Cell] | None, out: Path, columns: list[str]) -> Sections:
+    """The report of a compare or probe study, its rows configured by `columns`: `done` (unless None) collected
+    into results.csv, then the sections rendered from it."""
+    if done is not None:
+        _collect_rows(done, out)
+    return _render_estimators(_read_data(out, "results.csv"), out, columns)
+
+
+def _render_estimators(raw: pd.DataFrame, out: Path, columns: list[str]) -> Sections:
+    """summary.csv, the figures and the sections of a compare or probe study's report, from its results.csv."""
     from gradest.io import atomic_write_text
     from gradest.report import (aggregate_seeds, atomic_savefig, bias_interval_figure, bias_variance_figure,
                                 configuration_label, metric_vs_experts_figure, plus_minus, stage_figure)
-    frames = []
-    for cell in done:
-        frame = pd.read_csv(cell.directory / "results.csv")
-        frame["cell"] = cell.hash
-        frames.append(frame)
-    raw = pd.concat(frames, ignore_index=True)
     keys = [key for key in columns if key in raw]
     # Relative bias over seeds: averaging each seed's sqrt(max(B^2, 0)) would be biased upwards (an unbiased
     # estimator's interval would exclude 0); the noise-corrected B^2 / ||g*||^2 is unbiased per seed, so average
     # that and take the square root of its mean and interval.
-    raw["rel_bias_sq"] = raw["bias_sq"] / raw["ref_norm"].pow(2)
+    raw["rel_bias_sq"] = _relative_bias_sq(raw)
     summary = aggregate_seeds(raw, keys, METRICS + ["rel_bias_sq"] + (["sharpness"] if "sharpness" not in keys
                                                                        else []))
     several = summary["seeds"] > 1
@@ -98,7 +138,6 @@ def _estimator_report(study: Study, done: list[Cell], out: Path, columns: list[s
         summary.loc[several, "rel_bias" + suffix] = np.sqrt(summary.loc[several, "rel_bias_sq" + suffix].clip(lower=0))
     order = [key for key in ("problem", "experts", "top_k", "sharpness", "stage", "layer") if key in keys]
     summary = summary.sort_values(order, kind="stable", ignore_index=True)  # estimators keep their order
-    atomic_write_text(out / "results.csv", raw.to_csv(index=False))
     atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
     config_keys = [key for key in keys if key not in ("estimator", "target")]
     # (the probe's reference, enumeration or Rao-Blackwell, follows from each estimator's objective: a column)
@@ -151,18 +190,19 @@ def _estimator_report(study: Study, done: list[Cell], out: Path, columns: list[s
     return paragraph, "\n\n".join(tables), files, data
 
 
-
-def _compare_report(study: Study, done: list[Cell], out: Path, profile: str | None = None):
+def _compare_report(study: Study, done: list[Cell] | None, out: Path, profile: str | None = None) -> Sections:
     """The report of a compare study (`runner.CELL_KINDS`): its rows are configured by COMPARE_KEYS."""
-    return _estimator_report(study, done, out, COMPARE_KEYS)
+    return _estimator_report(done, out, COMPARE_KEYS)
 
 
-def _probe_report(study: Study, done: list[Cell], out: Path, profile: str | None = None):
+def _probe_report(study: Study, done: list[Cell] | None, out: Path, profile: str | None = None) -> Sections:
     """The report of a probe study (`runner.CELL_KINDS`): its rows are configured by PROBE_KEYS."""
-    return _estimator_report(study, done, out, PROBE_KEYS)
+    return _estimator_report(done, out, PROBE_KEYS)
+
 
 # ------------------------------------------------------------------------------------------------ train studies
 NOT_GROUPS = ("variant", "seed", "estimator", "hparams", "omega", "name")  # grid keys that make arms, not groups
+RATIOS = ("val_loss_diff", "time_ratio", "flops_ratio", "steps_ratio", "baseline_steps_ratio")  # against a baseline
 
 
 def _train_label(config: dict, varying: list[str]) -> str:
@@ -215,7 +255,7 @@ def _baseline_ratios(finals: pd.DataFrame, curves: pd.DataFrame, group_keys: lis
     other way round, the steps the baseline takes to reach the run's final loss over its steps. A
     reference run (one present in a single group, such as the dense baseline) is compared in its group."""
     finals = finals.copy()
-    for column in ("val_loss_diff", "time_ratio", "flops_ratio", "steps_ratio", "baseline_steps_ratio"):
+    for column in RATIOS:
         finals[column] = np.nan
     keyed = {}
     for _, row in finals[finals["label"] == baseline].iterrows():
@@ -259,6 +299,43 @@ def _mean_curve_ratio(curves: pd.DataFrame, finals: pd.DataFrame, label: str, gr
     return steps_to(mean_curve, float(base["val_loss"].mean())) / float(base["steps"].max())
 
 
+def _setting(config: dict, key: str):
+    """A train cell's value of a setting named by a dotted path (`model.balance_coef`:
+    config["model"]["balance_coef"]); a model setting the cell leaves out is its task's default model's."""
+    from gradest.model import SwitchConfig
+    from gradest.train import TASK_MODELS
+    value = config
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            head, _, name = key.partition(".")
+            default = SwitchConfig(**TASK_MODELS[config["task"]])
+            if head != "model" or not hasattr(default, name):
+                raise GradestError(f"a train cell has no setting '{key}' to group its study's report by")
+            return getattr(default, name)
+        value = value[part]
+    return value
+
+
+def _group_candidates(study: Study, profile: str | None) -> list[str]:
+    """The settings that may group a train study's runs: its `group_by`, else the profile's grid keys that do not
+    make arms. Those that vary between the runs are the group keys: columns of results.csv."""
+    grid, _ = study.layout(profile)
+    return list(study.group_by) or [key for key in grid if key not in NOT_GROUPS]
+
+
+def _routing(metrics: pd.DataFrame) -> dict:
+    """A run's routing at the end of training: each of ROUTING_METRICS that its metrics.csv has, the mean over the
+    last ROUTING_TAIL of its steps (over its last logged value when none falls there). A dense run has none."""
+    routing = {}
+    for column in ROUTING_METRICS:
+        if column in metrics:
+            logged = metrics.dropna(subset=[column])
+            if len(logged):
+                tail = logged[logged["step"] > (1 - ROUTING_TAIL) * metrics["step"].iloc[-1]]
+                routing[column] = float((tail if len(tail) else logged.tail(1))[column].mean())
+    return routing
+
+
 def _train_runs(done: list[Cell], group_keys: list[str], label_keys: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(finals, curves): one row per run with its final numbers, and its validation curve, both labelled."""
     finals, curves = [], []
@@ -267,7 +344,7 @@ def _train_runs(done: list[Cell], group_keys: list[str], label_keys: list[str]) 
         metrics = pd.read_csv(cell.directory / "run" / "metrics.csv")
         summary = _read_json(cell.directory / "done.json")
         final = metrics.iloc[-1]
-        groups = {key: cell.config[key] for key in group_keys}
+        groups = {key: _setting(cell.config, key) for key in group_keys}
         row = {**groups, "label": label, "seed": cell.config["seed"], "cell": cell.hash, "steps": int(final["step"]),
                "val_loss": final["val_loss"], "train_loss": final["train_loss"],
                "sec_per_update": update_seconds(metrics), "seconds": summary["seconds"],
@@ -275,7 +352,7 @@ def _train_runs(done: list[Cell], group_keys: list[str], label_keys: list[str]) 
         for key in ("bleu_val", "bleu_test"):
             if key in metrics:
                 row[key] = final[key]
-        finals.append(row)
+        finals.append({**row, **_routing(metrics)})
         points = metrics.dropna(subset=["val_loss"])[["step", "val_loss", "train_loss"]].copy()
         for key, value in {"cell": cell.hash, **groups, "label": label, "seed": cell.config["seed"]}.items():
             points[key] = value
@@ -284,6 +361,29 @@ def _train_runs(done: list[Cell], group_keys: list[str], label_keys: list[str]) 
     if finals["flops_per_update"].notna().any():
         finals["gflops_per_update"] = finals["flops_per_update"] / 1e9
     return finals, pd.concat(curves, ignore_index=True)
+
+
+def _baseline(study: Study, finals: pd.DataFrame) -> str:
+    """The label ratios are taken against: the study's baseline, if one of the runs has that label."""
+    return study.baseline if study.baseline in set(finals["label"]) else ""
+
+
+def _collect_train(study: Study, done: list[Cell], out: Path, profile: str | None) -> None:
+    """A train study's data: results.csv, the final numbers of each run, labelled and grouped (the group keys that
+    vary, see `_group_candidates`), with its ratios against the baseline; curves.csv, its validation curve."""
+    from gradest.io import atomic_write_text
+    candidates = _group_candidates(study, profile)
+    group_keys = [key for key in candidates
+                  if len({canonical(_setting(cell.config, key)) for cell in done}) > 1]
+    # a label names a run by what varies beside the groups (and the seed, over which the tables average)
+    label_keys = [key for key in _varying([cell.config for cell in done], skip=("seed", "name"))
+                  if key not in group_keys]
+    finals, curves = _train_runs(done, group_keys, label_keys)
+    baseline = _baseline(study, finals)
+    if baseline:  # (the render computes them again; they are in results.csv for whoever reads it)
+        finals = _baseline_ratios(finals, curves, group_keys, baseline)
+    atomic_write_text(out / "results.csv", finals.to_csv(index=False))
+    atomic_write_text(out / "curves.csv", curves.to_csv(index=False))
 
 
 def _train_figures(study: Study, summary: pd.DataFrame, curves: pd.DataFrame, group_rows: list[dict],
@@ -327,23 +427,35 @@ def _train_figures(study: Study, summary: pd.DataFrame, curves: pd.DataFrame, gr
     return figures
 
 
-def _train_report(study: Study, done: list[Cell], out: Path, profile: str | None = None):
+def _train_report(study: Study, done: list[Cell] | None, out: Path, profile: str | None = None) -> Sections:
+    """The report of a train study (`runner.CELL_KINDS`): `done` (unless None) collected into results.csv and
+    curves.csv, then the sections rendered from them."""
+    if done is not None:
+        _collect_train(study, done, out, profile)
+    return _render_train(study, _read_data(out, "results.csv"), _read_data(out, "curves.csv"), out, profile)
+
+
+def _render_train(study: Study, finals: pd.DataFrame, curves: pd.DataFrame, out: Path, profile: str | None) -> Sections:
+    """summary.csv, the figures and the sections of a train study's report, from its results.csv and curves.csv."""
     from gradest.io import atomic_write_text
     from gradest.report import aggregate_seeds, plus_minus
-    varying = _varying([cell.config for cell in done], skip=("seed", "name"))
-    grid, _ = study.layout(profile)
-    group_keys = [key for key in grid if key not in NOT_GROUPS and key in varying]
-    finals, curves = _train_runs(done, group_keys, [key for key in varying if key not in group_keys])
+    group_keys = [key for key in _group_candidates(study, profile)
+                  if key in finals and finals[key].nunique(dropna=False) > 1]
     group_rows = finals[group_keys].drop_duplicates().sort_values(group_keys).to_dict("records") if group_keys \
         else [{}]
     label_groups = finals.groupby("label")[group_keys].apply(lambda g: len(g.drop_duplicates())) if group_keys \
         else pd.Series(dtype=int)
-    references = {label for label, count in label_groups.items() if count == 1 and len(group_rows) > 1}
-    baseline = study.baseline if study.baseline in set(finals["label"]) else ""
+    # a run of a single group in a study grouped by its grid (the dense baseline, whose variant pins n) is drawn in
+    # every group's panel; a study grouped by `group_by` names its groups itself, and an arm of one group stays there
+    references = set() if study.group_by else {label for label, count in label_groups.items()
+                                               if count == 1 and len(group_rows) > 1}
+    # the ratios follow the spec's baseline, not the one results.csv was collected with
+    finals = finals.drop(columns=[column for column in RATIOS if column in finals])
+    baseline = _baseline(study, finals)
     if baseline:
         finals = _baseline_ratios(finals, curves, group_keys, baseline)
-    metric_names = [m for m in TRAIN_METRICS + ["gflops_per_update", "val_loss_diff", "time_ratio", "flops_ratio"]
-                    if m in finals]
+    metric_names = [m for m in TRAIN_METRICS + list(ROUTING_METRICS)
+                    + ["gflops_per_update", "val_loss_diff", "time_ratio", "flops_ratio"] if m in finals]
     summary = aggregate_seeds(finals, group_keys + ["label"], metric_names)
     summary = summary.sort_values(group_keys + ["val_loss"], kind="stable", ignore_index=True)
     # steps to the baseline's loss need learning curves: not for short timing runs with one evaluation
@@ -357,8 +469,6 @@ def _train_report(study: Study, done: list[Cell], out: Path, profile: str | None
         summary["steps_ratio_mean_curves"] = [
             _mean_curve_ratio(curves, finals, r["label"], {k: r[k] for k in group_keys}, baseline)
             for _, r in summary.iterrows()]
-    atomic_write_text(out / "results.csv", finals.to_csv(index=False))
-    atomic_write_text(out / "curves.csv", curves.to_csv(index=False))
     atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
     columns = {"final validation loss": "val_loss"}
     if convergence:
@@ -366,6 +476,7 @@ def _train_report(study: Study, done: list[Cell], out: Path, profile: str | None
     columns["final train loss"] = "train_loss"
     if "bleu_test" in summary:
         columns.update({"BLEU val": "bleu_val", "BLEU test": "bleu_test"})
+    columns.update({name: metric for metric, name in ROUTING_METRICS.items() if metric in summary})
     columns["s/update (median)"] = "sec_per_update"
     if baseline:
         columns[f"time/update vs {baseline}"] = "time_ratio"
@@ -397,6 +508,10 @@ def _train_report(study: Study, done: list[Cell], out: Path, profile: str | None
                  f"{int(summary['seeds'].max())} seed(s), {'/'.join(str(s) for s in steps)} steps. Final validation "
                  f"loss (nats per token, mean ± 95% t-interval half-width over seeds), lowest first: "
                  + " | ".join(ranked) + ".")
+    routing = [name for metric, name in ROUTING_METRICS.items() if metric in summary]
+    if routing:
+        paragraph += (f" {', '.join(routing).capitalize()}: each run's mean over the last {ROUTING_TAIL:.0%} of its "
+                      f"training steps.")
     if baseline:
         paragraph += f" Ratios are against `{baseline}` in the same group and seed."
     if convergence:
@@ -422,9 +537,10 @@ def report_dir(study: Study, profile: str | None) -> Path:
 
 
 def write_report(study: Study, profile: str | None = None, results=None, out=None, command=None) -> Path:
-    """README.md with tables, figures and the CSVs, from the finished cells of the profile, in `out` (default:
-    `report_dir`)."""
-    from gradest.io import atomic_write_text, run_metadata, write_json
+    """`gradest report`: the finished cells of the profile collected into the data files of the report in `out`
+    (default: `report_dir`), report.json with them, then the report rendered from those files, as `render_report`
+    does."""
+    from gradest.io import run_metadata, write_json
     profile = study.resolve_profile(profile)
     done, failed, missing = finished(study, profile, results)
     if not done:
@@ -433,14 +549,53 @@ def write_report(study: Study, profile: str | None = None, results=None, out=Non
                            f"{study.path or study.name}"
                            f"{f' --profile {profile}' if profile else ''}` first")
     out = Path(out or report_dir(study, profile))
-    paragraph, tables, figures, data = CELL_KINDS[study.kind].report(study, done, out, profile)
-    for stale in set(out.glob("*.png")) - {out / name for name in figures}:  # a figure this report no longer has
-        stale.unlink()
-    total = len(done) + len(failed) + len(missing)
-    status = f"{len(done)} of {total} cells finished"
-    if failed or missing:
-        status += f" ({len(failed)} failed, {len(missing)} not run: the numbers cover the finished cells only)"
+    sections = CELL_KINDS[study.kind].report(study, done, out, profile)  # collected, then rendered from the files
     spec = study.path.as_posix() if study.path else study.name
+    write_json(out / "report.json", {
+        "study": spec, "profile": profile, "results": str(results_root(results)),
+        "cells": {"done": len(done), "failed": len(failed), "missing": len(missing)}, "commits": _commits(done),
+        "failed": [{"cell": cell.hash, "error": _read_json(cell.directory / "error.json")["error"]}
+                   for cell in failed],
+        **run_metadata({"study": spec, "profile": profile}, None, command)})
+    _write_readme(study, out, _read_meta(out), sections)
+    return out
+
+
+def render_report(out) -> Path:
+    """`gradest figures`, for one report: its summary.csv, figures and README.md rendered again from the data files
+    in `out` and the spec its report.json names, without the results cache. report.json and the data files are left
+    as they are."""
+    out = Path(out)
+    meta = _read_meta(out)
+    study = load_study(meta["study"])
+    sections = CELL_KINDS[study.kind].report(study, None, out, meta["profile"])
+    _write_readme(study, out, meta, sections)
+    return out
+
+
+def _read_meta(out: Path) -> dict:
+    """A report's report.json, which has what its README says of the cells (written by `write_report`)."""
+    meta = _read_json(out / "report.json")
+    if "commits" not in meta or "failed" not in meta:
+        raise GradestError(f"{(out / 'report.json').as_posix()} has no commits or failed cells (an older gradest "
+                           f"wrote it); write the report again with `gradest report {meta.get('study', 'SPEC')}`")
+    return meta
+
+
+def _write_readme(study: Study, out: Path, meta: dict, sections: Sections) -> None:
+    """README.md: the study's description and findings, the sections, and what report.json (`meta`) says of the
+    cells (how many finished, the commits they were computed at, the failed ones' errors); the figures the report
+    no longer has removed."""
+    from gradest.io import atomic_write_text
+    paragraph, tables, figures, data = sections
+    for stale in set(out.glob("*.png")) - {out / name for name in figures}:
+        stale.unlink()
+    spec, profile, cells = meta["study"], meta["profile"], meta["cells"]
+    status = f"{cells['done']} of {sum(cells.values())} cells finished"
+    if cells["failed"] or cells["missing"]:
+        status += (f" ({cells['failed']} failed, {cells['missing']} not run: the numbers cover the finished cells "
+                   f"only)")
+    option = "" if profile == study.resolve_profile(None) else f" --profile {profile}"
     text = "\n\n".join([
         f"# {study.name}",
         study.description.strip(),
@@ -448,9 +603,8 @@ def write_report(study: Study, profile: str | None = None, results=None, out=Non
           if study.findings.strip() and profile == DEFAULT_PROFILE else []),
         paragraph,
         f"Study `{spec}`, profile `{profile or 'base'}`, kind `{study.kind}`; {status}; cells computed at "
-        f"commit {_commits(done)}. Regenerate with `gradest report {spec}"
-        f"{f' --profile {profile}' if profile else ''}`"
-        f"{' (or `gradest figures`)' if profile == study.resolve_profile(None) else ''}.",
+        f"commit {meta['commits']}. Regenerate the tables and figures from the CSVs with `gradest figures`; "
+        f"recompute the cells with `gradest study run {spec}{option}` then `gradest report {spec}{option}`.",
         "## Tables",
         tables,
         "## Figures",
@@ -458,25 +612,21 @@ def write_report(study: Study, profile: str | None = None, results=None, out=Non
         "## Data",
         data,
     ]) + "\n"
-    if failed:
-        text += "\n## Failed cells\n\n" + "\n".join(
-            f"- `{cell.hash}`: {_read_json(cell.directory / 'error.json')['error']}" for cell in failed) + "\n"
+    if meta["failed"]:
+        text += "\n## Failed cells\n\n" + "\n".join(f"- `{failed['cell']}`: {failed['error']}"
+                                                      for failed in meta["failed"]) + "\n"
     atomic_write_text(out / "README.md", text)
-    write_json(out / "report.json", {"study": spec, "profile": profile, "results": str(results_root(results)),
-                                     "cells": {"done": len(done), "failed": len(failed), "missing": len(missing)},
-                                     **run_metadata({"study": spec, "profile": profile}, None, command)})
-    return out
 
 
-def regenerate(reports="reports", results=None, command=None) -> tuple[list[Path], list[str]]:
-    """Every report under `reports` (one with a report.json) rebuilt from the cached results: (written, skipped
-    with the reason)."""
+def regenerate(reports="reports") -> tuple[list[Path], list[str]]:
+    """`gradest figures`: every report under `reports` (each `<study>/` or `<study>/<profile>/` with a report.json)
+    rendered again from its own data files (`render_report`): (written, skipped with the reason)."""
     written, skipped = [], []
-    for meta_path in sorted(Path(reports).glob("*/report.json")):
-        meta = _read_json(meta_path)
+    folders = sorted({meta.parent for pattern in ("*/report.json", "*/*/report.json")
+                      for meta in Path(reports).glob(pattern)})
+    for folder in folders:
         try:
-            study = load_study(meta["study"])
-            written.append(write_report(study, meta.get("profile"), results, meta_path.parent, command))
+            written.append(render_report(folder))
         except GradestError as error:
-            skipped.append(f"{meta_path.parent}: {error}")
+            skipped.append(f"{folder}: {error}")
     return written, skipped

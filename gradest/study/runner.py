@@ -149,8 +149,9 @@ class CellKind:
                 spec sets) and checks the configuration (one-line GradestErrors), before anything runs;
       run       (config, directory) -> summary: computes the cell's outputs in its directory; the summary goes in
                 done.json;
-      report    (study, finished cells, out, profile) -> (paragraph, tables, figure files, data): the sections of
-                the study's report, its CSVs and figures written in `out`.
+      report    (study, finished cells or None, out, profile) -> (paragraph, tables, figure files, data): the
+                sections of the study's report, its CSVs and figures written in `out`; given None, rendered from
+                the data files already in `out` (`gradest figures`).
     """
 
     name: str
