@@ -185,16 +185,19 @@ def command_line() -> list[str]:
     return click.get_current_context().find_root().obj["command"]
 
 
-def hf_model_options(prefix: str = "", tiny_note: str = ""):
-    """--hf, --hf-config, --hf-model: the Hugging Face MoE causal LM a command probes or checks (`prefix` starts
-    each help text, e.g. the problem they belong to)."""
+def hf_model_options(prefix: str = "", tiny_note: str = "", seq2seq: bool = False):
+    """--hf, --hf-config, --hf-model: the Hugging Face MoE model a command probes or checks (`prefix` starts each
+    help text, e.g. the problem they belong to; `seq2seq`: SwitchTransformers' encoder-decoder is accepted too)."""
+    names = ", ".join([*HF_EXPERTS, *(["switch_transformers"] if seq2seq else [])])
+    full = "; or switch-base-8: google/switch-base-8's architecture, full size, random weights" if seq2seq else ""
+    what = "MoE model" if seq2seq else "MoE causal LM"
     options = [
         click.option("--hf", "hf_name", default=None, metavar="NAME",
-                     help=f"{prefix}a tiny random model of this architecture ({', '.join(HF_EXPERTS)}){tiny_note}"),
+                     help=f"{prefix}a tiny random model of this architecture ({names}){tiny_note}{full}"),
         click.option("--hf-config", "hf_config", type=click.Path(dir_okay=False, path_type=Path), default=None,
                      help=f"{prefix}build the model from this transformers config.json (random weights)"),
         click.option("--hf-model", "hf_model", type=click.Path(file_okay=False, path_type=Path), default=None,
-                     help=f"{prefix}a saved transformers causal LM (local directory); its tokenizer is not used: "
+                     help=f"{prefix}a saved transformers {what} (local directory); its tokenizer is not used: "
                           f"the bundled text's character ids modulo its vocabulary are"),
     ]
 
@@ -256,7 +259,7 @@ def list_estimators():
               help="switch-*: which MoE layer to probe (0 = the first)")
 @click.option("--draws", type=click.IntRange(min=3), default=64, show_default=True,
               help="switch-*, hf: draws S of the Rao-Blackwellised reference (when enumeration is too large)")
-@hf_model_options("hf: ", "; k experts per token from --top-k [default 2], seeded by --seed")
+@hf_model_options("hf: ", "; k experts per token from --top-k [default 2], seeded by --seed", seq2seq=True)
 @click.option("--batch-size", "hf_batch", type=click.IntRange(min=1), default=2, show_default=True,
               help="hf: sequences in the fixed batch of the bundled tiny-shakespeare")
 @click.option("--seq-len", "hf_seq", type=click.IntRange(min=1), default=8, show_default=True,

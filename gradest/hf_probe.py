@@ -130,6 +130,9 @@ def load_model(name: str | None = None, config_file: str | Path | None = None, m
                 raise GradestError("which model? give --hf NAME (a tiny random model), --hf-config FILE or "
                                    "--hf-model DIR")
             from gradest.datasets import load_shakespeare
+            if name not in hf.SUPPORTED and name not in hf.NAMED:
+                raise GradestError(f"unknown architecture '{name}'; valid: {', '.join(hf.SUPPORTED)} (tiny random "
+                                   f"models), {', '.join(hf.NAMED)} (full size, random weights)")
             try:
                 if name in hf.NAMED:
                     if k is not None:
