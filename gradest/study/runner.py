@@ -98,14 +98,14 @@ def run_hf_probe(config: dict, directory: Path) -> dict:
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config["seed"])
-        model = hf.model_from_config(hf_probe_config(config)).eval()
+        model = hf.model_from_config(hf_probe_config(config)).to(config.get("device", "cpu")).eval()
     built = time.perf_counter() - start
     df = hf_probe(model, model_batch(model, config["batch_size"], config["seq_len"], config["data_seed"]),
                   config["layer"], config["estimator"], config["samples"], wrt=config["wrt"],
                   reference=config["reference"], draws=config["draws"], seed=config["seed"], top_k=config["top_k"],
                   settings=config["hparams"], score=config["score"])
     parameters = sum(p.numel() for p in model.parameters())
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # kilobytes on Linux
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # kilobytes on Linux; host memory
     seconds = time.perf_counter() - start
     df["problem"] = f"hf-{config['hf']}"
     df["parameters"], df["cell_seconds"], df["build_seconds"], df["peak_rss_gb"] = parameters, seconds, built, peak_gb

@@ -156,7 +156,8 @@ def resolve(kind: str, config: dict, given=()) -> dict:
 
 
 # settings whose default None means "unset": the type a spec may set them to (TOML has no null)
-OPTIONAL_TYPES = {"name": str, "omega": bool, "capacity_factor": float, "preset": str, "top_k": int}
+OPTIONAL_TYPES = {"name": str, "omega": bool, "capacity_factor": float, "preset": str, "top_k": int,
+                  "device": str}
 TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a table"}
 
 
@@ -328,10 +329,11 @@ def _probe_defaults() -> dict:
 def _hf_probe_defaults() -> dict:
     """An hf-probe cell: `gradest compare --problem hf` on one MoE layer of a Hugging Face model, built at random
     initialisation from `hf` (a tiny model of that architecture, or a full-size one named in gradest.hf.NAMED) with
-    `hf_settings` over its config; top_k unset: the model's own k."""
+    `hf_settings` over its config; top_k unset: the model's own k; device unset: the CPU (a cell leaves it out,
+    so that its hash is the one it had before cells had a device)."""
     return {"hf": "mixtral", "hf_settings": {}, "estimator": "all", "top_k": None, "samples": 256, "seed": 0,
             "wrt": "router", "layer": 0, "draws": 64, "reference": "auto", "batch_size": 2, "seq_len": 8,
-            "score": "sequence", "data_seed": 0, "hparams": {}}
+            "score": "sequence", "data_seed": 0, "hparams": {}, "device": None}
 
 
 def hf_probe_config(config: dict):
@@ -372,6 +374,10 @@ def _resolve_hf_probe(config: dict, given=()) -> dict:
         check_range(config, "top_k", 1, n)
     probe_estimators(config["estimator"] if config["estimator"] == "all" else [config["estimator"]], k,
                      config["hparams"])
+    if config["device"] is None:
+        del config["device"]
+    else:
+        _check_device_type(config["device"])
     return config
 
 
@@ -435,23 +441,28 @@ def _resolve_probe(config: dict, given=()) -> dict:
     return config
 
 
+def _check_device_type(name: str):
+    """A device torch knows (whether this machine has it is checked when the cells run: `runner._check_devices`)."""
+    import torch
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise GradestError(f"unknown device '{name}'; valid: {', '.join(DEVICE_TYPES)}, cuda:N")
+
+
 def _resolve_train(config: dict, given=()) -> dict:
     """A `TrainConfig` (its settings and its model's checked) that builds its estimator, on a device torch knows.
     A `preset` fills the settings the spec does not give (gradest.presets), so the cell holds, and its hash covers,
     the settings the run will have."""
-    import torch
     from gradest.presets import apply_preset
     from gradest.train import TrainConfig
     if config.get("preset"):
         spec = {key: config[key] for key in ("task", "estimator", *given) if key in config and key != "preset"}
         config = {**config, **apply_preset(config["preset"], spec)}
     TrainConfig(**train_fields(config)).build_estimator()
-    try:
-        device = torch.device(config["device"])
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in DEVICE_TYPES:
-        raise GradestError(f"unknown device '{config['device']}'; valid: {', '.join(DEVICE_TYPES)}, cuda:N")
+    _check_device_type(config["device"])
     return {key: value for key, value in config.items()
             if not (key in TRAIN_OPTIONAL and value == TRAIN_OPTIONAL[key])}
 
