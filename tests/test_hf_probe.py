@@ -257,3 +257,6 @@ def test_hf_probe_study_quick_profile(tmp_path):
     study.profiles["quick"]["grid"]["variant"] = [{"hf": "mixtral", "hf_settings": {"router_jitter_noise": "x"}}]
     with pytest.raises(GradestError, match="invalid hf_settings for mixtral"):
         study.cells("quick", tmp_path / "res")
+    study.profiles["quick"]["grid"]["variant"] = [{"hf": "mixtral", "device": "tpu"}]
+    with pytest.raises(GradestError, match="unknown device 'tpu'"):
+        study.cells("quick", tmp_path / "res")
