@@ -251,6 +251,8 @@ def test_hf_probe_study_quick_profile(tmp_path):
     assert set(rows["problem"]) == {"hf-mixtral", "hf-switch_transformers"}
     assert set(rows["layer"]) == {0, 1} and (rows["peak_rss_gb"] > 0).all() and (rows["parameters"] > 0).all()
     assert (rows["reference"] == "enumeration").all()
+    text = (out / "README.md").read_text()
+    assert "### Cost of each cell" in text and "peak memory (GB)" in text
     study.profiles["quick"]["grid"]["variant"] = [{"hf": "switch_transformers", "layer": 2}]
     with pytest.raises(GradestError, match="layer must be in 0..1"):
         study.cells("quick", tmp_path / "res")

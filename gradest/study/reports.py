@@ -172,6 +172,8 @@ def _render_estimators(raw: pd.DataFrame, out: Path, columns: list[str]) -> Sect
     for name, draw in (("bias_variance.png", bias_variance_figure), ("rel_bias.png", bias_interval_figure)):
         atomic_savefig(draw(figure_frame), out / name, dpi=110)
         files.append(name)
+    if "cell_seconds" in raw:  # an hf-probe study's cells also say what they cost
+        tables.append(_cost_table(raw, config_keys))
     seeds = sorted(raw["seed"].unique()) if "seed" in raw else []
     paragraph = (f"{len(groups)} configuration{'s' * (len(groups) != 1)} x {summary['estimator'].nunique()} "
                  f"estimators x {len(seeds)} seed{'s' * (len(seeds) != 1)} (means over seeds, 95% t-intervals; "
@@ -188,6 +190,29 @@ def _render_estimators(raw: pd.DataFrame, out: Path, columns: list[str]) -> Sect
             "seed)\n- [summary.csv](summary.csv): means over seeds with 95% t-intervals (`_lo`, `_hi`), the "
             "tables' numbers")
     return paragraph, "\n\n".join(tables), files, data
+
+
+def _cost_table(raw: pd.DataFrame, config_keys: list[str]) -> str:
+    """One row per cell: its model's size, time and peak memory, and each reference's kind, draws and relative
+    standard error (0 for enumeration, which is exact)."""
+    rows = []
+    for _, cell in raw.groupby("cell", sort=False):
+        first = cell.iloc[0]
+        references = cell.drop_duplicates("target")
+        rows.append({**{key: first[key] for key in config_keys if key in ("problem", "layer", "top_k", "seed")},
+                     "estimators": ", ".join(cell["estimator"].unique()) if cell["estimator"].nunique() <= 3
+                     else f"{cell['estimator'].nunique()} estimators",
+                     "parameters (M)": f"{first['parameters'] / 1e6:.4g}",
+                     "time (min)": f"{first['cell_seconds'] / 60:.3g}", "peak memory (GB)": f"{first['peak_rss_gb']:.3g}",
+                     "references": "; ".join(
+                         f"{r['target']}: {r['reference']}"
+                         + (f" ({int(r['reference_draws'])} draws, SE {r['reference_se']:.2g})"
+                            if r["reference"] != "enumeration" else "") for _, r in references.iterrows())})
+    table = pd.DataFrame(rows)
+    table = table.sort_values([key for key in ("problem", "layer", "top_k", "seed") if key in table], kind="stable")
+    return ("### Cost of each cell\n\nTime: the whole cell (model built, references, every estimator's samples); "
+            "peak memory: the resident set of the process that ran it; SE: the Monte-Carlo reference's standard "
+            "error over its norm.\n\n" + table.to_markdown(index=False))
 
 
 def _compare_report(study: Study, done: list[Cell] | None, out: Path, profile: str | None = None) -> Sections:
