@@ -363,7 +363,7 @@ def hf_probe(model: nn.Module, batch, layer: int = 0, estimators="all", samples:
     and routing are restored afterwards."""
     wrts = check_probe_options(wrt, samples, score, reference)
     site = HFSite(model, batch, layer)
-    chosen = probe_estimators(estimators, top_k or site.native_k, settings)
+    chosen = probe_estimators(estimators, top_k or site.native_k, settings, site.B)
     if estimators == "all" or estimators == ["all"]:
         chosen = [e for e in chosen if not e.stateful]
     for estimator in chosen:

@@ -592,9 +592,11 @@ def bias_variance_mc(samples: Tensor, draws: Tensor, z: float = Z95) -> dict[str
 
 
 # ------------------------------------------------------------------------------------------------------ probe
-def probe_estimators(names, k: int, settings: dict | None = None) -> list[Estimator]:
+def probe_estimators(names, k: int, settings: dict | None = None,
+                     batch_size: int | None = None) -> list[Estimator]:
     """The estimators to probe: `all` is every estimator that applies to top-k (with its variants) except
-    `exact`, which cannot route an MoE layer (the reference is the exact gradient)."""
+    `exact`, which cannot route an MoE layer (the reference is the exact gradient), and those that need more
+    sequences than `batch_size` (reinforce's leave-one-out mean); one of those named is refused."""
     if isinstance(names, str) and names != "all":
         names = [name for name in names.split(",") if name.strip()]
     every = names == "all" or names == ["all"]
@@ -603,12 +605,16 @@ def probe_estimators(names, k: int, settings: dict | None = None) -> list[Estima
     if named:
         estimators += expand_estimators(named, GATED, k, settings)
     if every:
-        estimators = [e for e in estimators if not e.enumerates]
+        estimators = [e for e in estimators if not e.enumerates
+                      and (batch_size is None or e.min_batch <= batch_size)]
     for e in estimators:
         if e.enumerates:
             raise GradestError(f"estimator '{e.name}' cannot route an MoE layer (it enumerates expert tuples: one "
                                "pass of the layers above per tuple); the probe's reference column is the exact "
                                "gradient")
+        if batch_size is not None and e.min_batch > batch_size:
+            raise GradestError(f"estimator '{e.label}' needs a batch of at least {e.min_batch} sequences, got "
+                               f"batch_size={batch_size}; valid: a larger batch, or another estimator")
     if not estimators:
         raise GradestError("no estimator to probe")
     return estimators
@@ -632,7 +638,7 @@ def probe(model: SwitchModel, batch, layer: int = 0, estimators="all", samples: 
     """
     wrts = check_probe_options(wrt, samples, score, reference)
     site = Site(model, batch, layer)
-    chosen = probe_estimators(estimators, top_k or site.layer.k, settings)
+    chosen = probe_estimators(estimators, top_k or site.layer.k, settings, site.B)
     return probe_site(site, chosen, samples, wrts, reference=reference, draws=draws, seed=seed, score=score,
                       max_enumeration=max_enumeration, max_elements=max_elements, progress=progress)
 

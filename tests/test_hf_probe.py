@@ -259,6 +259,13 @@ def test_hf_probe_study_quick_profile(tmp_path):
     study.profiles["quick"]["grid"]["variant"] = [{"hf": "mixtral", "hf_settings": {"router_jitter_noise": "x"}}]
     with pytest.raises(GradestError, match="invalid hf_settings for mixtral"):
         study.cells("quick", tmp_path / "res")
+    # reinforce's leave-one-out mean needs two sequences: refused before any runs, left out of "all"
+    study.profiles["quick"]["grid"]["variant"] = [{"hf": "mixtral", "batch_size": 1}]
+    study.profiles["quick"]["grid"]["estimator"] = ["reinforce:baseline=mean"]
+    with pytest.raises(GradestError, match="needs a batch of at least 2 sequences"):
+        study.cells("quick", tmp_path / "res")
+    study.profiles["quick"]["grid"]["estimator"] = ["all"]
+    assert study.cells("quick", tmp_path / "res")
     study.profiles["quick"]["grid"]["variant"] = [{"hf": "mixtral", "device": "tpu"}]
     with pytest.raises(GradestError, match="unknown device 'tpu'"):
         study.cells("quick", tmp_path / "res")

@@ -290,6 +290,7 @@ class Estimator:
       enumerates        routes every expert tuple as a weighted branch (`Routing.branch_prob`): no MoE layer;
       score_function    adds a score-function term through `with_score` (needs `Routing.log_prob`);
       needs_zero_output `with_score` needs f(0), the loss with the layer's output zeroed (one extra pass);
+      min_batch         the fewest items `with_score`'s f may have (reinforce's leave-one-out mean needs 2);
       stateful          keeps state between steps in buffers the layer owns (`init_state`, `update_state`);
       applies_to        problem kinds it is defined for (GATED, CATEGORICAL);
       supports_topk     whether k >= 2 is allowed (then it declares the hyper-parameter `k`).
@@ -305,6 +306,7 @@ class Estimator:
     enumerates: ClassVar[bool] = False
     score_function: ClassVar[bool] = False
     needs_zero_output: bool = False  # may be a property of the hyper-parameters (reinforce's baseline)
+    min_batch: int = 1  # may be a property of the hyper-parameters (reinforce's baseline)
     stateful: ClassVar[bool] = False
     applies_to: ClassVar[frozenset] = frozenset({GATED})
     supports_topk: ClassVar[bool] = False

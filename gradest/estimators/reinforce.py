@@ -32,6 +32,10 @@ class Reinforce(Estimator):
     def needs_zero_output(self):
         return self.baseline == "zero"
 
+    @property
+    def min_batch(self):
+        return 2 if self.baseline == "mean" else 1
+
     def noise_dim(self, n):
         return self.k
 
@@ -51,7 +55,7 @@ class Reinforce(Estimator):
             b = f_zero
         elif self.baseline == "mean":
             m = f.shape[-1]
-            if m < 2:
+            if m < self.min_batch:
                 raise GradestError("reinforce(baseline=mean) needs a batch of at least 2 items; valid: "
                                    "baseline=none or baseline=zero")
             b = (f.sum(-1, keepdim=True) - f) / (m - 1)

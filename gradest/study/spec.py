@@ -329,7 +329,8 @@ def _probe_defaults() -> dict:
 def _hf_probe_defaults() -> dict:
     """An hf-probe cell: `gradest compare --problem hf` on one MoE layer of a Hugging Face model, built at random
     initialisation from `hf` (a tiny model of that architecture, or a full-size one named in gradest.hf.NAMED) with
-    `hf_settings` over its config; top_k unset: the model's own k; device unset: the CPU (a cell leaves it out,
+    `hf_settings` over its config; estimator: `all` or a comma-separated list of estimator specs; top_k unset: the
+    model's own k; device unset: the CPU (a cell leaves it out,
     so that its hash is the one it had before cells had a device)."""
     return {"hf": "mixtral", "hf_settings": {}, "estimator": "all", "top_k": None, "samples": 256, "seed": 0,
             "wrt": "router", "layer": 0, "draws": 64, "reference": "auto", "batch_size": 2, "seq_len": 8,
@@ -372,8 +373,7 @@ def _resolve_hf_probe(config: dict, given=()) -> dict:
     n, k = arch.family.experts(router), config["top_k"] or arch.family.native_k(router)
     if config["top_k"] is not None:
         check_range(config, "top_k", 1, n)
-    probe_estimators(config["estimator"] if config["estimator"] == "all" else [config["estimator"]], k,
-                     config["hparams"])
+    probe_estimators(config["estimator"], k, config["hparams"], config["batch_size"])  # "all", or a comma list
     if config["device"] is None:
         del config["device"]
     else:
@@ -418,7 +418,7 @@ def _resolve_probe(config: dict, given=()) -> dict:
     for key, low in (("samples", 3), ("draws", 3), ("batch_size", 1), ("seq_len", 1), ("layer", 0)):
         check_range(config, key, low)
     probe_estimators(config["estimator"] if config["estimator"] == "all" else [config["estimator"]],
-                     config["top_k"], config["hparams"])
+                     config["top_k"], config["hparams"], config["batch_size"])
     if config["stage"] == "trained" and not config["train"]:
         raise GradestError("probe stage 'trained' needs a train table (the run whose model is probed)")
     if config["train"]:
