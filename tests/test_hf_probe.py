@@ -269,3 +269,13 @@ def test_hf_probe_study_quick_profile(tmp_path):
     study.profiles["quick"]["grid"]["variant"] = [{"hf": "mixtral", "device": "tpu"}]
     with pytest.raises(GradestError, match="unknown device 'tpu'"):
         study.cells("quick", tmp_path / "res")
+
+
+def test_a_saved_switch_transformers_model_loads_as_seq2seq(tmp_path):
+    """--hf-model DIR with a saved SwitchTransformers (what a user with the switch-base-8 checkpoint passes):
+    loaded as the encoder-decoder, probed on a decoder block."""
+    load_model("switch_transformers", seed=0).save_pretrained(tmp_path / "switch")
+    model = load_model(model_dir=tmp_path / "switch")
+    assert model.config.is_encoder_decoder
+    df = hf_probe(model, model_batch(model, 2, 3), layer=1, estimators="switch", samples=4)
+    assert list(df["estimator"]) == ["switch"] and set(df["problem"]) == {"hf-switch_transformers"}
