@@ -249,11 +249,9 @@ def _init_worker(parent: int):
 
 def _stop_workers(pool: concurrent.futures.ProcessPoolExecutor):
     """Cancel the queued cells and end the running ones now, instead of waiting for them (as leaving the pool's
-    `with` would): their cells stay unfinished (no done.json), to be run again. SIGKILL, not SIGTERM: a training
-    cell's worker answers SIGTERM by finishing its step and writing a checkpoint, which can take long; every file
-    is written atomically, so a killed cell leaves no half file."""
-    for process in list((pool._processes or {}).values()):  # no public way before Python 3.14's kill_workers
-        process.kill()
+    `with` would): their cells stay unfinished (no done.json), to be run again."""
+    for process in list((pool._processes or {}).values()):  # no public way before Python 3.14's terminate_workers
+        process.terminate()
     pool.shutdown(wait=True, cancel_futures=True)
 
 
