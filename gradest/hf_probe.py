@@ -129,20 +129,9 @@ def load_model(name: str | None = None, config_file: str | Path | None = None, m
             if name is None:
                 raise GradestError("which model? give --hf NAME (a tiny random model), --hf-config FILE or "
                                    "--hf-model DIR")
-            from gradest.datasets import load_shakespeare
-            if name not in hf.SUPPORTED and name not in hf.NAMED:
-                raise GradestError(f"unknown architecture '{name}'; valid: {', '.join(hf.SUPPORTED)} (tiny random "
-                                   f"models), {', '.join(hf.NAMED)} (full size, random weights)")
-            try:
-                if name in hf.NAMED:
-                    if k is not None:
-                        raise GradestError(f"{name} routes its own k experts per token; --top-k does not apply")
-                    config = hf.named_config(name, **overrides)
-                else:
-                    config = hf.tiny_config(name, k=2 if k is None else k,
-                                            vocab_size=load_shakespeare().vocab_size, **overrides)
-            except hf.CONFIG_ERRORS as error:
-                raise GradestError(f"invalid settings for {name}: {hf.config_error(error)}") from None
+            if name in hf.NAMED and k is not None:
+                raise GradestError(f"{name} routes its own k experts per token; --top-k does not apply")
+            config = built_config(name, k, overrides)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = hf.model_from_config(config)
@@ -152,6 +141,24 @@ def load_model(name: str | None = None, config_file: str | Path | None = None, m
         model.set_experts_implementation("eager")
     moe_blocks(model)  # refuse a model the probe cannot run, in one line
     return model.eval()
+
+
+def built_config(name: str, k: int | None = None, settings: dict | None = None):
+    """The config of a model built by name: a tiny one of architecture `name` (`gradest.hf.tiny_config`, k experts
+    per token, default 2, its vocabulary the bundled text's characters) or a full-size one in `gradest.hf.NAMED`
+    (its own k: `k` is ignored), with `settings` over it; a bad name or setting is one line."""
+    from gradest.datasets import load_shakespeare
+    hf = _hf()
+    if name not in hf.SUPPORTED and name not in hf.NAMED:
+        raise GradestError(f"unknown architecture '{name}'; valid: {', '.join(hf.SUPPORTED)} (tiny random "
+                           f"models), {', '.join(hf.NAMED)} (full size, random weights)")
+    try:
+        if name in hf.NAMED:
+            return hf.named_config(name, **(settings or {}))
+        return hf.tiny_config(name, k=2 if k is None else k, vocab_size=load_shakespeare().vocab_size,
+                              **(settings or {}))
+    except hf.CONFIG_ERRORS as error:
+        raise GradestError(f"invalid settings for {name}: {hf.config_error(error)}") from None
 
 
 # -------------------------------------------------------------------------------------------------- the data

@@ -257,7 +257,7 @@ def test_hf_probe_study_quick_profile(tmp_path):
     with pytest.raises(GradestError, match="layer must be in 0..1"):
         study.cells("quick", tmp_path / "res")
     study.profiles["quick"]["grid"]["variant"] = [{"hf": "mixtral", "hf_settings": {"router_jitter_noise": "x"}}]
-    with pytest.raises(GradestError, match="invalid hf_settings for mixtral"):
+    with pytest.raises(GradestError, match="invalid settings for mixtral"):
         study.cells("quick", tmp_path / "res")
     # reinforce's leave-one-out mean needs two sequences: refused before any runs, left out of "all"
     study.profiles["quick"]["grid"]["variant"] = [{"hf": "mixtral", "batch_size": 1}]

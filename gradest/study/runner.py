@@ -36,8 +36,8 @@ from gradest.devices import check_device
 from gradest.errors import GradestError, one_line
 from gradest.study.spec import (FORMAT, Cell, Study, _compare_defaults, _hf_probe_defaults, _probe_defaults,
                                 _resolve_compare, _resolve_hf_probe, _resolve_probe, _resolve_train, _train_defaults,
-                                hf_probe_config, make_cell, parse_shard, probe_train_config, problem_fields,
-                                results_root, shard, train_fields)
+                                make_cell, parse_shard, probe_train_config, problem_fields, results_root, shard,
+                                train_fields)
 
 
 # ------------------------------------------------------------------------------------------------------ runners
@@ -87,18 +87,17 @@ def run_probe(config: dict, directory: Path) -> dict:
 
 
 def run_hf_probe(config: dict, directory: Path) -> dict:
-    """`gradest compare --problem hf` on the cell's model (`spec.hf_probe_config`, at random initialisation seeded
-    by `seed`); its rows' problem is `hf-<hf>`. The cell's time and its process's peak memory (resident set) are
+    """`gradest compare --problem hf` on the cell's model (`hf_probe.load_model`: built by name at random
+    initialisation, seeded by `seed`); its rows' problem is `hf-<hf>`. The cell's time and its process's peak memory (resident set) are
     columns and in the summary: the full-size models' cost is part of what such a study reports."""
     import resource
-    import torch
     from gradest import hf
-    from gradest.hf_probe import hf_probe, model_batch
+    from gradest.hf_probe import hf_probe, load_model, model_batch
     from gradest.io import atomic_write_text
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config["seed"])
-        model = hf.model_from_config(hf_probe_config(config)).to(config.get("device", "cpu")).eval()
+    k = None if config["hf"] in hf.NAMED else config["top_k"]  # a full-size model routes its own k
+    model = load_model(config["hf"], k=k, seed=config["seed"], settings=config["hf_settings"])
+    model = model.to(config.get("device", "cpu"))
     built = time.perf_counter() - start
     df = hf_probe(model, model_batch(model, config["batch_size"], config["seq_len"], config["data_seed"]),
                   config["layer"], config["estimator"], config["samples"], wrt=config["wrt"],

@@ -337,25 +337,12 @@ def _hf_probe_defaults() -> dict:
             "score": "sequence", "data_seed": 0, "hparams": {}, "device": None}
 
 
-def hf_probe_config(config: dict):
-    """The transformers config an hf-probe cell builds (checked: a bad setting is one line)."""
-    from gradest import hf
-    from gradest.datasets import load_shakespeare
-    settings = config["hf_settings"]
-    try:
-        if config["hf"] in hf.NAMED:
-            return hf.named_config(config["hf"], **settings)
-        return hf.tiny_config(config["hf"], k=config["top_k"] or 2, vocab_size=load_shakespeare().vocab_size,
-                              **settings)
-    except hf.CONFIG_ERRORS as error:
-        raise GradestError(f"invalid hf_settings for {config['hf']}: {hf.config_error(error)}") from None
-
-
 def _resolve_hf_probe(config: dict, given=()) -> dict:
     """The model (its config built, its MoE blocks counted on the meta device: nothing is allocated), the layer,
     the estimators and the probe's options."""
     import torch
     from gradest import hf
+    from gradest.hf_probe import built_config
     from gradest.probe import PROBE_WRT, REFERENCES, SCORES, probe_estimators
     valid = [*hf.SUPPORTED, *hf.NAMED]
     check_choice(config, "hf", valid, "Hugging Face model")
@@ -365,7 +352,7 @@ def _resolve_hf_probe(config: dict, given=()) -> dict:
     for key, low in (("samples", 3), ("draws", 3), ("batch_size", 1), ("seq_len", 1), ("layer", 0)):
         check_range(config, key, low)
     with torch.device("meta"):
-        model = hf.model_from_config(hf_probe_config(config))
+        model = hf.model_from_config(built_config(config["hf"], config["top_k"], config["hf_settings"]))
     blocks = hf._find(model)
     check_range(config, "layer", 0, len(blocks) - 1, why=" (an index into the model's MoE blocks)")
     _, block, arch = blocks[0]
