@@ -6,13 +6,12 @@ import json
 import pandas as pd
 import pytest
 import torch
-from click.testing import CliRunner
 
 pytest.importorskip("transformers")
 
 from gradest import hf  # noqa: E402
-from gradest.cli import main  # noqa: E402
 from gradest.train import Trainer, TrainConfig  # noqa: E402
+from helpers import assert_one_line_error, cli  # noqa: E402
 
 TIMING = ["seconds", "tokens_per_s"]
 # two layers of width 32, 4 experts, 16-character windows: a step takes a few milliseconds
@@ -22,24 +21,7 @@ SMALL_SETTINGS = dict(hf_settings={"num_hidden_layers": 2, "hidden_size": 32, "i
                                    "num_local_experts": 4}, block_size=16, batch_size=8)
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads cost more than they give
-    yield
-    torch.set_num_threads(threads)
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *words):
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for word in words:
-        assert word in lines[0], lines[0]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_switch_settings_are_unchanged():
