@@ -39,6 +39,11 @@ PRESETS: dict[str, dict] = {
     },
 }
 
+# every setting some preset fills: what a study grouped by `preset` does not repeat in its runs' labels
+PRESET_SETTINGS = frozenset({key for preset in PRESETS.values() for key in preset if key != "by_task"}
+                            | {key for preset in PRESETS.values() for task in preset["by_task"].values() for key in task})
+
+
 def apply_preset(name: str | None, settings: dict) -> dict:
     """`settings` (TrainConfig's flat settings, as given) with the preset's filled in where not given; a given
     `model` or `hparams` table is merged key by key over the preset's, whose hyper-parameters are those of the

@@ -960,3 +960,44 @@ def test_a_preset_fills_what_a_train_spec_does_not_give(tmp_path):
     assert config["preset"] == "sparsemixer-reference" and config["schedule"] == "inverse-sqrt"
     assert config["hparams"] == {"jitter_eps": 0.1} and config["weight_decay"] == 0.0
     assert config["model"]["post_ln"] is False and config["model"]["router_bias"] is True
+
+
+def test_train_report_groups_by_preset_with_todays_defaults_as_a_labelled_arm(tmp_path):
+    """`group_by = ["preset"]`: a run without a preset is in the group `preset=none`, and is paired with the baseline
+    of its own group. The settings the preset fills (lr, schedule, weight decay, ...) differ between the groups but
+    are the group's, so they do not make the labels: the two groups' runs are both `switch` and `sparsemixer`."""
+    spec = write_spec(tmp_path, """
+    [study]
+    name = "preset-fixture"
+    kind = "train"
+    baseline = "switch"
+    group_by = ["preset"]
+    [grid]
+    variant = [{ name = "switch", estimator = "switch", preset = "sparsemixer-reference" },
+               { name = "sparsemixer", estimator = "sparsemixer", preset = "sparsemixer-reference" },
+               { name = "switch", estimator = "switch" },
+               { name = "sparsemixer", estimator = "sparsemixer" }]
+    seed = [0, 1]
+    [settings]
+    steps = 20
+    """, "preset.toml")
+    study = load_study(spec)
+    for cell in study.cells(None, tmp_path / "res"):
+        preset, seed = "preset" in cell.config, cell.config["seed"]
+        assert preset == (cell.config["lr"] == 7e-4)  # the preset's settings are the cell's
+        final = 2.0 + (0.1 if preset else -0.1) * (cell.config["name"] == "sparsemixer") + 0.01 * seed
+        metrics = pd.DataFrame({"step": [10, 20], "train_loss": [3.0, 3.0], "val_loss": [final + 0.5, final],
+                                "seconds": [5.0, 10.0]})
+        (cell.directory / "run").mkdir(parents=True)
+        metrics.to_csv(cell.directory / "run" / "metrics.csv", index=False)
+        (cell.directory / "done.json").write_text(json.dumps({
+            "seconds": 10.0, "summary": {"flops_per_update": 1e9}, "git": {"commit": "abc123", "dirty": False}}))
+    out = write_report(study, None, tmp_path / "res", tmp_path / "out")
+    results = pd.read_csv(out / "results.csv")
+    assert sorted(results["preset"].unique()) == ["none", "sparsemixer-reference"]
+    assert sorted(results["label"].unique()) == ["sparsemixer", "switch"]
+    summary = pd.read_csv(out / "summary.csv").set_index(["preset", "label"])
+    assert summary.loc[("sparsemixer-reference", "sparsemixer"), "val_loss_diff"] == pytest.approx(0.1)
+    assert summary.loc[("none", "sparsemixer"), "val_loss_diff"] == pytest.approx(-0.1)
+    text = (out / "README.md").read_text()
+    assert "### preset=none\n" in text and "### preset=sparsemixer-reference\n" in text

@@ -26,8 +26,9 @@ import numpy as np
 import pandas as pd
 
 from gradest.errors import GradestError
+from gradest.presets import PRESET_SETTINGS
 from gradest.study.runner import CELL_KINDS, finished
-from gradest.study.spec import DEFAULT_PROFILE, Cell, Study, canonical, load_study, results_root
+from gradest.study.spec import DEFAULT_PROFILE, TRAIN_OPTIONAL, Cell, Study, canonical, load_study, results_root
 
 METRICS = ["rel_bias", "bias_sq", "variance", "mse", "cos_mean", "cos_of_mean", "sec_per_sample"]
 COMPARE_KEYS = ["problem", "experts", "tokens", "dim", "out_dim", "classes", "power", "center", "top_k",
@@ -236,8 +237,9 @@ def _train_label(config: dict, varying: list[str]) -> str:
     name = config.get("name") or config["estimator"]
     skip = {"name", "estimator"} | ({"model", "hparams", "omega", "top_k", "experts"} if config.get("name") else set())
     extra = [key for key in varying if key not in skip]
-    return name + "".join(f", {key}={canonical(config[key]) if isinstance(config[key], dict) else config[key]}"
-                          for key in extra)
+    values = {key: config.get(key) for key in extra}  # (an optional run setting a cell leaves out: None)
+    return name + "".join(f", {key}={canonical(value) if isinstance(value, dict) else value}"
+                          for key, value in values.items())
 
 
 def update_seconds(metrics: pd.DataFrame) -> float:
@@ -326,9 +328,12 @@ def _mean_curve_ratio(curves: pd.DataFrame, finals: pd.DataFrame, label: str, gr
 
 def _setting(config: dict, key: str):
     """A train cell's value of a setting named by a dotted path (`model.balance_coef`:
-    config["model"]["balance_coef"]); a model setting the cell leaves out is its task's default model's."""
+    config["model"]["balance_coef"]); a model setting the cell leaves out is its task's default model's, and a run
+    setting it leaves out (`spec.TRAIN_OPTIONAL`) its default ("none" for no `preset`: a group needs a value)."""
     from gradest.model import SwitchConfig
     from gradest.train import TASK_MODELS
+    if key in TRAIN_OPTIONAL and key not in config:
+        return "none" if TRAIN_OPTIONAL[key] is None else TRAIN_OPTIONAL[key]
     value = config
     for part in key.split("."):
         if not isinstance(value, dict) or part not in value:
@@ -401,8 +406,9 @@ def _collect_train(study: Study, done: list[Cell], out: Path, profile: str | Non
     group_keys = [key for key in candidates
                   if len({canonical(_setting(cell.config, key)) for cell in done}) > 1]
     # a label names a run by what varies beside the groups (and the seed, over which the tables average)
-    label_keys = [key for key in _varying([cell.config for cell in done], skip=("seed", "name"))
-                  if key not in group_keys]
+    # (grouped by preset, the settings a preset fills are the group's)
+    skip = ("seed", "name", *(PRESET_SETTINGS if "preset" in group_keys else ()))
+    label_keys = [key for key in _varying([cell.config for cell in done], skip=skip) if key not in group_keys]
     finals, curves = _train_runs(done, group_keys, label_keys)
     baseline = _baseline(study, finals)
     if baseline:  # (the render computes them again; they are in results.csv for whoever reads it)
