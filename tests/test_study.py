@@ -787,6 +787,14 @@ def test_steps_to_a_loss_interpolates_between_evaluations():
     assert steps_to(curve, 1.0) == float("inf")
 
 
+def finish_train_cell(cell, metrics: pd.DataFrame, seconds: float = 10.0, flops: float = 1e9):
+    """A train cell finished as a run would leave it (its metrics.csv, then done.json), at a clean commit."""
+    (cell.directory / "run").mkdir(parents=True)
+    metrics.to_csv(cell.directory / "run" / "metrics.csv", index=False)
+    (cell.directory / "done.json").write_text(json.dumps({
+        "seconds": seconds, "summary": {"flops_per_update": flops}, "git": {"commit": "abc123", "dirty": False}}))
+
+
 def test_train_report_ratios_against_the_baseline_on_a_fixed_fixture(tmp_path):
     """Hand-written runs: per seed, `fast` reaches the baseline's final loss at 3/4 of its steps, `slow` never
     does (the baseline reaches slow's final loss at half its steps); time and FLOPs ratios are per seed, then
@@ -815,11 +823,7 @@ def test_train_report_ratios_against_the_baseline_on_a_fixed_fixture(tmp_path):
                                 "val_loss": [v + shift for v in curves[name]],
                                 "train_loss": [v + shift for v in curves[name]],
                                 "seconds": [seconds[name] * (1 + 0.1 * seed) * s / 400 for s in (100, 200, 300, 400)]})
-        (cell.directory / "run").mkdir(parents=True)
-        metrics.to_csv(cell.directory / "run" / "metrics.csv", index=False)
-        (cell.directory / "done.json").write_text(json.dumps({
-            "seconds": seconds[name] + 5, "summary": {"flops_per_update": flops[name]},
-            "git": {"commit": "abc123", "dirty": False}}))
+        finish_train_cell(cell, metrics, seconds[name] + 5, flops[name])
     out = write_report(study, None, tmp_path / "res", tmp_path / "out")
     summary = pd.read_csv(out / "summary.csv").set_index("label")
     assert summary.loc["fast", "val_loss_diff"] == pytest.approx(-0.1)  # 1.9 - 2.0, paired by seed
@@ -871,10 +875,7 @@ def test_train_report_groups_by_a_model_setting_with_the_routing_at_the_end(tmp_
             metrics["argmax_fraction"] = [s / 100 + 0.1 * seed for s in steps]  # steps 19 and 20: 0.195 + 0.1 seed
             metrics["router_entropy"] = [s / 10 if s in (5, 10, 15) else None for s in steps]  # last logged: 1.5
             metrics["max_load"] = 1.25
-        (cell.directory / "run").mkdir(parents=True)
-        metrics.to_csv(cell.directory / "run" / "metrics.csv", index=False)
-        (cell.directory / "done.json").write_text(json.dumps({
-            "seconds": 10.0, "summary": {"flops_per_update": 1e9}, "git": {"commit": "abc123", "dirty": False}}))
+        finish_train_cell(cell, metrics)
     out = write_report(study, None, tmp_path / "res", tmp_path / "out")
     results = pd.read_csv(out / "results.csv")
     assert sorted(results["model.balance_coef"].unique()) == [0.0, 0.01]
@@ -988,10 +989,7 @@ def test_train_report_groups_by_preset_with_todays_defaults_as_a_labelled_arm(tm
         final = 2.0 + (0.1 if preset else -0.1) * (cell.config["name"] == "sparsemixer") + 0.01 * seed
         metrics = pd.DataFrame({"step": [10, 20], "train_loss": [3.0, 3.0], "val_loss": [final + 0.5, final],
                                 "seconds": [5.0, 10.0]})
-        (cell.directory / "run").mkdir(parents=True)
-        metrics.to_csv(cell.directory / "run" / "metrics.csv", index=False)
-        (cell.directory / "done.json").write_text(json.dumps({
-            "seconds": 10.0, "summary": {"flops_per_update": 1e9}, "git": {"commit": "abc123", "dirty": False}}))
+        finish_train_cell(cell, metrics)
     out = write_report(study, None, tmp_path / "res", tmp_path / "out")
     results = pd.read_csv(out / "results.csv")
     assert sorted(results["preset"].unique()) == ["none", "sparsemixer-reference"]
