@@ -39,9 +39,11 @@ PRESETS: dict[str, dict] = {
     },
 }
 
-# every setting some preset fills: what a study grouped by `preset` does not repeat in its runs' labels
-PRESET_SETTINGS = frozenset({key for preset in PRESETS.values() for key in preset if key != "by_task"}
-                            | {key for preset in PRESETS.values() for task in preset["by_task"].values() for key in task})
+# the run settings some preset fills, which a study grouped by `preset` does not repeat in its runs' labels (its
+# `model` and `hparams` tables are not among them: a variant's own model setting must still tell its runs apart)
+PRESET_SETTINGS = frozenset(
+    {key for preset in PRESETS.values() for key in preset if key not in ("model", "hparams", "by_task")}
+    | {key for preset in PRESETS.values() for task in preset["by_task"].values() for key in task})
 
 
 def apply_preset(name: str | None, settings: dict) -> dict:

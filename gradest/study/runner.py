@@ -88,8 +88,8 @@ def run_probe(config: dict, directory: Path) -> dict:
 
 def run_hf_probe(config: dict, directory: Path) -> dict:
     """`gradest compare --problem hf` on the cell's model (`hf_probe.load_model`: built by name at random
-    initialisation, seeded by `seed`); its rows' problem is `hf-<hf>`. The cell's time and its process's peak memory (resident set) are
-    columns and in the summary: the full-size models' cost is part of what such a study reports."""
+    initialisation, seeded by `seed`); its rows' problem is `hf-<hf>`. The cell's time and its process's peak memory
+    (resident set) are columns and in the summary: the full-size models' cost is part of what such a study reports."""
     import resource
     from gradest import hf
     from gradest.hf_probe import hf_probe, load_model, model_batch
