@@ -105,6 +105,54 @@ def test_shipped_specs_validate_and_quick_profiles_are_small(tmp_path):
         c.hash for c in full if c.config["name"] == "switch" and c.config["experts"] == 4}
 
 
+PENDING = STUDIES / "pending"
+CELL_STORE = STUDIES / "cells"
+
+
+def test_pending_specs_validate_and_share_their_runs(tmp_path):
+    """The re-runs under the reference preset (studies/pending): every profile builds; each training study has
+    its runs under the preset and today's defaults as a labelled arm (`preset=none`), grouped by preset; and the
+    cache is shared: ablations' switch and sparsemixer arms are lm-convergence's n = 8 runs, in both setups."""
+    specs = {path.stem: load_study(path) for path in sorted(PENDING.glob("*.toml"))}
+    assert set(specs) == {"lm-convergence", "ablations", "top2", "translation"}
+    for name, study in specs.items():
+        assert study.name == name and set(study.profiles) == {"quick", "full", "paper"}
+        for profile in ("quick", "full", "paper"):
+            assert study.cells(profile, tmp_path)
+        full = study.cells("full", tmp_path)
+        assert {c.config.get("preset") for c in full} >= {"sparsemixer-reference"}
+        assert study.baseline in {c.config["name"] or c.config["estimator"] for c in full}
+    lm = specs["lm-convergence"].cells("full", tmp_path)
+    assert len(lm) == 50 and all(c.config["steps"] >= 1500 for c in lm)
+    assert {c.config["experts"] for c in lm} == {4, 8, 16}
+    assert {c.config["name"] for c in lm if c.config.get("preset") is None} == {"switch", "sparsemixer"}
+    for c in lm:  # the preset's settings are the cell's (so its hash covers them)
+        assert (c.config["lr"], c.config["model"].get("post_ln", False)) == (
+            (7e-4, True) if c.config.get("preset") else (2e-3, False))
+    n8 = {c.hash for c in lm if c.config["experts"] == 8 and c.config["name"] in ("switch", "sparsemixer")}
+    ablations = specs["ablations"].cells("full", tmp_path)
+    assert len(n8) == 20 and n8 <= {c.hash for c in ablations}
+    top2 = specs["top2"].cells("full", tmp_path)
+    assert {c.config["hparams"].get("jitter_eps") for c in top2 if c.config.get("preset")
+            and c.config["estimator"] != "topk"} == {0.01}  # PhiMoE's router_jitter_noise
+
+
+def test_committed_cells_are_cells_of_a_study_at_a_clean_commit():
+    """Each finished cell in the committed cell store (studies/cells) is one that a spec asks for today, under
+    today's hash of its configuration (a changed default would orphan it), with what a report reads from it, and
+    was computed at a clean commit."""
+    from gradest.study.spec import cell_hash
+    wanted = {c.hash for path in sorted(STUDIES.glob("*.toml")) + sorted(PENDING.glob("*.toml"))
+              for c in load_study(path).cells("full", CELL_STORE)}
+    for done in sorted(CELL_STORE.glob("*/*/done.json")):
+        cell = json.loads((done.parent / "cell.json").read_text())
+        assert cell["hash"] == done.parent.name == cell_hash(cell["kind"], cell["config"])
+        assert cell["hash"] in wanted, f"{done.parent} is no cell of any study"
+        assert (done.parent / "run" / "metrics.csv").is_file()
+        git = json.loads(done.read_text())["git"]
+        assert git["dirty"] is False and len(git["commit"]) == 40, f"{done.parent}: {git}"
+
+
 @pytest.mark.parametrize("text, message", [
     ("[study]\nname='x'\nkind='compare'\n[grid]\nexpertz=[2]\n", "unknown key 'expertz' in [grid]"),
     ("[study]\nname='x'\nkind='nope'\n", "unknown study kind 'nope'"),
