@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Run study specs from a clean clone of this repository's HEAD, caching into its committed cell store, so that
+# every cell records a clean commit (run here, the new cells themselves would make the checkout dirty).
+#   studies/pending/run_clean.sh studies/pending/lm-convergence.toml [more specs...]
+# Uses the python on PATH (with gradest's requirements installed); JOBS=1 for one cell at a time.
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/../.." && pwd)"
+clone="$(mktemp -d)/gradest"
+git clone -q "$repo" "$clone"
+echo "cells computed at $(git -C "$clone" rev-parse --short HEAD), into $repo/studies/cells"
+for spec in "$@"; do
+  spec="$(cd "$(dirname "$spec")" && pwd)/$(basename "$spec")"
+  echo "=== $(date -u +%H:%M:%S) $spec"
+  (cd "$clone" && PYTHONPATH="$clone" GRADEST_RESULTS="$repo/studies/cells" \
+     python -m gradest.cli study run "$spec" --jobs "${JOBS:-2}")
+done
+echo "=== $(date -u +%H:%M:%S) done"
