@@ -2,7 +2,8 @@
 # Run study specs from a clean clone of this repository's HEAD, caching into its committed cell store, so that
 # every cell records a clean commit (run here, the new cells themselves would make the checkout dirty).
 #   studies/pending/run_clean.sh studies/pending/lm-convergence.toml [more specs...]
-# Uses the python on PATH (with gradest's requirements installed); JOBS=1 for one cell at a time.
+# Uses the python on PATH (with gradest's requirements installed); JOBS=1 for one cell at a time, PROFILE=quick
+# for a profile other than full.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
 clone="$(mktemp -d)/gradest"
@@ -12,6 +13,6 @@ for spec in "$@"; do
   spec="$(cd "$(dirname "$spec")" && pwd)/$(basename "$spec")"
   echo "=== $(date -u +%H:%M:%S) $spec"
   (cd "$clone" && PYTHONPATH="$clone" GRADEST_RESULTS="$repo/studies/cells" \
-     python -m gradest.cli study run "$spec" --jobs "${JOBS:-2}")
+     python -m gradest.cli study run "$spec" --jobs "${JOBS:-2}" --profile "${PROFILE:-full}")
 done
 echo "=== $(date -u +%H:%M:%S) done"
