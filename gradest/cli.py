@@ -489,7 +489,7 @@ def run(ctx, estimator_spec, task, problem, steps, lr, batch_size, omega, device
 
     def on_eval(row):
         with tqdm.external_write_mode():  # clears the bar (on a terminal) while the line is written
-            click.echo(evaluation_line(trainer, row, time.perf_counter() - start))
+            click.echo(trainer.evaluation_line(row, time.perf_counter() - start))
 
     try:
         with report_errors(out):
@@ -551,14 +551,6 @@ def refuse_changes_on_resume(ctx: click.Context, config: TrainConfig, resume: Pa
         raise GradestError(f"--resume {resume} continues the run with its own settings, and these differ: "
                            f"{', '.join(changed)}; with --resume only --steps and --device may be given (to change "
                            f"the others, start a new run with another --out)")
-
-
-def evaluation_line(trainer: Trainer, row: dict, elapsed: float) -> str:
-    """The line printed at every evaluation, on stdout whatever stderr is: a captured log (no terminal, so no
-    progress bar) shows how a long run goes. Tokens/s: the median over the steps since the last evaluation."""
-    recent = pd.Series([r["tokens_per_s"] for r in trainer.rows[-trainer.config.eval_interval:]])
-    return (f"step {row['step']}/{trainer.config.steps}: train loss {row['train_loss']:.4f}, val loss "
-            f"{row['val_loss']:.4f}, {recent.median():.0f} tokens/s, {elapsed:.0f} s elapsed")
 
 
 def resume_command(trainer: Trainer, out: Path) -> str:

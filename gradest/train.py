@@ -864,6 +864,14 @@ class Trainer:
                     raise Interrupted(self.step, signum)
         return pd.DataFrame(self.rows)
 
+    def evaluation_line(self, row: dict, elapsed: float) -> str:
+        """The line printed at every evaluation (`gradest run`, and each cell of `gradest study run`), on stdout
+        whatever stderr is: a captured log (no terminal, so no progress bar) shows how a long run goes. Tokens/s:
+        the median over the steps since the last evaluation."""
+        recent = pd.Series([r["tokens_per_s"] for r in self.rows[-self.config.eval_interval:]])
+        return (f"step {row['step']}/{self.config.steps}: train loss {row['train_loss']:.4f}, val loss "
+                f"{row['val_loss']:.4f}, {recent.median():.0f} tokens/s, {elapsed:.0f} s elapsed")
+
     def close(self):
         """Leave the process group (torchrun); nothing to do in a single process."""
         if self.world > 1 and dist.is_initialized():

@@ -564,7 +564,7 @@ def table_columns(readme: str) -> set[str]:
     return {name.strip() for line in readme.splitlines() if line.startswith("| run ") for name in line.split("|")}
 
 
-def test_train_study_resumes_a_killed_run_from_its_checkpoint(tmp_path):
+def test_train_study_resumes_a_killed_run_from_its_checkpoint(tmp_path, capsys):
     from gradest.study import train_fields
     from gradest.train import Trainer, TrainConfig
     study = load_study(STUDIES / "lm-convergence.toml")
@@ -572,8 +572,13 @@ def test_train_study_resumes_a_killed_run_from_its_checkpoint(tmp_path):
     (cell,) = study.cells("quick", tmp_path)
     # an attempt killed after step 10 (checkpoint saved there)
     Trainer(TrainConfig(**train_fields(cell.config)), cell.directory / "run").run(until=10)
+    capsys.readouterr()
     summary = run_study(study, "quick", results=tmp_path, progress=False)
     assert summary.done == [cell.hash]
+    # a captured log (no progress bar off a terminal) has a line per evaluation of the resumed run and per cell
+    log = capsys.readouterr().out.splitlines()
+    assert [line.split(": train loss")[0] for line in log[:-1]] == [f"cell {cell.hash} (switch, seed 0) step 20/20"]
+    assert log[-1] == f"[1/1] cell {cell.hash} done"
     metrics = pd.read_csv(cell.directory / "run" / "metrics.csv")
     assert metrics["step"].tolist() == list(range(1, 21))
     assert metrics["val_loss"].notna().sum() == 2

@@ -121,8 +121,14 @@ def run_train(config: dict, directory: Path) -> dict:
         trainer = Trainer.resume(out)
     else:
         trainer = Trainer(TrainConfig(**train_fields(config)), out)
+    start = time.perf_counter()
+    name = f"cell {directory.name} ({config.get('name') or config['estimator']}, seed {config['seed']})"
+
+    def on_eval(row):  # one line per evaluation, as `gradest run` prints: a study's captured log shows each run go
+        print(f"{name} {trainer.evaluation_line(row, time.perf_counter() - start)}", flush=True)
+
     try:
-        metrics = trainer.run()
+        metrics = trainer.run(on_eval=on_eval)
     finally:
         trainer.close()
     final = metrics.iloc[-1]
@@ -305,6 +311,10 @@ def run_study(study: Study, profile: str | None = None, results=None, jobs: int 
         (summary.done.append(cell.hash) if status == "done" else summary.failed.append((cell.hash, message)))
         bar.update(1)
         bar.set_postfix(failed=len(summary.failed))
+        finished = len(summary.done) + len(summary.failed)
+        with tqdm.external_write_mode():  # a line per cell: the bar is hidden off a terminal
+            print(f"[{finished}/{len(todo)}] cell {cell.hash} {status}" + (f": {message}" if message else ""),
+                  flush=True)
 
     try:
         if jobs <= 1 or len(todo) <= 1:
