@@ -654,6 +654,17 @@ def study_run(spec, profile, jobs, shard_spec, results):
                                    f"done; run the study again to retry them")
 
 
+@study.command("status")
+@click.argument("spec", type=SPEC)
+@PROFILE_OPTION
+@RESULTS_OPTION
+def study_status(spec, profile, results):
+    """How far SPEC is: its cells done, failed (with their errors) and still to run, in all and per arm."""
+    from gradest.study import load_study, status_text
+    spec_ = load_study(spec)
+    click.echo(status_text(spec_, spec_.resolve_profile(profile), results))
+
+
 @main.command("report")
 @click.argument("spec", type=SPEC)
 @PROFILE_OPTION

@@ -337,6 +337,15 @@ def test_a_failing_cell_is_recorded_and_the_others_go_on(tmp_path, monkeypatch):
     assert result.exit_code == 1
     assert "2 failed" in result.output and "ValueError: no luck" in result.output
     assert len(done_cells(tmp_path / "cli")) == 4
+    # `gradest study status`: the counts in all and per arm, and each failure's error
+    result = cli("study", "status", str(write_spec(tmp_path)), "--results", str(tmp_path / "cli"))
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "study small (profile base): 4 of 6 cells done, 2 failed, 0 to run"
+    assert sorted(line.split() for line in lines[3:5]) == [["st:tau=0.5", "2", "1", "0"], ["switch", "2", "1", "0"]]
+    assert [line.split(": ", 1)[1] for line in lines[5:]] == ["ValueError: no luck"] * 2
+    result = cli("study", "status", str(write_spec(tmp_path)), "--results", str(tmp_path / "none"))
+    assert result.output.splitlines()[0] == "study small (profile base): 0 of 6 cells done, 0 failed, 6 to run"
 
 
 KILLABLE = """

@@ -14,7 +14,7 @@ The names other code uses are re-exported here: `from gradest.study import load_
 from gradest.study.spec import (DEFAULT_PROFILE, FORMAT, LABEL_KEYS, PROFILES, RESULTS_ENV, STAGES, Cell, Study,
                                 canonical, cell_hash, load_study, make_cell, merge, parse_shard, parse_study,
                                 probe_train_config, problem_fields, resolve, results_root, shard, train_fields)
-from gradest.study.runner import (CELL_KINDS, CellKind, RunSummary, execute, finished, register_cell_kind,
+from gradest.study.runner import (CELL_KINDS, CellKind, RunSummary, execute, finished, register_cell_kind, status_text,
                                   run_compare, run_probe, run_study, run_train)
 from gradest.study.reports import (is_reference_row, regenerate, render_report, report_dir, steps_to,
                                    update_seconds, write_report)

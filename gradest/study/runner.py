@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import fcntl
+import json
 import multiprocessing
 import os
 import signal
@@ -347,3 +348,41 @@ def finished(study: Study, profile: str | None, results=None) -> tuple[list[Cell
     failed = [c for c in cells if c.failed]
     missing = [c for c in cells if not c.done and not c.failed]
     return done, failed, missing
+
+
+def status_text(study: Study, profile: str | None, results=None) -> str:
+    """`gradest study status`: how many of the profile's cells are done, failed and still to run, in all and per
+    arm (the variant's name, else its estimator, and the study's `group_by` values), and each failure's error."""
+    from tabulate import tabulate
+    cells = study.cells(profile, results_root(results))
+    arms = {}
+    for cell in cells:
+        arm = (cell.config.get("name") or cell.config.get("estimator") or cell.kind,
+               *(_dotted(cell.config, key) for key in study.group_by))
+        state = "done" if cell.done else "failed" if cell.failed else "to run"
+        arms.setdefault(arm, {"done": 0, "failed": 0, "to run": 0})[state] += 1
+    failed = [cell for cell in cells if cell.failed]
+    done = sum(counts["done"] for counts in arms.values())
+
+    def group(item):  # numbers in order, then names
+        return [(0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value)) for value in item[0][1:]]
+    rows = sorted(arms.items(), key=group)  # by group; within one, the arms in the cells' order
+    table = tabulate([[*arm, *counts.values()] for arm, counts in rows],
+                     headers=["arm", *study.group_by, "done", "failed", "to run"], tablefmt="simple")
+    lines = [f"study {study.name} (profile {profile or 'base'}): {done} of {len(cells)} cells done, "
+             f"{len(failed)} failed, {len(cells) - done - len(failed)} to run", table]
+    for cell in failed:
+        error = json.loads((cell.directory / "error.json").read_text()).get("error", "")
+        lines.append(f"failed {cell.hash}: {error}")
+    return "\n".join(lines)
+
+
+def _dotted(config: dict, key: str):
+    """A cell's value of a setting named by a dotted path (`model.balance_coef`), or "default" where it leaves the
+    setting out."""
+    value = config
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return "default"
+        value = value[part]
+    return value
