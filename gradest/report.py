@@ -403,28 +403,39 @@ def curves_figure(panels: dict[str, dict[str, pd.DataFrame]], column: str = "val
     return fig
 
 
-def ratios_figure(summary: pd.DataFrame, baseline: str, metrics: list[str]) -> Figure:
+def ratios_figure(summary: pd.DataFrame, baseline: str, metrics: list[str], groups: list[str] | None = None,
+                  group_by: str = "") -> Figure:
     """Each run against the baseline (mean over seeds, 95% interval bars), one panel per metric: ratios (time,
-    FLOPs per update; 1 = the same) or paired differences (`*_diff`; 0 = the same)."""
+    FLOPs per update; 1 = the same) or paired differences (`*_diff`; 0 = the same). `groups` names each row's
+    group (one per row of `summary`; `group_by` says what they are): a label such as `switch` recurs in every
+    group, so a bar names both."""
+    bar_names = summary["label"] if groups is None else [f"{label} ({group})"
+                                                         for label, group in zip(summary["label"], groups)]
+    summary = summary.assign(_name=list(bar_names))
     names = {"time_ratio": ("time per update", f"/ {baseline}'s"),
              "flops_ratio": ("FLOPs per update", f"/ {baseline}'s"),
              "val_loss_diff": ("final validation loss", f"- {baseline}'s, paired by seed")}
+    label_inches = 0.075 * max(len(name) for name in summary["_name"])
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.85):
-        fig = Figure(figsize=(4.5 * max(1, len(metrics)), 0.45 * len(summary) + 1.6), layout="constrained")
+        fig = Figure(figsize=(3.6 * max(1, len(metrics)) + label_inches, 0.45 * len(summary) + 1.6),
+                     layout="constrained")
         FigureCanvasAgg(fig)
-        axes = np.atleast_1d(fig.subplots(1, max(1, len(metrics)), squeeze=False).ravel())
+        # one row per run in every panel (the names only on the first): a metric a run lacks leaves its row empty
+        axes = np.atleast_1d(fig.subplots(1, max(1, len(metrics)), squeeze=False, sharey=True).ravel())
         for ax, metric in zip(axes, metrics):
-            rows = summary.dropna(subset=[metric])
-            y = np.arange(len(rows))
+            present = summary[metric].notna().to_numpy()
+            rows = summary[present]
             lo = (rows[metric] - rows[f"{metric}_lo"]).clip(lower=0)
             hi = (rows[f"{metric}_hi"] - rows[metric]).clip(lower=0)
-            ax.barh(y, rows[metric], xerr=[lo, hi], color=[estimator_colour(label) for label in rows["label"]],
-                    alpha=0.8, capsize=2)
+            ax.barh(np.flatnonzero(present), rows[metric], xerr=[lo, hi],
+                    color=[estimator_colour(label) for label in rows["label"]], alpha=0.8, capsize=2)
             ax.axvline(0 if metric.endswith("_diff") else 1, color="k", lw=0.8, ls="--")
-            ax.set_yticks(y, rows["label"])
-            ax.invert_yaxis()
             title, unit = names.get(metric, (metric, ""))
             ax.set(xlabel=f"{title} {unit}, 95% CI", title=title)
+        axes[0].set_yticks(np.arange(len(summary)), summary["_name"])
+        axes[0].invert_yaxis()
+        if groups is not None:
+            fig.suptitle(f"each run against {baseline} of its group ({group_by} in brackets)", fontsize="medium")
     return fig
 
 

@@ -18,3 +18,23 @@ def test_an_estimator_has_one_colour_in_every_figure():
         base, shade = estimator_colour(label.split("(")[0].split(" ")[0]), estimator_colour(label)
         assert shade != base and all(s >= b for s, b in zip(shade, base))  # lighter, same hue family
     assert estimator_colour("reinforce(baseline=zero)") != estimator_colour("reinforce(baseline=mean)")
+
+
+def test_a_ratios_bar_names_its_group_when_labels_recur():
+    """Grouped by preset, `switch` and `sparsemixer` occur once per group: each bar names its group, every panel
+    has a row per run (a metric a run lacks leaves its row empty), and the names are on the first panel only."""
+    import numpy as np
+    import pandas as pd
+    from gradest.report import ratios_figure
+    summary = pd.DataFrame({"label": ["switch", "sparsemixer"] * 2,
+                            "val_loss_diff": [0.0, -0.05, 0.0, 0.01], "time_ratio": [1.0, 1.1, 1.0, np.nan]})
+    for metric in ("val_loss_diff", "time_ratio"):
+        summary[f"{metric}_lo"], summary[f"{metric}_hi"] = summary[metric] - 0.01, summary[metric] + 0.01
+    fig = ratios_figure(summary, "switch", ["val_loss_diff", "time_ratio"], ["none", "none", "ref", "ref"], "preset")
+    names, time = fig.axes
+    assert [t.get_text() for t in names.get_yticklabels()] == ["switch (none)", "sparsemixer (none)",
+                                                               "switch (ref)", "sparsemixer (ref)"]
+    assert [bar.get_y() + bar.get_height() / 2 for bar in time.patches] == [0, 1, 2]  # the missing row left empty
+    assert "preset" in fig._suptitle.get_text()
+    ungrouped = ratios_figure(summary.iloc[:2], "switch", ["val_loss_diff"])
+    assert [t.get_text() for t in ungrouped.axes[0].get_yticklabels()] == ["switch", "sparsemixer"]
