@@ -108,9 +108,10 @@ CELL_STORE = STUDIES / "cells"
 
 
 def test_pending_specs_validate_and_share_their_runs(tmp_path):
-    """The re-runs under the reference preset (studies/pending, or studies/ once done): every profile builds; each training study has
-    its runs under the preset and today's defaults as a labelled arm (`preset=none`), grouped by preset; and the
-    cache is shared: ablations' switch and sparsemixer arms are lm-convergence's n = 8 runs, in both setups."""
+    """The re-runs under the reference preset (studies/pending, or studies/ once done): every profile builds;
+    each training study has its runs under the preset and today's defaults as a labelled arm (`preset=none`),
+    grouped by preset; and the cache is shared: ablations' switch and sparsemixer arms are lm-convergence's n = 8
+    runs, in both setups."""
     reruns = ("lm-convergence", "ablations", "top2", "translation")
     assert {path.stem for path in PENDING.glob("*.toml")} <= set(reruns)
     # a re-run's spec moves from pending/ into studies/ once its report is done; either way it is the new one

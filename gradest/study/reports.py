@@ -453,7 +453,7 @@ def _train_figures(study: Study, summary: pd.DataFrame, curves: pd.DataFrame, gr
     elif baseline:
         metrics = [m for m in (("val_loss_diff",) if convergence else ()) + ("time_ratio", "flops_ratio")
                    if m in summary and summary[m].notna().any()]
-        groups = [", ".join(str(row[key]) for key in group_keys) for _, row in summary.iterrows()] if group_keys else None
+        groups = list(summary[group_keys].astype(str).agg(", ".join, axis=1)) if group_keys else None
         atomic_savefig(ratios_figure(summary, baseline, metrics, groups, ", ".join(group_keys)), out / "ratios.png",
                        dpi=100)
         figures.append("ratios.png")
