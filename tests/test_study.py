@@ -88,19 +88,17 @@ def test_shipped_specs_validate_and_quick_profiles_are_small(tmp_path):
     assert len(specs["bias-variance"].cells("quick", tmp_path)) == 12
     train = specs["lm-convergence"]
     quick = train.cells("quick", tmp_path)
-    assert len(quick) == 2 and all(c.config["steps"] == 20 for c in quick)
-    full = train.cells("full", tmp_path)
-    dense = [c for c in full if c.config["name"] == "dense"]
-    # 4 n x (switch, sparsemixer) x 3 seeds, and one dense run per seed (it has no experts to vary)
-    assert len(full) == 27 and len(dense) == 3 and all(c.config["model"] == {"moe_every": 0} for c in dense)
-    assert {c.config["experts"] for c in full} == {2, 4, 8, 16}
-    # the cache is shared: the probe's trained models are lm-convergence's n = 4 Switch runs (the re-runs' own
-    # sharing, ablations' arms being lm-convergence's n = 8 runs, is test_pending_specs_validate_and_share_their_runs)
+    assert len(quick) == 4 and all(c.config["steps"] == 20 for c in quick)
+    # the full grid (50 runs, shared with ablations) is test_pending_specs_validate_and_share_their_runs'
+    # the probe's trained models are Switch runs of gradest's defaults at n = 4 (the first lm-convergence's), each
+    # one training cell shared by the probe's cells of its seed
     from gradest.study import make_cell, probe_train_config
-    shared = {c.hash for c in full}
     probes = specs["switch-probe"].cells("full", tmp_path)
-    assert {make_cell("train", probe_train_config(c.config), tmp_path).hash for c in probes} == {
-        c.hash for c in full if c.config["name"] == "switch" and c.config["experts"] == 4}
+    trained = [make_cell("train", probe_train_config(c.config), tmp_path)
+               for c in probes if c.config["stage"] == "trained"]
+    assert len({c.hash for c in trained}) == 3
+    assert all((c.config["estimator"], c.config["experts"], c.config["steps"], c.config.get("preset")) ==
+               ("switch", 4, 600, None) for c in trained)
 
 
 PENDING = STUDIES / "pending"
