@@ -120,16 +120,25 @@ def _floor_for_log(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 NO_ESTIMATOR_COLOUR = (0.45, 0.45, 0.45)  # a label that names no estimator, e.g. the dense baseline
 
 
+# The routers drawn in one panel of the training studies get far-apart hues. Slots of the palette below:
+# tab10 (grey dropped) 0 blue, 1 orange, 2 green, 3 red, 4 purple, 5 brown, 6 pink, 7 olive, 8 cyan, then Dark2.
+FIXED_COLOURS = {"switch": 0, "sparsemixer": 1, "densemixer": 2, "default-moe": 4,  # top-1 panels
+                 "topk": 3, "sparsemixer-v2": 8, "sparsemixer-v2*": 7}             # top-2 panels
+
+
 def estimator_colour(label) -> tuple:
-    """The colour of an estimator in every figure of every report: fixed by its name (its place among the
-    registered names), a lighter shade for each of its variants (its declared variants first, then any other
-    setting, e.g. `st(tau=0.5)` or a study's arm `switch + omega`), grey for a label that names no estimator."""
+    """The colour of an estimator in every figure of every report: fixed by its name (its slot in FIXED_COLOURS,
+    or its place among the other registered names), a lighter shade for each of its variants (its declared variants
+    first, then any other setting, e.g. `st(tau=0.5)` or a study's arm `switch + omega`), grey for a label that
+    names no estimator."""
     label = str(label)
     name = re.split(r"[(:\s]", label, maxsplit=1)[0]
     if name not in REGISTRY:
         return NO_ESTIMATOR_COLOUR
     palette = [c for i, c in enumerate(sns.color_palette("tab10")) if i != 7] + sns.color_palette("Dark2")[:7]  # no grey
-    base = palette[sorted(REGISTRY).index(name) % len(palette)]
+    free = [slot for slot in range(len(palette)) if slot not in FIXED_COLOURS.values()]
+    others = sorted(set(REGISTRY) - set(FIXED_COLOURS))  # the rest in name order, in the free slots
+    base = palette[FIXED_COLOURS[name] if name in FIXED_COLOURS else free[others.index(name) % len(free)]]
     variants = list(dict.fromkeys([name] + [REGISTRY[name](**v).label for v in REGISTRY[name].variants]))
     rank = variants.index(label) if label in variants else len(variants)
     lighten = min(0.6, 0.3 * rank)

@@ -1,5 +1,7 @@
 """Figures: one colour per estimator, whatever else a figure shows."""
 
+import colorsys
+
 from gradest.estimators import REGISTRY
 from gradest.report import NO_ESTIMATOR_COLOUR, estimator_colour, estimator_styles
 
@@ -18,6 +20,11 @@ def test_an_estimator_has_one_colour_in_every_figure():
         base, shade = estimator_colour(label.split("(")[0].split(" ")[0]), estimator_colour(label)
         assert shade != base and all(s >= b for s, b in zip(shade, base))  # lighter, same hue family
     assert estimator_colour("reinforce(baseline=zero)") != estimator_colour("reinforce(baseline=mean)")
+    # routers drawn in one panel of a training study are told apart at a glance: hues at least 60 degrees apart
+    for panel in (("switch", "sparsemixer", "densemixer", "default-moe"), ("topk", "sparsemixer-v2", "sparsemixer-v2*")):
+        hues = [360 * colorsys.rgb_to_hsv(*estimator_colour(name))[0] for name in panel]
+        assert all(min(abs(a - b), 360 - abs(a - b)) >= 60
+                   for i, a in enumerate(hues) for b in hues[i + 1:]), panel
 
 
 def test_a_ratios_bar_names_its_group_when_labels_recur():
