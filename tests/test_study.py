@@ -89,7 +89,7 @@ def test_shipped_specs_validate_and_quick_profiles_are_small(tmp_path):
     train = specs["lm-convergence"]
     quick = train.cells("quick", tmp_path)
     assert len(quick) == 4 and all(c.config["steps"] == 20 for c in quick)
-    # the full grid (50 runs, shared with ablations) is test_pending_specs_validate_and_share_their_runs'
+    # the full grid (50 runs, shared with ablations) is test_rerun_specs_validate_and_share_their_runs'
     # the probe's trained models are Switch runs of gradest's defaults at n = 4 (the first lm-convergence's), each
     # one training cell shared by the probe's cells of its seed
     from gradest.study import make_cell, probe_train_config
@@ -105,10 +105,10 @@ PENDING = STUDIES / "pending"
 CELL_STORE = STUDIES / "cells"
 
 
-def test_pending_specs_validate_and_share_their_runs(tmp_path):
+def test_rerun_specs_validate_and_share_their_runs(tmp_path):
     """The re-runs under the reference preset (studies/pending, or studies/ once done): every profile builds;
-    each training study has its runs under the preset and today's defaults as a labelled arm (`preset=none`),
-    grouped by preset; and the cache is shared: ablations' switch and sparsemixer arms are lm-convergence's n = 8
+    each study has its runs under the preset (lm-convergence's and top2's beside today's defaults, `preset=none`, a
+    labelled arm) and its baseline among its arms; and the cache is shared: ablations' switch and sparsemixer arms are lm-convergence's n = 8
     runs, in both setups."""
     reruns = ("lm-convergence", "ablations", "top2", "translation")
     assert {path.stem for path in PENDING.glob("*.toml")} <= set(reruns)
