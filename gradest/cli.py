@@ -31,14 +31,12 @@ from gradest.measure import WRT, compare as compare_estimators
 from gradest.model import SwitchConfig
 from gradest.presets import PRESETS, apply_preset
 from gradest.probe import TASK_PROBLEM, switch_probe
-from gradest.problems import PROBLEMS, ProblemConfig
-from gradest.report import (atomic_savefig, summary_text, training_figure, training_summary, write_compare_report,
-                            write_run_report)
+from gradest.problems import PROBLEM_DEFAULTS, PROBLEMS, ProblemConfig
+from gradest.figures import atomic_savefig, training_figure
+from gradest.report import summary_text, training_summary, write_compare_report, write_run_report
 from gradest.synthetic import SYNTHETIC_LR, SYNTHETIC_STEPS, train_synthetic
 from gradest.train import DTYPES, HF_EXPERTS, TASKS, Interrupted, Trainer, TrainConfig, load_checkpoint
 
-# Problem-specific defaults that differ from ProblemConfig's: ReinMax's polynomial programming is binary.
-PROBLEM_DEFAULTS = {"poly": {"experts": 2}}
 SWITCH_PROBLEMS = {problem: task for task, problem in TASK_PROBLEM.items()}  # switch-lm -> lm, switch-mt -> mt
 HF_PROBLEM = "hf"  # the router-gradient probe on a Hugging Face causal LM (gradest.hf_probe)
 ALL_PROBLEMS = [*PROBLEMS, *SWITCH_PROBLEMS, HF_PROBLEM]

@@ -30,3 +30,18 @@ def check_device(name: str) -> str:
     if canonical not in available:
         raise GradestError(f"device '{name}' is not available on this machine; valid here: {', '.join(available)}")
     return canonical
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def check_device_type(name: str) -> str:
+    """A device torch knows, whether or not this machine has it: a study spec may ask for `cuda` on a laptop (whether
+    the cells' machine has it is checked when they run: `check_device`)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise GradestError(f"unknown device '{name}'; valid: {', '.join(DEVICE_TYPES)}, cuda:N")
+    return name

@@ -196,7 +196,7 @@ def write_doctor_report(result: DoctorResult, out: Path, config: dict, command: 
     from tabulate import tabulate
 
     from gradest.io import atomic_write_text, run_metadata, write_json
-    from gradest.report import atomic_savefig
+    from gradest.figures import atomic_savefig
     out = Path(out)
     shown = result.layers[["layer", "module", "k", "cos", "rel_bias", "zero_fraction", "load", "entropy",
                            "reference", "reference_se", "verdict"]]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
+
 import pandas as pd
 import torch
 from torch import Tensor
@@ -84,7 +86,35 @@ def exact_gradient(problem: Problem, objective: Objective | None = None, wrt: st
 
 
 # --------------------------------------------------------------------------------------------------- metrics
-METRICS = ("rel_bias", "bias_sq", "variance", "mse", "cos_mean", "cos_of_mean")
+@dataclass(frozen=True)
+class Metric:
+    """A column of a measurement row (`measure`'s, the probe's), and how the reports head it: `heading` in a study
+    report's tables, `summary` in `gradest compare`'s (empty: that table leaves it out; every metric is in the CSVs,
+    with its 95% interval as `<column>_lo`, `<column>_hi`)."""
+
+    column: str
+    heading: str = ""
+    summary: str = ""
+
+
+# The one list of metrics: what `measure` computes for each estimator, what the summaries and reports show.
+METRICS = (Metric("rel_bias", "relative bias", "rel_bias"), Metric("bias_sq"),
+           Metric("variance", "variance", "variance"), Metric("mse", "MSE", "mse"),
+           Metric("cos_mean", summary="cos_mean"), Metric("cos_of_mean", "cos(mean, exact)", "cos_of_mean"),
+           Metric("sec_per_sample", "s/sample", "sec/sample"))
+# The configuration a compare row belongs to: its problem and the ProblemConfig fields a row records.
+CONFIG_COLUMNS = ["problem", "experts", "tokens", "top_k", "sharpness"]
+
+
+def configuration_label(row) -> str:
+    return (f"{row['problem']}: n={row['experts']}, T={row['tokens']}, k={row['top_k']}, "
+            f"sharpness={row['sharpness']:g}")
+
+
+def by_configuration(df: pd.DataFrame):
+    """(label, rows) for each problem configuration, in the order compare() measured them."""
+    for _, rows in df.groupby(CONFIG_COLUMNS, sort=False):
+        yield configuration_label(rows.iloc[0]), rows
 
 
 def bias_variance(samples: Tensor, reference: Tensor, z: float = Z95) -> dict[str, float]:

@@ -57,8 +57,14 @@ class ProblemConfig:
         return asdict(self)
 
     @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
+    def settings(cls, config: dict) -> dict:
+        """The problem settings of a flat configuration (a study cell's): every field but the seed."""
+        return {f.name: config[f.name] for f in fields(cls) if f.name != "seed"}
+
+
+# Problem-specific defaults that differ from ProblemConfig's (for `gradest compare` and compare studies alike):
+# ReinMax's polynomial programming is binary.
+PROBLEM_DEFAULTS = {"poly": {"experts": 2}}
 
 
 class Problem:

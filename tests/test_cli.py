@@ -12,7 +12,8 @@ import torch
 from helpers import assert_one_line_error, cli
 from gradest.estimators import REGISTRY
 from gradest.io import atomic_write_text
-from gradest.report import SUMMARY_COLUMNS, atomic_savefig
+from gradest.figures import atomic_savefig
+from gradest.report import SUMMARY_COLUMNS
 
 SMALL = ["--tokens", "4", "--samples", "200"]  # a problem small enough that compare takes a fraction of a second
 CATEGORICAL_ESTIMATORS = {"st", "gumbel-st", "rb-gumbel", "gapped-st", "reinmax", "reinforce", "exact"}

@@ -18,7 +18,8 @@ from gradest.probe import (ForcedRouting, Site, bias_variance_mc, enumerate_refe
                            layer_gradient_samples, probe, probing, rao_blackwell_reference, sample_seeds,
                            switch_probe)
 from gradest.problems import ProblemConfig
-from gradest.report import CONFIG_COLUMNS, SUMMARY_COLUMNS, write_compare_report
+from gradest.measure import CONFIG_COLUMNS
+from gradest.report import SUMMARY_COLUMNS, write_compare_report
 
 PLAIN = Objective(k=1)
 OBJECTIVES = [PLAIN, Objective(k=1, mask="reference", r=0.5), Objective(k=2),

@@ -3,7 +3,7 @@
 import colorsys
 
 from gradest.estimators import REGISTRY
-from gradest.report import NO_ESTIMATOR_COLOUR, estimator_colour, estimator_styles
+from gradest.figures import NO_ESTIMATOR_COLOUR, estimator_colour, estimator_styles
 
 
 def test_an_estimator_has_one_colour_in_every_figure():
@@ -32,7 +32,7 @@ def test_a_ratios_bar_names_its_group_when_labels_recur():
     has a row per run (a metric a run lacks leaves its row empty), and the names are on the first panel only."""
     import numpy as np
     import pandas as pd
-    from gradest.report import ratios_figure
+    from gradest.figures import ratios_figure
     summary = pd.DataFrame({"label": ["switch", "sparsemixer"] * 2,
                             "val_loss_diff": [0.0, -0.05, 0.0, 0.01], "time_ratio": [1.0, 1.1, 1.0, np.nan]})
     for metric in ("val_loss_diff", "time_ratio"):

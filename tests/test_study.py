@@ -981,7 +981,7 @@ def test_optional_run_settings_reach_the_run_and_leave_other_hashes_alone(tmp_pa
     """schedule, adam_beta2 and label_smoothing (the reference setup's) may be set by a train study; a cell that
     sets one to its default is the same cell (same hash) as one that does not, and a cell's config passes them to
     its TrainConfig."""
-    from gradest.study.spec import train_fields
+    from gradest.study import train_fields
     from gradest.train import TrainConfig
     base = """
     [study]

@@ -250,8 +250,7 @@ class Objective:
 
     def exact(self) -> "Estimator":
         """The estimator whose routing is this objective itself, enumerated: its gradient is grad J exactly."""
-        from gradest.estimators.exact import Exact  # the one estimator every objective has
-        return Exact.of(self)
+        return REGISTRY["exact"].of(self)  # the one estimator every objective has (estimators/exact.py)
 
 
 # ---------------------------------------------------------------------------------------------------- estimator

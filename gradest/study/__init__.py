@@ -1,28 +1,30 @@
-"""Declarative studies: a grid of cells run once each, cached by a hash of their configuration (issue #4 §1).
+"""Declarative studies: a grid of cells run once each, cached by a hash of their configuration.
 
+- `kind`: the registry of study kinds (`CELL_KINDS`); each kind is one module of `kinds/` (compare, probe,
+  hf-probe, train) holding its settings and defaults, its checks, its runner and its report.
 - `spec`: a study spec (`studies/NAME.toml`) read and checked, its profiles, and its cells: each one's resolved
   configuration, its hash (`cell_hash`, the cache key) and its directory `RESULTS/<kind>/<hash>/`; shards.
-- `runner`: the registry of cell kinds (`CELL_KINDS`: "compare", "probe", "train", each with its settings, checks,
-  runner and report), and the runner of a study's cells: cached, atomic, resumable, in parallel workers.
-- `reports`: `reports/<name>/README.md` (another profile's: `reports/<name>/<profile>/`), its CSVs and figures:
-  the finished cells collected into the CSVs (`write_report`), and the tables, figures and README rendered from
-  the CSVs alone (`render_report`, `regenerate`).
+- `runner`: the runner of a study's cells: cached, atomic, resumable, in parallel workers.
+- `reports`: `reports/<name>/README.md` (another profile's: `reports/<name>/<profile>/`): the kind's data files,
+  tables and figures, and what every report has around them (`write_report`, `render_report`, `regenerate`).
 
 The names other code uses are re-exported here: `from gradest.study import load_study, run_study, write_report`.
 """
 
-from gradest.study.spec import (DEFAULT_PROFILE, FORMAT, LABEL_KEYS, PROFILES, RESULTS_ENV, STAGES, Cell, Study,
-                                canonical, cell_hash, load_study, make_cell, merge, parse_shard, parse_study,
-                                probe_train_config, problem_fields, resolve, results_root, shard, train_fields)
-from gradest.study.runner import (CELL_KINDS, CellKind, RunSummary, execute, finished, register_cell_kind, status_text,
-                                  run_compare, run_probe, run_study, run_train)
-from gradest.study.reports import (is_reference_row, regenerate, render_report, report_dir, steps_to,
-                                   update_seconds, write_report)
+from gradest.study.kind import CELL_KINDS, CellKind, cell_kind, register_cell_kind, unregister_cell_kind
+from gradest.study.spec import (DEFAULT_PROFILE, FORMAT, LABEL_KEYS, PROFILES, RESULTS_ENV, Cell, Study, canonical,
+                                cell_hash, load_study, make_cell, merge, parse_shard, parse_study, resolve_cell,
+                                results_root, shard)
+from gradest.study.runner import RunSummary, execute, finished, run_study, status_text
+from gradest.study.reports import regenerate, render_report, report_dir, write_report
+from gradest.study import kinds  # noqa: F401 - registers every kind
+from gradest.study.kinds.compare import is_reference_row
+from gradest.study.kinds.probe import probe_train_config
+from gradest.study.kinds.train import steps_to, train_fields, update_seconds
 
-__all__ = ["DEFAULT_PROFILE", "FORMAT", "LABEL_KEYS", "PROFILES", "RESULTS_ENV", "STAGES", "Cell", "Study",
-           "canonical", "cell_hash", "load_study", "make_cell", "merge", "parse_shard", "parse_study",
-           "probe_train_config", "problem_fields", "resolve", "results_root", "shard", "train_fields",
-           "CELL_KINDS", "CellKind", "RunSummary", "execute", "finished", "register_cell_kind", "run_compare",
-           "run_probe", "run_study", "run_train",
-           "is_reference_row", "regenerate", "render_report", "report_dir", "steps_to", "update_seconds",
-           "write_report"]
+__all__ = ["CELL_KINDS", "CellKind", "cell_kind", "register_cell_kind", "unregister_cell_kind",
+           "DEFAULT_PROFILE", "FORMAT", "LABEL_KEYS", "PROFILES", "RESULTS_ENV", "Cell", "Study", "canonical",
+           "cell_hash", "load_study", "make_cell", "merge", "parse_shard", "parse_study", "resolve_cell", "results_root",
+           "shard", "RunSummary", "execute", "finished", "run_study", "status_text", "regenerate", "render_report",
+           "report_dir", "write_report", "is_reference_row", "probe_train_config", "steps_to", "train_fields",
+           "update_seconds"]

@@ -1,10 +1,5 @@
-"""Running cells: the registry of cell kinds, and the cached, atomic, resumable runner of a study's cells.
-
-Kinds: "compare" (one cell = a synthetic problem configuration x an estimator spec x a seed: the rows of
-`measure.compare`), "probe" (`probe.switch_probe`: task x estimator x experts x top-k x seed; with a `train` table
-the probed model is that training run's, at `stage` "init" or "trained", the run being a `train` cell of its own),
-"train" (one `TrainConfig`, trained in the cell's directory and resumed from its checkpoint if killed) and
-"hf-probe" (`hf_probe.hf_probe` on one MoE layer of a Hugging Face model built at random initialisation).
+"""Running cells: the cached, atomic, resumable runner of a study's cells, whatever their kind (each kind's `run`,
+looked up in `gradest.study.kind`, computes one cell's outputs in its directory).
 
 Cache: `RESULTS/<kind>/<hash>/` where hash is the sha256 of the canonical JSON of the cell's full configuration
 (kind, every resolved setting, FORMAT; not a variant's `name`, which is only its label). The cache is shared by
@@ -31,169 +26,13 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Collection
+from typing import Callable
 
 from gradest.devices import check_device
 from gradest.errors import GradestError, one_line
-from gradest.study.spec import (FORMAT, Cell, Study, _compare_defaults, _hf_probe_defaults, _probe_defaults,
-                                _resolve_compare, _resolve_hf_probe, _resolve_probe, _resolve_train, _train_defaults,
-                                make_cell, parse_shard, probe_train_config, problem_fields, results_root, shard,
-                                train_fields)
+from gradest.study.kind import cell_kind
+from gradest.study.spec import FORMAT, Cell, Study, parse_shard, results_root, shard
 
-
-# ------------------------------------------------------------------------------------------------------ runners
-def run_compare(config: dict, directory: Path) -> dict:
-    from gradest.measure import compare
-    from gradest.problems import ProblemConfig
-    from gradest.io import atomic_write_text
-    problem = ProblemConfig(**problem_fields(config), seed=config["seed"])
-    estimators = "all" if config["estimator"] == "all" else [config["estimator"]]
-    df = compare([problem], estimators, samples=config["samples"], wrt=config["wrt"], seed=config["seed"],
-                 settings=config["hparams"])
-    atomic_write_text(directory / "results.csv", df.to_csv(index=False))
-    return {"rows": len(df), "rel_bias": df["rel_bias"].tolist(), "mse": df["mse"].tolist()}
-
-
-def run_probe(config: dict, directory: Path) -> dict:
-    """The probe of `probe.switch_probe`, on the tiny model or, with a `train` table, on that run's model at
-    initialisation (stage "init") or after training (stage "trained": the train cell is run first unless cached)."""
-    from gradest.probe import switch_probe
-    from gradest.io import atomic_write_text
-    from gradest.train import Trainer, TrainConfig
-    estimators = "all" if config["estimator"] == "all" else [config["estimator"]]
-    train, trainer, model = probe_train_config(config), None, config["model"] or None
-    if train is not None:
-        model = None  # the run's model settings are in its TrainConfig
-        cell = make_cell("train", train, directory.parent.parent)
-        if config["stage"] == "trained":
-            status, message = execute(cell)
-            if status == "failed":
-                raise GradestError(f"the training run of this probe (cell {cell.hash}) failed: {message}")
-            if not (cell.directory / "run" / "checkpoint.pt").is_file():
-                raise GradestError(f"the trained model's checkpoint is missing from {cell.directory}/run; delete "
-                                   f"that cell's directory to train it again")
-            trainer = Trainer.resume(cell.directory / "run")
-        else:
-            import torch
-            with torch.random.fork_rng(devices=[]):  # a Trainer seeds the global RNG
-                trainer = Trainer(TrainConfig(**train_fields(train)), cell.directory / "run")
-    df = switch_probe(config["task"], estimators=estimators, samples=config["samples"], seed=config["seed"],
-                      trainer=trainer, layer=config["layer"], batch_size=config["batch_size"],
-                      seq_len=config["seq_len"], experts=config["experts"], top_k=config["top_k"], config=model,
-                      reference=config["reference"], draws=config["draws"], wrt=config["wrt"],
-                      settings=config["hparams"], score=config["score"], data_seed=config["data_seed"])
-    df.insert(df.columns.get_loc("layer") + 1, "stage", config["stage"] if train is not None else "init")
-    atomic_write_text(directory / "results.csv", df.to_csv(index=False))
-    return {"rows": len(df), "rel_bias": df["rel_bias"].tolist(), "mse": df["mse"].tolist()}
-
-
-def run_hf_probe(config: dict, directory: Path) -> dict:
-    """`gradest compare --problem hf` on the cell's model (`hf_probe.load_model`: built by name at random
-    initialisation, seeded by `seed`); its rows' problem is `hf-<hf>`. The cell's time and its process's peak memory
-    (resident set) are columns and in the summary: the full-size models' cost is part of what such a study reports."""
-    import resource
-    from gradest import hf
-    from gradest.hf_probe import hf_probe, load_model, model_batch
-    from gradest.io import atomic_write_text
-    start = time.perf_counter()
-    k = None if config["hf"] in hf.NAMED else config["top_k"]  # a full-size model routes its own k
-    model = load_model(config["hf"], k=k, seed=config["seed"], settings=config["hf_settings"])
-    model = model.to(config.get("device", "cpu"))
-    built = time.perf_counter() - start
-    df = hf_probe(model, model_batch(model, config["batch_size"], config["seq_len"], config["data_seed"]),
-                  config["layer"], config["estimator"], config["samples"], wrt=config["wrt"],
-                  reference=config["reference"], draws=config["draws"], seed=config["seed"], top_k=config["top_k"],
-                  settings=config["hparams"], score=config["score"])
-    parameters = sum(p.numel() for p in model.parameters())
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # kilobytes on Linux; host memory
-    seconds = time.perf_counter() - start
-    df["problem"] = f"hf-{config['hf']}"
-    df["parameters"], df["cell_seconds"], df["build_seconds"], df["peak_rss_gb"] = parameters, seconds, built, peak_gb
-    atomic_write_text(directory / "results.csv", df.to_csv(index=False))
-    return {"rows": len(df), "parameters": parameters, "seconds": seconds, "peak_rss_gb": peak_gb,
-            "rel_bias": df["rel_bias"].tolist(), "reference_se": df["reference_se"].tolist()}
-
-
-def run_train(config: dict, directory: Path) -> dict:
-    """A Trainer run in `directory/run`, continued from its checkpoint when a previous attempt was killed."""
-    from gradest.train import Trainer, TrainConfig
-    out = directory / "run"
-    if (out / "checkpoint.pt").is_file():
-        trainer = Trainer.resume(out)
-    else:
-        trainer = Trainer(TrainConfig(**train_fields(config)), out)
-    start = time.perf_counter()
-    name = f"cell {directory.name} ({config.get('name') or config['estimator']}, seed {config['seed']})"
-
-    def on_eval(row):  # one line per evaluation, as `gradest run` prints: a study's captured log shows each run go
-        print(f"{name} {trainer.evaluation_line(row, time.perf_counter() - start)}", flush=True)
-
-    try:
-        metrics = trainer.run(on_eval=on_eval)
-    finally:
-        trainer.close()
-    final = metrics.iloc[-1]
-    summary = {"steps": int(final["step"]), "train_loss": float(final["train_loss"]),
-               "val_loss": float(final["val_loss"]), "train_seconds": float(final["seconds"]),
-               "sec_per_update": float(final["seconds"]) / max(1, int(final["step"])),
-               "flops_per_update": trainer.flops_per_update()}
-    for key in ("bleu_val", "bleu_test"):
-        if key in final:
-            summary[key] = float(final[key])
-    return summary
-
-
-# -------------------------------------------------------------------------------------------------------- kinds
-@dataclass(frozen=True)
-class CellKind:
-    """A kind of cell: everything that differs between "compare", "probe" and "train" cells, looked up by the kind's
-    name (a study's `kind`) instead of branching on it.
-
-      name      the study kind, and the cache's directory of these cells (`RESULTS/<name>/<hash>/`);
-      defaults  every setting of such a cell with its default value (the keys a spec may set);
-      resolve   (config, given) -> config: fills the defaults that depend on other settings (`given`: the keys the
-                spec sets) and checks the configuration (one-line GradestErrors), before anything runs;
-      run       (config, directory) -> summary: computes the cell's outputs in its directory; the summary goes in
-                done.json;
-      report    (study, finished cells or None, out, profile) -> (paragraph, tables, figure files, data): the
-                sections of the study's report, its CSVs and figures written in `out`; given None, rendered from
-                the data files already in `out` (`gradest figures`).
-    """
-
-    name: str
-    defaults: Callable[[], dict]
-    resolve: Callable[[dict, Collection[str]], dict]
-    run: Callable[[dict, Path], dict]
-    report: Callable[[Study, list[Cell], Path, str | None], tuple[str, str, list[str], str]]
-
-
-CELL_KINDS: dict[str, CellKind] = {}
-
-
-def register_cell_kind(kind: CellKind) -> CellKind:
-    """Add a kind of cell under its (new) name: studies of that kind then parse, run and report."""
-    if kind.name in CELL_KINDS:
-        raise ValueError(f"a cell kind '{kind.name}' is already registered")
-    CELL_KINDS[kind.name] = kind
-    return kind
-
-
-def _report(name: str) -> Callable:
-    """The report function `reports.<name>`, imported when called (the reports module imports this one)."""
-    def report(study, done, out, profile=None):
-        from gradest.study import reports
-        return getattr(reports, name)(study, done, out, profile)
-    return report
-
-
-register_cell_kind(CellKind("compare", defaults=_compare_defaults, resolve=_resolve_compare, run=run_compare,
-                            report=_report("_compare_report")))
-register_cell_kind(CellKind("probe", defaults=_probe_defaults, resolve=_resolve_probe, run=run_probe,
-                            report=_report("_probe_report")))
-register_cell_kind(CellKind("train", defaults=_train_defaults, resolve=_resolve_train, run=run_train,
-                            report=_report("_train_report")))
-register_cell_kind(CellKind("hf-probe", defaults=_hf_probe_defaults, resolve=_resolve_hf_probe, run=run_hf_probe,
-                            report=_report("_probe_report")))
 
 
 # ------------------------------------------------------------------------------------------------------ running
@@ -219,7 +58,7 @@ def _execute(cell: Cell, runner, command) -> tuple[str, str]:
                                          "config": cell.config})
     start = time.perf_counter()
     try:
-        summary = (runner or CELL_KINDS[cell.kind].run)(cell.config, directory)
+        summary = (runner or cell_kind(cell.kind).run)(cell.config, directory)
     except Exception as error:  # noqa: BLE001 - recorded; the other cells go on
         message = one_line(f"{type(error).__name__}: {error}")
         write_json(directory / "error.json", {"error": message, "traceback": traceback.format_exc(),

@@ -7,7 +7,7 @@ override the base ones (a key a profile sets in `settings` leaves the grid, and 
 the cell as a whole, for arms that differ in several settings at once (the dense baseline of a training study).
 
 What differs between the kinds of cell (their settings and defaults, their checks) is looked up in the registry of
-`runner.CELL_KINDS`; the per-kind defaults and checks it refers to are defined here.
+kinds (`gradest.study.kind`); this module never names one.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from gradest.errors import GradestError
+from gradest.study.kind import cell_kind
 
 FORMAT = 1  # bump when a cell's outputs change meaning: every cell is then run again
 PROFILES = ("quick", "full", "paper")
@@ -39,9 +40,6 @@ TOP_KEYS = ("study", "grid", "settings", "profiles")
 STUDY_KEYS = ("name", "kind", "description", "findings", "baseline", "group_by")
 LABEL_KEYS = ("name",)  # settings that only label a cell: not hashed
 PROFILE_KEYS = ("grid", "settings", "description")
-PROBLEM_DEFAULTS = {"poly": {"experts": 2}}  # as `gradest compare`: ReinMax's polynomial programming is binary
-STAGES = ("init", "trained")  # a probe's model: its training run's at initialisation, or trained
-DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 # --------------------------------------------------------------------------------------------------------- spec
@@ -78,10 +76,6 @@ class Study:
     # empty: the grid's keys other than those that make arms (variant, seed, estimator, ...)
     group_by: list = dataclasses.field(default_factory=list)
 
-    @property
-    def profile_names(self) -> list[str]:
-        return list(self.profiles)
-
     def resolve_profile(self, profile: str | None) -> str | None:
         """The profile to use: the one asked for (which must exist), else `full` if defined, else none."""
         if profile is None:
@@ -107,7 +101,7 @@ class Study:
     def cells(self, profile: str | None, results: Path) -> list[Cell]:
         """Every cell of the profile, sorted by hash (the order shards split), each configuration once."""
         grid, settings = self.layout(profile)
-        defaults = _kinds()[self.kind].defaults()
+        defaults = cell_kind(self.kind).defaults()
         base = merge(defaults, settings)
         cells = {}
         keys = list(grid)
@@ -132,7 +126,7 @@ class Study:
 
 def make_cell(kind: str, config: dict, results, given=()) -> Cell:
     """The cell of a configuration: resolved and checked, hashed, and where its results live."""
-    config = resolve(kind, config, given)
+    config = resolve_cell(kind, config, given)
     digest = cell_hash(kind, config)
     return Cell(kind, config, digest, Path(results) / kind / digest)
 
@@ -147,31 +141,30 @@ def merge(old, new):
     return copy.deepcopy(new)
 
 
-def resolve(kind: str, config: dict, given=()) -> dict:
+def resolve_cell(kind: str, config: dict, given=()) -> dict:
     """Fill the defaults that depend on other settings, and check the configuration once, before any runs: every
     setting's type (`check_types`), then the kind's checks (its configs' own, e.g. ProblemConfig's)."""
-    kind = _kinds()[kind]
-    check_types(config, kind.defaults())
+    kind = cell_kind(kind)
+    check_types(config, kind.defaults(), kind.optional_types)
     return kind.resolve(dict(config), given)
 
 
-# settings whose default None means "unset": the type a spec may set them to (TOML has no null)
-OPTIONAL_TYPES = {"name": str, "omega": bool, "capacity_factor": float, "preset": str, "top_k": int,
-                  "device": str}
 TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a table"}
 
 
-def check_types(table: dict, defaults: dict, prefix: str = ""):
+def check_types(table: dict, defaults: dict, optional_types: dict | None = None, prefix: str = ""):
     """Each setting has the type of its default (an integer may stand for a number, true is not an integer), so
-    `samples = "lots"` is an error before any cell runs. Keys that only label a cell are not checked."""
+    `samples = "lots"` is an error before any cell runs; a setting whose default is None ("unset") has the type
+    `optional_types` gives it (one it does not give is checked by the kind's `resolve`). Keys that only label a
+    cell are not checked."""
     for key, value in table.items():
         if key not in defaults:
             if key in LABEL_KEYS:
                 continue
             raise GradestError(f"unknown key '{prefix}{key}'; valid: {', '.join(prefix + k for k in defaults)}")
-        if value is None and defaults[key] is None:  # left unset
+        if defaults[key] is None and (value is None or key not in (optional_types or {})):
             continue
-        expected = OPTIONAL_TYPES[key] if defaults[key] is None else type(defaults[key])
+        expected = optional_types[key] if defaults[key] is None else type(defaults[key])
         numeric = (int, float) if expected is float else (expected,)
         if not isinstance(value, numeric) or (isinstance(value, bool) and expected is not bool):
             raise GradestError(f"{prefix}{key} must be {TYPE_NAMES[expected]}, got {value!r}")
@@ -187,23 +180,6 @@ def check_range(config: dict, key: str, low: int, high: int | None = None, why: 
 def check_choice(config: dict, key: str, valid, what: str | None = None):
     if config[key] not in valid:
         raise GradestError(f"unknown {what or key} '{config[key]}'; valid: {', '.join(valid)}")
-
-
-def problem_fields(config: dict) -> dict:
-    from gradest.problems import ProblemConfig
-    return {f.name: config[f.name] for f in dataclasses.fields(ProblemConfig) if f.name != "seed"}
-
-
-# Run settings a train cell's config holds only when they differ from these defaults, so that adding them left every
-# earlier cell's hash as it was (TrainConfig.settings() leaves them out the same way).
-TRAIN_OPTIONAL = {"schedule": "cosine", "adam_beta2": 0.999, "label_smoothing": 0.0, "preset": None}
-
-
-def train_fields(config: dict) -> dict:
-    """The run settings of a train cell's config (TrainConfig's flat settings: `TrainConfig(**train_fields(...))`)."""
-    from gradest.train import TrainConfig
-    keys = [*TrainConfig().settings(), *(key for key in TRAIN_OPTIONAL if key in config)]
-    return {key: config[key] for key in keys}
 
 
 def canonical(data) -> str:
@@ -244,10 +220,7 @@ def parse_study(data: dict, path: Path | None = None) -> Study:
         if not isinstance(study.get(key), str) or not study.get(key):
             raise GradestError(f"[study] needs a {key}{source}")
     kind = study["kind"]
-    kinds = _kinds()
-    if kind not in kinds:
-        raise GradestError(f"unknown study kind '{kind}'{source}; valid: {', '.join(kinds)}")
-    valid = list(kinds[kind].defaults())
+    valid = list(cell_kind(kind, source).defaults())
     grid_valid = valid + ["variant"]
 
     def check_grid(grid: dict, where: str):
@@ -303,182 +276,3 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 def shard(cells: list[Cell], index: int, count: int) -> list[Cell]:
     """The cells whose position in the hash-sorted list is index mod count."""
     return [cell for position, cell in enumerate(cells) if position % count == index]
-
-
-# -------------------------------------------------------------------------------------------------------- kinds
-# Each kind's settings with their defaults, and its `resolve` (the checks `make_cell` runs before anything does):
-# registered, with the kind's runner and report, in `runner.CELL_KINDS`.
-def _kinds() -> dict:
-    """The registry of cell kinds, `runner.CELL_KINDS` (imported when needed: the runner imports this module)."""
-    from gradest.study.runner import CELL_KINDS
-    return CELL_KINDS
-
-
-def _compare_defaults() -> dict:
-    from gradest.problems import ProblemConfig
-    fields = {f.name: f.default for f in dataclasses.fields(ProblemConfig) if f.name not in ("seed",)}
-    return {**fields, "estimator": "all", "samples": 2000, "wrt": "router", "seed": 0, "hparams": {}}
-
-
-def _probe_defaults() -> dict:
-    return {"task": "lm", "estimator": "all", "experts": 4, "top_k": 1, "samples": 256, "seed": 0, "wrt": "router",
-            "layer": 0, "draws": 64, "reference": "auto", "batch_size": 2, "seq_len": 8, "score": "sequence",
-            "data_seed": 0, "hparams": {}, "model": {}, "train": {}, "stage": "init"}
-
-
-def _hf_probe_defaults() -> dict:
-    """An hf-probe cell: `gradest compare --problem hf` on one MoE layer of a Hugging Face model, built at random
-    initialisation from `hf` (a tiny model of that architecture, or a full-size one named in gradest.hf.NAMED) with
-    `hf_settings` over its config; estimator: `all` or a comma-separated list of estimator specs; top_k unset: the
-    model's own k; device unset: the CPU (a cell leaves it out,
-    so that its hash is the one it had before cells had a device)."""
-    return {"hf": "mixtral", "hf_settings": {}, "estimator": "all", "top_k": None, "samples": 256, "seed": 0,
-            "wrt": "router", "layer": 0, "draws": 64, "reference": "auto", "batch_size": 2, "seq_len": 8,
-            "score": "sequence", "data_seed": 0, "hparams": {}, "device": None}
-
-
-def _resolve_hf_probe(config: dict, given=()) -> dict:
-    """The model (its config built, its MoE blocks counted on the meta device: nothing is allocated), the layer,
-    the estimators and the probe's options."""
-    import torch
-    from gradest import hf
-    from gradest.hf_probe import built_config
-    from gradest.probe import PROBE_WRT, REFERENCES, SCORES, probe_estimators
-    valid = [*hf.SUPPORTED, *hf.NAMED]
-    check_choice(config, "hf", valid, "Hugging Face model")
-    for key, choices, what in (("wrt", PROBE_WRT, "gradient target for the probe"),
-                               ("reference", REFERENCES, "reference"), ("score", SCORES, "score")):
-        check_choice(config, key, choices, what)
-    for key, low in (("samples", 3), ("draws", 3), ("batch_size", 1), ("seq_len", 1), ("layer", 0)):
-        check_range(config, key, low)
-    with torch.device("meta"):
-        model = hf.model_from_config(built_config(config["hf"], config["top_k"], config["hf_settings"]))
-    blocks = hf._find(model)
-    check_range(config, "layer", 0, len(blocks) - 1, why=" (an index into the model's MoE blocks)")
-    _, block, arch = blocks[0]
-    router = getattr(block, arch.family.router)
-    n, k = arch.family.experts(router), config["top_k"] or arch.family.native_k(router)
-    if config["top_k"] is not None:
-        check_range(config, "top_k", 1, n)
-    probe_estimators(config["estimator"], k, config["hparams"], config["batch_size"])  # "all", or a comma list
-    if config["device"] is None:
-        del config["device"]
-    else:
-        _check_device_type(config["device"])
-    return config
-
-
-def _train_defaults() -> dict:
-    from gradest.train import TrainConfig
-    return {"name": None, **TrainConfig().settings(), **TRAIN_OPTIONAL}
-
-
-def _resolve_compare(config: dict, given=()) -> dict:
-    """A synthetic problem configuration: the problem's own defaults for the keys the spec does not set, then the
-    problem (`ProblemConfig`), the estimator spec, the samples and the gradient target checked."""
-    from gradest.estimators import expand_estimators
-    from gradest.measure import WRT
-    from gradest.problems import PROBLEMS, ProblemConfig
-    check_choice(config, "problem", PROBLEMS)
-    for key, value in PROBLEM_DEFAULTS.get(config["problem"], {}).items():
-        if key not in given:  # poly's default is 2 categories, as in `gradest compare`
-            config[key] = value
-    problem = ProblemConfig(**problem_fields(config), seed=config["seed"])
-    estimators = "all" if config["estimator"] == "all" else [config["estimator"]]
-    expand_estimators(estimators, PROBLEMS[problem.problem].kind, problem.top_k, config["hparams"])
-    check_range(config, "samples", 3, why=" (bias and variance need them)")
-    check_choice(config, "wrt", WRT, "gradient target")
-    return config
-
-
-def _resolve_probe(config: dict, given=()) -> dict:
-    """The probe's options (as `probe.probe` and `probe.switch_probe` check them when it runs), the estimators, the
-    model's settings and MoE layers, the stage and the `train` table (that training run resolved as a cell of its
-    own)."""
-    from gradest.probe import PROBE_WRT, REFERENCES, SCORES, TASK_PROBLEM, probe_estimators
-    for key, valid, what in (("task", TASK_PROBLEM, "task"), ("stage", STAGES, "probe stage"),
-                             ("wrt", PROBE_WRT, "gradient target for the probe"),
-                             ("reference", REFERENCES, "reference"), ("score", SCORES, "score")):
-        check_choice(config, key, valid, what)
-    check_range(config, "experts", 2, why=" (routing needs a choice)")
-    check_range(config, "top_k", 1, config["experts"])
-    for key, low in (("samples", 3), ("draws", 3), ("batch_size", 1), ("seq_len", 1), ("layer", 0)):
-        check_range(config, key, low)
-    probe_estimators(config["estimator"] if config["estimator"] == "all" else [config["estimator"]],
-                     config["top_k"], config["hparams"], config["batch_size"])
-    if config["stage"] == "trained" and not config["train"]:
-        raise GradestError("probe stage 'trained' needs a train table (the run whose model is probed)")
-    if config["train"]:
-        valid = {key: value for key, value in _train_defaults().items() if key != "name"}
-        try:
-            check_types(config["train"], valid)
-            resolve("train", probe_train_config(config))
-        except GradestError as error:
-            raise GradestError(f"a probe's train table: {error}") from None
-    model = _probe_model(config)
-    layers = sum(model.is_moe(i) for i in range(model.n_layer)) + \
-        sum(model.is_moe(i) for i in range(model.n_encoder_layer))
-    if not layers:
-        raise GradestError("the probed model has no MoE layer (moe_every=0 is the dense baseline)")
-    check_range(config, "layer", 0, layers - 1, why=" (an index into the model's MoE layers)")
-    check_range(config, "seq_len", 1, model.block_size, why=" (the model's block_size)")
-    if model.capacity_factor is not None:
-        raise GradestError("the probe needs a model with capacity_factor unset (a capacity limit would couple the "
-                           "copies of the batch the probe runs in one pass)")
-    return config
-
-
-def _check_device_type(name: str):
-    """A device torch knows (whether this machine has it is checked when the cells run: `runner._check_devices`)."""
-    import torch
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in DEVICE_TYPES:
-        raise GradestError(f"unknown device '{name}'; valid: {', '.join(DEVICE_TYPES)}, cuda:N")
-
-
-def _resolve_train(config: dict, given=()) -> dict:
-    """A `TrainConfig` (its settings and its model's checked) that builds its estimator, on a device torch knows.
-    A `preset` fills the settings the spec does not give (gradest.presets), so the cell holds, and its hash covers,
-    the settings the run will have."""
-    from gradest.presets import apply_preset
-    from gradest.train import TrainConfig
-    if config.get("preset"):
-        spec = {key: config[key] for key in ("task", "estimator", *given) if key in config and key != "preset"}
-        config = {**config, **apply_preset(config["preset"], spec)}
-    TrainConfig(**train_fields(config)).build_estimator()
-    _check_device_type(config["device"])
-    return {key: value for key, value in config.items()
-            if not (key in TRAIN_OPTIONAL and value == TRAIN_OPTIONAL[key])}
-
-
-def _model_defaults() -> dict:
-    from gradest.model import SwitchConfig
-    return {f.name: f.default for f in dataclasses.fields(SwitchConfig)}
-
-
-def _probe_model(config: dict):
-    """The SwitchConfig (checked) of a probe cell's model: the tiny one `probe.switch_probe` builds (`TINY`), or
-    that of the training run of its `train` table."""
-    from gradest.model import SwitchConfig
-    from gradest.probe import TINY
-    from gradest.train import TrainConfig
-    train = probe_train_config(config)
-    if train is None:
-        check_types(config["model"], _model_defaults(), "model.")
-        return SwitchConfig(**{**TINY[config["task"]], "experts": config["experts"], "block_size": config["seq_len"],
-                               **config["model"]})
-    return TrainConfig(**train_fields(train)).model
-
-
-def probe_train_config(config: dict) -> dict | None:
-    """The training run a probe cell's model comes from: its `train` table over the train defaults and the probe's
-    task, experts, top-k, seed and model (so it is the same cell as that run in a train study). None (an empty
-    table): the tiny model of `probe.TINY`, updated by `model`."""
-    if not config["train"]:
-        return None
-    base = {**_train_defaults(), "task": config["task"], "experts": config["experts"], "top_k": config["top_k"],
-            "seed": config["seed"], "model": config["model"]}
-    return merge(base, config["train"])
