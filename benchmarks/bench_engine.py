@@ -1,6 +1,6 @@
 """Vectorised gradient samples vs a Python loop of K backward passes, measured in the same process.
 
-Issue 2's target: K = 2000 samples on moe-regression (n = 8, 64 tokens), router weights as target: >= 20x.
+Target: K = 2000 samples on moe-regression (n = 8, 64 tokens), router weights as target: >= 20x.
 Run: python benchmarks/bench_engine.py [--samples 2000] [--repeats 3]
 """
 

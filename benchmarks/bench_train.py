@@ -1,7 +1,7 @@
 """Training-step time of the default Switch LM with each estimator against `switch`, in one process, and the
 default run's tokens/s and model-FLOPs utilisation (MFU) against this machine's measured matmul peak.
 
-Issue 3's targets: sparsemixer / switch step time <= 1.03x (the paper reports the same time per update).
+Target: sparsemixer / switch step time <= 1.03x (the paper reports the same time per update).
 Steps of the estimators are interleaved so that machine noise hits all of them alike; the ratio is of medians.
 Run: python benchmarks/bench_train.py [--steps 30] [--estimators sparsemixer,first-order] [--device cuda --dtype bfloat16]
 """

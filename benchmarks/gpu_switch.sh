@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU run for the Switch Transformer (issue 3): the MoE layer against a dense FFN, training-step time
+# One prepared GPU run for the Switch Transformer: the MoE layer against a dense FFN, training-step time
 # of each estimator against switch with tokens/s and MFU, and the default run, all on CUDA in bf16 (and fp32 for
 # the layer). Writes logs under $OUT (or ./gpu-out). Run from the repository root on a CUDA machine.
 set -euo pipefail

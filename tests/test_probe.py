@@ -1,4 +1,4 @@
-"""The router-gradient probe on a Switch Transformer (estimators.md §4, issue 3 §6): its exact reference against finite
+"""The router-gradient probe on a Switch Transformer (docs/estimators.md §4): its exact reference against finite
 differences and a brute-force enumeration through the model's own forward, the Rao-Blackwellised reference
 against enumeration, vectorised samples against a per-sample loop, and the rows it returns."""
 

@@ -101,20 +101,16 @@ def test_shipped_specs_validate_and_quick_profiles_are_small(tmp_path):
                ("switch", 4, 600, None) for c in trained)
 
 
-PENDING = STUDIES / "pending"
 CELL_STORE = STUDIES / "cells"
 
 
 def test_rerun_specs_validate_and_share_their_runs(tmp_path):
-    """The re-runs under the reference preset (studies/pending, or studies/ once done): every profile builds;
+    """The re-runs under the reference preset: every profile builds;
     each study has its runs under the preset (lm-convergence's and top2's beside today's defaults, `preset=none`, a
     labelled arm) and its baseline among its arms; and the cache is shared: ablations' switch and sparsemixer arms are lm-convergence's n = 8
     runs, in both setups."""
     reruns = ("lm-convergence", "ablations", "top2", "translation")
-    assert {path.stem for path in PENDING.glob("*.toml")} <= set(reruns)
-    # a re-run's spec moves from pending/ into studies/ once its report is done; either way it is the new one
-    specs = {name: load_study(PENDING / f"{name}.toml" if (PENDING / f"{name}.toml").exists()
-                              else STUDIES / f"{name}.toml") for name in reruns}
+    specs = {name: load_study(STUDIES / f"{name}.toml") for name in reruns}
     for name, study in specs.items():
         assert study.name == name and set(study.profiles) == {"quick", "full", "paper"}
         for profile in ("quick", "full", "paper"):
@@ -142,7 +138,7 @@ def test_committed_cells_are_cells_of_a_study_at_a_clean_commit():
     today's hash of its configuration (a changed default would orphan it), with what a report reads from it, and
     was computed at a clean commit."""
     from gradest.study.spec import cell_hash
-    wanted = {c.hash for path in sorted(STUDIES.glob("*.toml")) + sorted(PENDING.glob("*.toml"))
+    wanted = {c.hash for path in sorted(STUDIES.glob("*.toml"))
               for c in load_study(path).cells("full", CELL_STORE)}
     for done in sorted(CELL_STORE.glob("*/*/done.json")):
         cell = json.loads((done.parent / "cell.json").read_text())

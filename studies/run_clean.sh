@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Run study specs from a clean clone of this repository's HEAD, caching into its committed cell store, so that
 # every cell records a clean commit (run here, the new cells themselves would make the checkout dirty).
-#   studies/pending/run_clean.sh studies/lm-convergence.toml [more specs...]
+#   studies/run_clean.sh studies/lm-convergence.toml [more specs...]
 # Uses the python on PATH (with gradest's requirements installed); JOBS=1 for one cell at a time, PROFILE=quick
 # for a profile other than full.
 set -euo pipefail
-repo="$(cd "$(dirname "$0")/../.." && pwd)"
+repo="$(cd "$(dirname "$0")/.." && pwd)"
 clone="$(mktemp -d)/gradest"
 git clone -q "$repo" "$clone"
 echo "cells computed at $(git -C "$clone" rev-parse --short HEAD), into $repo/studies/cells"
