@@ -635,8 +635,11 @@ def study():
 @click.option("--shard", "shard_spec", metavar="i/N", default=None,
               help="run only the cells whose index in the hash-sorted list is i mod N (0 <= i < N), e.g. for a "
                    "Slurm array")
+@click.option("--threads", "cell_threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="torch threads of each cell, however many run at once; recorded in each cell's done.json (the "
+                   "thread count changes the last bits of a run's numbers)")
 @RESULTS_OPTION
-def study_run(spec, profile, jobs, shard_spec, results):
+def study_run(spec, profile, jobs, shard_spec, cell_threads, results):
     """Run every unfinished cell of SPEC; finished cells (results cached by a hash of their configuration) are
     skipped, failed ones are recorded and retried on the next run. Every cell of the profile is checked (each
     setting's type and value, the devices) before the first one runs. Ctrl-C stops the workers at once: finished
@@ -644,7 +647,7 @@ def study_run(spec, profile, jobs, shard_spec, results):
     from gradest.study import load_study, results_root, run_study
     spec_ = load_study(spec)
     profile = spec_.resolve_profile(profile)
-    summary = run_study(spec_, profile, results, jobs, shard_spec, command=command_line())
+    summary = run_study(spec_, profile, results, jobs, shard_spec, command=command_line(), threads=cell_threads)
     click.echo(summary.text(spec_.name, profile))
     click.echo(f"results in {results_root(results) / spec_.kind}/ (cells shared by every study)")
     if summary.failed:

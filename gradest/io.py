@@ -95,15 +95,43 @@ def _version(package: str) -> str | None:
         return None
 
 
+def cpu_model() -> str:
+    """The processor's name (Linux: /proc/cpuinfo's "model name"), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# environment variables that change which kernels the CPU runs, hence the last bits of the numbers
+NUMERIC_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "MKL_CBWR")
+
+
+def environment() -> dict:
+    """What, beside the seed and the code, decides a run's numbers on this machine: torch's thread count (a sum
+    split over more threads is added in another order), the processor, torch's math settings and the numeric
+    libraries' environment variables. The same seed gives bit-identical numbers only where all of these agree."""
+    return {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+            "cpu": cpu_model(), "machine": platform.machine(), "cores": os.cpu_count(),
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+            "env": {name: os.environ[name] for name in NUMERIC_ENV if name in os.environ}}
+
+
 def run_metadata(config: dict, seed, command: list[str] | None = None) -> dict:
-    """What is needed to reproduce a run: its configuration, seed, library versions, source commit, time and
-    command line (default: this process's)."""
+    """What is needed to reproduce a run: its configuration, seed, library versions, source commit, the
+    environment that decides its last bits (`environment`), time and command line (default: this process's)."""
     return {
         "config": config,
         "seed": seed,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                      "pandas": _version("pandas"), "gradest": gradest.__version__},
         "git": git_state(),
+        "environment": environment(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(sys.argv if command is None else command),
     }

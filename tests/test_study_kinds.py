@@ -89,7 +89,10 @@ def test_a_throwaway_kind_runs_a_study_and_its_report(coin_kind, tmp_path):
     ran = cli("study", "run", spec, "--results", results)
     assert ran.exit_code == 0, ran.output
     assert "6 cells, 0 already done, 6 run, 0 failed" in ran.output
-    assert len(list((results / "coin").glob("*/done.json"))) == 6
+    finished = list((results / "coin").glob("*/done.json"))
+    assert len(finished) == 6
+    # every cell runs with the study's thread count (default 1, whatever --jobs is) and records it
+    assert {json.loads(path.read_text())["environment"]["threads"] for path in finished} == {1}
     status = cli("study", "status", spec, "--results", results)
     assert status.exit_code == 0 and "6 of 6 cells done" in status.output
 

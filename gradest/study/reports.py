@@ -73,14 +73,15 @@ def write_report(study: Study, profile: str | None = None, results=None, out=Non
                            f"{study.path or study.name}"
                            f"{f' --profile {profile}' if profile else ''}` first")
     out = Path(out or report_dir(study, profile))
-    sections = cell_kind(study.kind).report(study, done, out, profile)  # collected, then rendered from the files
     spec = study.path.as_posix() if study.path else study.name
+    # the checkout's state before the report writes into it: at a clean commit, the report's record says clean
+    metadata = run_metadata({"study": spec, "profile": profile}, None, command)
+    sections = cell_kind(study.kind).report(study, done, out, profile)  # collected, then rendered from the files
     write_json(out / "report.json", {
         "study": spec, "profile": profile, "results": str(results_root(results)),
         "cells": {"done": len(done), "failed": len(failed), "missing": len(missing)}, "commits": _commits(done),
         "failed": [{"cell": cell.hash, "error": read_json(cell.directory / "error.json")["error"]}
-                   for cell in failed],
-        **run_metadata({"study": spec, "profile": profile}, None, command)})
+                   for cell in failed], **metadata})
     _write_readme(study, out, _read_meta(out), sections)
     return out
 

@@ -72,8 +72,8 @@ def _execute(cell: Cell, runner, command) -> tuple[str, str]:
     return "done", ""
 
 
-def _init_worker(parent: int):
-    """A worker process: one torch thread; it dies with the study's process (else, that one killed, it would run
+def _init_worker(parent: int, threads: int):
+    """A worker process: `threads` torch threads (the study's, see `run_study`); it dies with the study's process (else, that one killed, it would run
     the queued cells and then wait forever), and leaves Ctrl-C to it (which stops the workers, `_stop_workers`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
@@ -89,7 +89,7 @@ def _init_worker(parent: int):
     if os.getppid() != parent:  # the parent died before the worker asked to die with it
         os._exit(1)
     import torch
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
 
 
 def _stop_workers(pool: concurrent.futures.ProcessPoolExecutor):
@@ -135,8 +135,11 @@ class RunSummary:
 
 def run_study(study: Study, profile: str | None = None, results=None, jobs: int = 1, shard_spec: str | None = None,
               runner: Callable[[dict, Path], dict] | None = None, progress: bool = True,
-              command=None) -> RunSummary:
-    """Run every unfinished cell of the profile (of this shard); finished cells are skipped."""
+              command=None, threads: int = 1) -> RunSummary:
+    """Run every unfinished cell of the profile (of this shard); finished cells are skipped. Every cell runs with
+    `threads` torch threads, however many run at once (`jobs`): the thread count changes a run's last bits (a sum
+    split over more threads is added in another order), so a study fixes it, and each cell records it
+    (`done.json`'s environment)."""
     profile = study.resolve_profile(profile)
     index, count = parse_shard(shard_spec)
     cells = shard(study.cells(profile, results_root(results)), index, count)
@@ -158,12 +161,18 @@ def run_study(study: Study, profile: str | None = None, results=None, jobs: int 
 
     try:
         if jobs <= 1 or len(todo) <= 1:
-            for cell in todo:
-                record(cell, *execute(cell, runner, command))
+            import torch
+            previous = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                for cell in todo:
+                    record(cell, *execute(cell, runner, command))
+            finally:
+                torch.set_num_threads(previous)
         else:
             context = multiprocessing.get_context("spawn")
             with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
-                                                        initargs=(os.getpid(),)) as pool:
+                                                        initargs=(os.getpid(), threads)) as pool:
                 try:
                     futures = {pool.submit(execute, cell, runner, command): cell for cell in todo}
                     for future in concurrent.futures.as_completed(futures):
