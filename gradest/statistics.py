@@ -43,3 +43,44 @@ def plus_minus(mean: float, lo: float, hi: float, n: int) -> str:
     if n <= 1:
         return f"{mean:.4g}"
     return f"{mean:.4g} ± {(hi - lo) / 2:.2g}"
+
+
+def paired_test(differences) -> dict:
+    """Student's paired t-test of differences taken within a seed (a run minus its baseline, same initialisation
+    and data): their mean, 95% interval, how many are below zero, the two-sided p-value of "mean 0", and the
+    sign test's (how often "k of n lower" happens by chance: 5 of 5 alone is p = 0.0625)."""
+    from scipy import stats
+    values = np.asarray([v for v in differences if v is not None and np.isfinite(v)], dtype=float)
+    mean, lo, hi, n = mean_interval(values)
+    lower = int((values < 0).sum())
+    p = float(stats.ttest_1samp(values, 0.0).pvalue) if n > 1 and values.std() > 0 else float("nan")
+    sign = float(stats.binomtest(lower, n, 0.5).pvalue) if n else float("nan")
+    return {"mean": mean, "lo": lo, "hi": hi, "seeds": n, "lower": lower, "p": p, "sign_p": sign}
+
+
+def welch_test(a, b) -> float:
+    """Two-sided p-value of Welch's t-test that two sets of values (e.g. one arm's paired differences in two groups)
+    have the same mean."""
+    from scipy import stats
+    a = np.asarray([v for v in a if np.isfinite(v)], dtype=float)
+    b = np.asarray([v for v in b if np.isfinite(v)], dtype=float)
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def holm(pvalues) -> list[float]:
+    """Holm's step-down adjustment over one family of tests: the i-th smallest of m p-values is multiplied by
+    (m - i + 1), kept monotone, capped at 1. NaN (no test) is left out of the family and stays NaN."""
+    values = np.asarray(pvalues, dtype=float)
+    tested = np.flatnonzero(np.isfinite(values))
+    adjusted = np.full(len(values), np.nan)
+    running = 0.0
+    for rank, index in enumerate(tested[np.argsort(values[tested], kind="stable")]):
+        running = max(running, min(1.0, (len(tested) - rank) * values[index]))
+        adjusted[index] = running
+    return adjusted.tolist()
+
+
+def p_text(p: float) -> str:
+    return "-" if not np.isfinite(p) else f"{p:.2g}" if p >= 0.001 else "< 0.001"

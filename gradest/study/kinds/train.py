@@ -21,7 +21,7 @@ from gradest.figures import atomic_savefig, curves_figure, metric_vs_experts_fig
 from gradest.io import atomic_write_text
 from gradest.model import SwitchConfig
 from gradest.presets import PRESET_SETTINGS, apply_preset
-from gradest.statistics import aggregate_seeds, mean_interval, plus_minus
+from gradest.statistics import aggregate_seeds, holm, mean_interval, p_text, paired_test, plus_minus, welch_test
 from gradest.study.kind import CellKind, Sections, register_cell_kind
 from gradest.study.reports import read_data, read_json
 from gradest.study.spec import Cell, Study, canonical
@@ -419,7 +419,77 @@ def _render_train(study: Study, finals: pd.DataFrame, curves: pd.DataFrame, out:
     data = ("- [results.csv](results.csv): final numbers of every finished run (one row per seed)\n"
             "- [curves.csv](curves.csv): validation (and train) loss at every evaluation of every run\n"
             "- [summary.csv](summary.csv): means over seeds with 95% t-intervals (`_lo`, `_hi`), the table's numbers")
+    if convergence:
+        tables.append(_tests(finals, group_rows, group_keys, baseline, out))
+        paragraph += (" The tests (below the tables) are paired by seed; each family of comparisons is corrected by "
+                      "Holm's method over that family.")
+        data += "\n- [tests.csv](tests.csv): every test of the Tests section, with its family and Holm-adjusted p"
     return paragraph, "\n\n".join(tables), figures, data
+
+
+def _tests(finals: pd.DataFrame, group_rows: list[dict], group_keys: list[str], baseline: str, out: Path) -> str:
+    """The tests a train study's findings may quote, in three families, each corrected by Holm's method over itself:
+    every arm against the baseline in its group (paired t over seeds); every two other arms of a group (paired t of
+    their difference, seed by seed: is one lead larger than the other?); and an arm's lead over the baseline in two
+    groups that differ in one setting (Welch's t: does the lead change with that setting?). tests.csv holds them
+    all."""
+    rows = []
+    diffs = {}  # (group index, label) -> {seed: val_loss_diff}
+    for index, group in enumerate(group_rows):
+        runs = finals[_in_group(finals, group)]
+        for label, arm in runs.groupby("label", sort=False):
+            if label != baseline:
+                diffs[(index, label)] = dict(zip(arm["seed"], arm["val_loss_diff"]))
+    for (index, label), values in diffs.items():
+        rows.append({"family": f"against {baseline}", "group": _group_name(group_rows[index], group_keys),
+                     "comparison": f"{label} - {baseline}", **paired_test(list(values.values()))})
+    for index, group in enumerate(group_rows):
+        labels = [label for (i, label) in diffs if i == index]
+        for a_index, first in enumerate(labels):
+            for second in labels[a_index + 1:]:
+                a, b = diffs[(index, first)], diffs[(index, second)]
+                seeds = sorted(set(a) & set(b))
+                rows.append({"family": "between arms", "group": _group_name(group, group_keys),
+                             "comparison": f"{first} - {second}", **paired_test([a[s] - b[s] for s in seeds])})
+    for (index, label), values in diffs.items():
+        for other in range(index + 1, len(group_rows)):  # groups that differ in one setting only
+            following = diffs.get((other, label))
+            changed = [key for key in group_keys if group_rows[other][key] != group_rows[index][key]]
+            if following is None or len(changed) != 1:
+                continue
+            names = f"{_group_name(group_rows[other], group_keys)} vs {_group_name(group_rows[index], group_keys)}"
+            later, earlier = list(following.values()), list(values.values())
+            mean = float(np.mean(later) - np.mean(earlier))
+            rows.append({"family": "between groups", "group": names,
+                         "comparison": f"({label} - {baseline}) change", "mean": mean, "lo": np.nan, "hi": np.nan,
+                         "seeds": min(len(later), len(earlier)), "lower": np.nan,
+                         "p": welch_test(later, earlier), "sign_p": np.nan})
+    tests = pd.DataFrame(rows, columns=["family", "group", "comparison", "mean", "lo", "hi", "seeds", "lower", "p",
+                                        "sign_p"])
+    tests["holm_p"] = np.nan
+    for _, family in tests.groupby("family", sort=False):
+        tests.loc[family.index, "holm_p"] = holm(family["p"].to_numpy(float))
+    atomic_write_text(out / "tests.csv", tests.to_csv(index=False))
+    sections = []
+    for name, family in tests.groupby("family", sort=False):
+        table = pd.DataFrame({
+            "group": family["group"], "comparison": family["comparison"], "seeds": family["seeds"].astype(int),
+            "mean difference": [plus_minus(r["mean"], r["lo"], r["hi"], r["seeds"]) if np.isfinite(r["lo"])
+                                else f"{r['mean']:+.4g}" for _, r in family.iterrows()],
+            "lower in": [f"{int(r['lower'])} of {int(r['seeds'])}" if np.isfinite(r["lower"]) else "-"
+                         for _, r in family.iterrows()],
+            "sign test p": [p_text(p) for p in family["sign_p"]], "t-test p": [p_text(p) for p in family["p"]],
+            f"Holm p (over these {len(family)})": [p_text(p) for p in family["holm_p"]]})
+        what = {f"against {baseline}": f"each arm's final validation loss minus `{baseline}`'s, paired by seed "
+                                       f"(Student's t)",
+                "between arms": "one arm's difference from the baseline minus another's, paired by seed "
+                                "(Student's t): is one effect larger than the other?",
+                "between groups": "an arm's mean difference from the baseline in one group minus that in another "
+                                  "group that differs in one setting (Welch's t): does the effect change with that "
+                                  "setting?"}[name]
+        sections.append(f"#### Tests: {name}\n\n{what}; family: the {len(family)} tests of this table.\n\n"
+                        + table.to_markdown(index=False))
+    return "### Tests\n\n" + "\n\n".join(sections)
 
 
 register_cell_kind(CellKind("train", defaults=defaults, resolve=resolve, run=run, report=report,
