@@ -330,8 +330,8 @@ def _setting(config: dict, key: str):
     """A train cell's value of a setting named by a dotted path (`model.balance_coef`:
     config["model"]["balance_coef"]); a model setting the cell leaves out is its task's default model's, and a run
     setting it leaves out (`spec.TRAIN_OPTIONAL`) its default ("none" for no `preset`: a group needs a value)."""
+    from gradest.config import TASK_MODELS
     from gradest.model import SwitchConfig
-    from gradest.train import TASK_MODELS
     if key in TRAIN_OPTIONAL and key not in config:
         return "none" if TRAIN_OPTIONAL[key] is None else TRAIN_OPTIONAL[key]
     value = config

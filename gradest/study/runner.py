@@ -4,7 +4,7 @@ Kinds: "compare" (one cell = a synthetic problem configuration x an estimator sp
 `measure.compare`), "probe" (`probe.switch_probe`: task x estimator x experts x top-k x seed; with a `train` table
 the probed model is that training run's, at `stage` "init" or "trained", the run being a `train` cell of its own),
 "train" (one `TrainConfig`, trained in the cell's directory and resumed from its checkpoint if killed) and
-"hf-probe" (`hf_probe.hf_probe` on one MoE layer of a Hugging Face model built at random initialisation).
+"hf-probe" (`gradest.hf.probe.hf_probe` on one MoE layer of a Hugging Face model built at random initialisation).
 
 Cache: `RESULTS/<kind>/<hash>/` where hash is the sha256 of the canonical JSON of the cell's full configuration
 (kind, every resolved setting, FORMAT; not a variant's `name`, which is only its label). The cache is shared by
@@ -88,15 +88,15 @@ def run_probe(config: dict, directory: Path) -> dict:
 
 
 def run_hf_probe(config: dict, directory: Path) -> dict:
-    """`gradest compare --problem hf` on the cell's model (`hf_probe.load_model`: built by name at random
+    """`gradest compare --problem hf` on the cell's model (`gradest.hf.models.load_model`: built by name at random
     initialisation, seeded by `seed`); its rows' problem is `hf-<hf>`. The cell's time and its process's peak memory
     (resident set) are columns and in the summary: the full-size models' cost is part of what such a study reports."""
     import resource
-    from gradest import hf
-    from gradest.hf_probe import hf_probe, load_model, model_batch
+    from gradest.hf.models import NAMED, load_model
+    from gradest.hf.probe import hf_probe, model_batch
     from gradest.io import atomic_write_text
     start = time.perf_counter()
-    k = None if config["hf"] in hf.NAMED else config["top_k"]  # a full-size model routes its own k
+    k = None if config["hf"] in NAMED else config["top_k"]  # a full-size model routes its own k
     model = load_model(config["hf"], k=k, seed=config["seed"], settings=config["hf_settings"])
     model = model.to(config.get("device", "cpu"))
     built = time.perf_counter() - start

@@ -201,7 +201,7 @@ TRAIN_OPTIONAL = {"schedule": "cosine", "adam_beta2": 0.999, "label_smoothing": 
 
 def train_fields(config: dict) -> dict:
     """The run settings of a train cell's config (TrainConfig's flat settings: `TrainConfig(**train_fields(...))`)."""
-    from gradest.train import TrainConfig
+    from gradest.config import TrainConfig
     keys = [*TrainConfig().settings(), *(key for key in TRAIN_OPTIONAL if key in config)]
     return {key: config[key] for key in keys}
 
@@ -342,7 +342,6 @@ def _resolve_hf_probe(config: dict, given=()) -> dict:
     the estimators and the probe's options."""
     import torch
     from gradest import hf
-    from gradest.hf_probe import built_config
     from gradest.probe import PROBE_WRT, REFERENCES, SCORES, probe_estimators
     valid = [*hf.SUPPORTED, *hf.NAMED]
     check_choice(config, "hf", valid, "Hugging Face model")
@@ -352,11 +351,11 @@ def _resolve_hf_probe(config: dict, given=()) -> dict:
     for key, low in (("samples", 3), ("draws", 3), ("batch_size", 1), ("seq_len", 1), ("layer", 0)):
         check_range(config, key, low)
     with torch.device("meta"):
-        model = hf.model_from_config(built_config(config["hf"], config["top_k"], config["hf_settings"]))
-    blocks = hf._find(model)
+        model = hf.model_from_config(hf.built_config(config["hf"], config["top_k"], config["hf_settings"]))
+    blocks = hf.moe_blocks(model)
     check_range(config, "layer", 0, len(blocks) - 1, why=" (an index into the model's MoE blocks)")
     _, block, arch = blocks[0]
-    router = getattr(block, arch.family.router)
+    router = arch.router_of(block)
     n, k = arch.family.experts(router), config["top_k"] or arch.family.native_k(router)
     if config["top_k"] is not None:
         check_range(config, "top_k", 1, n)
@@ -369,7 +368,7 @@ def _resolve_hf_probe(config: dict, given=()) -> dict:
 
 
 def _train_defaults() -> dict:
-    from gradest.train import TrainConfig
+    from gradest.config import TrainConfig
     return {"name": None, **TrainConfig().settings(), **TRAIN_OPTIONAL}
 
 
@@ -444,7 +443,7 @@ def _resolve_train(config: dict, given=()) -> dict:
     A `preset` fills the settings the spec does not give (gradest.presets), so the cell holds, and its hash covers,
     the settings the run will have."""
     from gradest.presets import apply_preset
-    from gradest.train import TrainConfig
+    from gradest.config import TrainConfig
     if config.get("preset"):
         spec = {key: config[key] for key in ("task", "estimator", *given) if key in config and key != "preset"}
         config = {**config, **apply_preset(config["preset"], spec)}
@@ -464,7 +463,7 @@ def _probe_model(config: dict):
     that of the training run of its `train` table."""
     from gradest.model import SwitchConfig
     from gradest.probe import TINY
-    from gradest.train import TrainConfig
+    from gradest.config import TrainConfig
     train = probe_train_config(config)
     if train is None:
         check_types(config["model"], _model_defaults(), "model.")
