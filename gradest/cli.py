@@ -23,10 +23,12 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from gradest import __version__
+from gradest.config import DTYPES, TASKS, TrainConfig
 from gradest.errors import GradestError, one_line
 from gradest.estimators import CATEGORICAL, GATED, REGISTRY
 from gradest.estimators.base import parse_as
 from gradest.estimators import expand_estimators, parse_setting
+from gradest.hf.models import CAUSAL
 from gradest.measure import WRT, compare as compare_estimators
 from gradest.model import SwitchConfig
 from gradest.presets import PRESETS, apply_preset
@@ -35,10 +37,10 @@ from gradest.problems import PROBLEM_DEFAULTS, PROBLEMS, ProblemConfig
 from gradest.figures import atomic_savefig, training_figure
 from gradest.report import summary_text, training_summary, write_compare_report, write_run_report
 from gradest.synthetic import SYNTHETIC_LR, SYNTHETIC_STEPS, train_synthetic
-from gradest.train import DTYPES, HF_EXPERTS, TASKS, Interrupted, Trainer, TrainConfig, load_checkpoint
+from gradest.train import Interrupted, Trainer, load_checkpoint
 
 SWITCH_PROBLEMS = {problem: task for task, problem in TASK_PROBLEM.items()}  # switch-lm -> lm, switch-mt -> mt
-HF_PROBLEM = "hf"  # the router-gradient probe on a Hugging Face causal LM (gradest.hf_probe)
+HF_PROBLEM = "hf"  # the router-gradient probe on a Hugging Face causal LM (gradest.hf.probe)
 ALL_PROBLEMS = [*PROBLEMS, *SWITCH_PROBLEMS, HF_PROBLEM]
 DEFAULT_SAMPLES = 2000  # the no-argument `gradest compare` (3 problems, every estimator) takes a few seconds
 
@@ -186,7 +188,7 @@ def command_line() -> list[str]:
 def hf_model_options(prefix: str = "", tiny_note: str = "", seq2seq: bool = False):
     """--hf, --hf-config, --hf-model: the Hugging Face MoE model a command probes or checks (`prefix` starts each
     help text, e.g. the problem they belong to; `seq2seq`: SwitchTransformers' encoder-decoder is accepted too)."""
-    names = ", ".join([*HF_EXPERTS, *(["switch_transformers"] if seq2seq else [])])
+    names = ", ".join([*CAUSAL, *(["switch_transformers"] if seq2seq else [])])
     full = "; or switch-base-8: google/switch-base-8's architecture, full size, random weights" if seq2seq else ""
     what = "MoE model" if seq2seq else "MoE causal LM"
     options = [
@@ -291,7 +293,7 @@ def compare(problems, estimators, samples, wrt, checkpoint, layer, draws, hf_nam
                                        checkpoint=checkpoint, layer=layer, experts=n, top_k=k, draws=draws, wrt=wrt,
                                        settings=hparams, progress=progress))
     if HF_PROBLEM in problems:
-        from gradest.hf_probe import hf_probe_command
+        from gradest.hf.probe import hf_probe_command
         if wrt == "all":
             raise GradestError("--wrt all is not measured on hf; valid: logits, router")
         for k in (top_k or [None]):
@@ -330,7 +332,7 @@ def doctor(hf_name, hf_config, hf_model, top_k, text_file, batches, batch_size, 
     expected loss over that layer's routing (the model's own softmax and k); prints a verdict per layer and one for
     the model and writes doctor.md, layers.csv, cosine.png and config.json."""
     from gradest.doctor import diagnose, doctor_batch, write_doctor_report
-    from gradest.hf_probe import load_model
+    from gradest.hf.models import load_model
     text = None
     if text_file is not None:
         try:
@@ -389,7 +391,7 @@ def doctor(hf_name, hf_config, hf_model, top_k, text_file, batches, batch_size, 
                    "SparseMixer's (README: Reproducing the paper)")
 @click.option("--hf", "hf_name", metavar="ARCH", default=None,
               help="train a tiny random Hugging Face MoE causal LM of this architecture instead of the Switch "
-                   "Transformer: " + ", ".join(HF_EXPERTS))
+                   "Transformer: " + ", ".join(CAUSAL))
 @click.option("--hf-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="train a Hugging Face MoE causal LM built (randomly initialised) from this transformers config "
                    "JSON; its vocab_size is replaced by the corpus's")

@@ -8,7 +8,7 @@ For each MoE layer l of a causal LM, on a few batches of text (the bundled tiny-
 - exact: the gradient of J_l = E_D[L(D)], D layer l's routing drawn from the model's own softmax with its own k
   (gradest's objective `Objective(k)`: sequential top-k, gates from the same softmax, docs/estimators.md §2), the
   other layers native; by enumeration when few assignments, else the Rao-Blackwellised Monte-Carlo reference with
-  its standard error (gradest.hf_probe, the same maths as `gradest compare --problem hf`).
+  its standard error (gradest.hf.probe, the same maths as `gradest compare --problem hf`).
 
 Why this comparison: a deterministic top-k router is trained by the gradient of its gates alone. The exact gradient
 also carries the effect of WHICH experts are chosen. When the two disagree the router is trained on something else
@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from gradest.errors import GradestError
 from gradest.estimators import Objective
-from gradest.hf_probe import HFSite, moe_blocks, text_tokens
+from gradest.hf.models import moe_blocks
+from gradest.hf.probe import HFSite, text_tokens
 from gradest.model import token_cross_entropy
 from gradest.probe import probing, reference_gradient
 
@@ -65,16 +66,12 @@ class DoctorResult:
     model_verdict: str
 
 
-def router_weight(router: nn.Module) -> nn.Parameter:
-    return router.classifier.weight if hasattr(router, "classifier") else router.weight
-
-
 def native_router_gradients(model: nn.Module, batch) -> list[Tensor]:
     """Each MoE block's router-weight gradient (n * d,) in float64 from the model's own backward of the batch
     loss (mean over sequences of the mean token cross-entropy), model in eval mode. Existing .grad are kept."""
     idx, targets = batch
     blocks = moe_blocks(model)
-    weights = [router_weight(getattr(block, arch.family.router)) for _, block, arch in blocks]
+    weights = [arch.family.router_weight(arch.router_of(block)) for _, block, arch in blocks]
     saved = {p: p.grad for p in model.parameters()}
     try:
         for p in model.parameters():

@@ -182,6 +182,55 @@ def with_relative_bias(metrics: dict, ref_norm: float) -> dict:
     return metrics
 
 
+def bias_variance_mc(samples: Tensor, draws: Tensor, z: float = Z95) -> dict[str, float]:
+    """`gradest.measure.bias_variance` against a Monte-Carlo reference given by its S independent draws (S, P),
+    unbiased for g* = E[draw], whose own noise is accounted for.
+
+    With r̄ the mean draw, ||mean - r̄||^2 - V/K (what bias_variance corrects for the samples' noise) still
+    over-states ||E g - g*||^2 by E||r̄ - g*||^2 = tr Cov(draw) / S, estimated unbiasedly by
+    ŝ² = sum_s ||r_s - r̄||^2 / (S (S - 1)) (the reference's squared standard error). So
+
+        bias_sq = ||mean - r̄||^2 - V/K - ŝ²  =  mean over j != l, s != s' of (g_j - r_s).(g_l - r_s'),
+
+    a two-sample U-statistic, unbiased for the squared bias. Its standard error adds the jackknife over the
+    draws (leave one draw out, in closed form) to the jackknife over the samples: the interval widens with the
+    reference's noise. mse = bias_sq + V likewise; the cosines are taken against r̄ (a noisy r̄ pulls them toward
+    0), with the draws' jackknife added to their intervals. ref_norm = sqrt(max(||r̄||^2 - ŝ², 0)), the
+    noise-corrected norm that rel_bias divides by.
+    """
+    samples, draws = samples.double(), draws.double()
+    S = draws.shape[0]
+    if S < 3:
+        raise GradestError(f"a Monte-Carlo reference needs at least 3 draws, got {S}")
+    ref = draws.mean(0)
+    out = bias_variance(samples, ref, z)
+    r = draws - ref
+    q = r.pow(2).sum(1)
+    Q = float(q.sum())
+    noise = Q / (S * (S - 1))  # ŝ²
+    a_mean = samples.mean(0) - ref
+
+    def widen(name, value, loo):
+        se_samples = (out[name + "_hi"] - out[name]) / z
+        se_draws = math.sqrt((S - 1) / S * float((loo - loo.mean()).pow(2).sum()))
+        se = math.sqrt(se_samples ** 2 + se_draws ** 2)
+        out[name], out[name + "_lo"], out[name + "_hi"] = value, value - z * se, value + z * se
+
+    # leave draw s out: the mean draw moves by -r_s/(S-1) and the U-statistic of the draws becomes
+    # (2||r_s||^2 - Q) / ((S-1)(S-2))
+    bias_loo = out["bias_sq"] + 2 * (r @ a_mean) / (S - 1) + (2 * q - Q) / ((S - 1) * (S - 2))
+    widen("bias_sq", out["bias_sq"] - noise, bias_loo)
+    widen("mse", out["mse"] - noise, bias_loo)
+    refs_loo = ref - r / (S - 1)  # (S, P)
+    refs_norm = refs_loo.norm(dim=1).clamp_min(1e-300)
+    mean = samples.mean(0)
+    widen("cos_of_mean", out["cos_of_mean"], (refs_loo @ mean) / (refs_norm * mean.norm().clamp_min(1e-300)))
+    cos = (samples @ refs_loo.T) / (samples.norm(dim=1, keepdim=True).clamp_min(1e-300) * refs_norm)
+    widen("cos_mean", out["cos_mean"], cos.mean(0))
+
+    return with_relative_bias(out, math.sqrt(max(float(ref.pow(2).sum()) - noise, 0.0)))
+
+
 # --------------------------------------------------------------------------------------------------- compare
 def measure(problem: Problem, estimator: Estimator, samples: int, wrt: str = "router", seed: int = 0,
             reference: Tensor | None = None) -> dict:

@@ -1,4 +1,5 @@
-"""The router-gradient probe on a Switch Transformer (estimators.md §4 "Exact reference on a transformer", issue 3 §6).
+"""The router-gradient probe (docs/estimators.md §4.5 "The exact reference on a transformer"), and its site on a
+gradest Switch Transformer (`SwitchSite`); gradest.hf.probe's `HFSite` is the same on a Hugging Face model.
 
 For one MoE layer l of a model, every other MoE layer routes deterministically (inference routing) and dropout is
 off (the model is put in eval mode); layer l alone routes with an estimator in training mode. L is the loss of a
@@ -35,8 +36,8 @@ How the work is organised:
   the Trainer computes them (score="sequence"; unbiased because sequences do not interact), or f = L and log P
   over the whole batch's tokens at layer l (score="batch"). Its f(0) baseline zeroes layer l's output only.
   Tokens that cannot reach the loss are routed by the estimator like any other (as in training).
-- A Monte-Carlo reference is noisy itself: `bias_variance_mc` removes its noise from the squared bias (an
-  unbiased two-sample U-statistic) and widens the intervals by a jackknife over its draws.
+- A Monte-Carlo reference is noisy itself: `gradest.measure.bias_variance_mc` removes its noise from the squared
+  bias (an unbiased two-sample U-statistic) and widens the intervals by a jackknife over its draws.
 
 `probe(model, batch, layer, estimators, samples, ...)` returns rows in the format of `gradest.measure.compare`
 plus `reference` ("enumeration" or "rao-blackwell"), `reference_se` (its standard error's norm over its norm, 0
@@ -52,18 +53,20 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from gradest.errors import GradestError
 from gradest.estimators import GATED, Estimator, Objective, Routing
 from gradest.estimators import expand_estimators
-from gradest.measure import Z95, bias_variance, with_relative_bias
+from gradest.measure import bias_variance, bias_variance_mc
 from gradest.model import SwitchConfig, SwitchLM, SwitchModel, SwitchSeq2Seq, token_cross_entropy
 from gradest.moe import MoE
 
@@ -172,16 +175,99 @@ def probing(model: SwitchModel):
 
 
 # --------------------------------------------------------------------------------------------------- the site
+class Site(ABC):
+    """Layer l of a model on a batch, as the probe's functions (`probe_site`, the references,
+    `layer_gradient_samples`, `surrogate_loss`) use it. Two implementations: `SwitchSite` (a gradest Switch
+    Transformer) and `gradest.hf.probe.HFSite` (a transformers model); both are built as `Site(model, batch, layer)`.
+
+    Attributes: `model` (the functions put it in `probing` mode), `problem` (the rows' problem name), `index`
+    (layer l among the model's MoE layers), `layer` (what holds layer l's routing rule: `installed` sets its
+    `estimator` and `k`, and `layer.aux.log_prob` is the log-probability a score-function estimator left), `device`,
+    `u` the input of layer l's router (B, T, d), `z0` its router logits (B, T, n), `relevant` (B, T) the tokens whose
+    routing can change L, and the sizes `B`, `T`, `d`, `n`. The objective's maths on the logits is shared here; what
+    runs the model is each implementation's.
+    """
+
+    model: nn.Module
+    problem: str
+    index: int
+    layer: object
+    device: torch.device
+    u: Tensor
+    z0: Tensor
+    relevant: Tensor
+    B: int
+    T: int
+    d: int
+    n: int
+
+    @abstractmethod
+    def losses(self, rows: Tensor) -> Tensor:
+        """Each row's sequence loss L_b (R,), rows (R,) being sequence indices of the batch: layer l routed by
+        whatever rule `layer` holds. Expects the model in `probing` mode."""
+
+    @abstractmethod
+    def zero_losses(self) -> Tensor:
+        """Each sequence's loss with layer l's routed output set to 0 (REINFORCE's f(0) baseline), (B,)."""
+
+    @abstractmethod
+    def estimator_state(self, estimator: Estimator) -> dict[str, Tensor] | None:
+        """A stateful estimator's state at layer l (None for the others), or a one-line refusal."""
+
+    @abstractmethod
+    def chunk_rows(self, max_elements: int, dense: bool = True) -> int:
+        """Rows (sequences) per forward pass so that the widest activation holds about max_elements."""
+
+    # the objective at layer l
+    def tuples(self, k: int) -> Tensor:
+        """Every ordered k-tuple of distinct experts (A, k)."""
+        return torch.tensor(list(itertools.permutations(range(self.n), k)), dtype=torch.long, device=self.device)
+
+    def tuple_probs(self, objective: Objective) -> Tensor:
+        """P_t(a) (B, T, A): each token's probability of each tuple under the objective (no gradient)."""
+        tuples = self.tuples(objective.k)
+        z = self.z0.detach().unsqueeze(-2)  # (B, T, 1, n) against (B, T, A, k)
+        _, gates, _ = objective.route(z, experts=tuples.expand(self.B, self.T, *tuples.shape))
+        return gates.prod(-1)
+
+    def argmax_experts(self, k: int) -> Tensor:
+        """Inference routing's experts (B, T, k): where the tokens that cannot change L are sent."""
+        return Objective(k).route(self.z0.detach())[0]
+
+    def router_gradient(self, grad_z: Tensor) -> Tensor:
+        """Router-weight gradients (..., n * d) from logit gradients (..., B, T, n): sum_t grad z_t (outer) x_t."""
+        return torch.einsum("...btn,btd->...nd", grad_z.double(), self.u.double()).flatten(-2)
+
+
 class _Captured(Exception):
-    pass
+    """Stops a forward pass at the module whose input `captured_input` wants."""
 
 
-class Site:
-    """Layer l of a model on a batch: the activations below it computed once, the layers above re-run on rows.
+def captured_input(module: nn.Module, run: Callable[[], object]) -> Tensor:
+    """The first input `module` receives while `run()` runs a forward pass (detached, a copy); the pass stops there,
+    so nothing after the module is computed."""
+    seen = {}
 
-    batch: (idx, targets) for a SwitchLM, (src, tgt_in, tgt_out) for a SwitchSeq2Seq. Attributes: `u` layer l's
-    input (B, T, d), `z0` its router logits (B, T, n), `relevant` (B, T) the tokens whose routing can change L.
-    `losses(rows)` expects the model in `probing` mode; the functions below set it.
+    def hook(module, args):
+        seen["x"] = args[0].detach().clone()
+        raise _Captured
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        run()
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return seen["x"]
+
+
+class SwitchSite(Site):
+    """Layer l of a gradest Switch Transformer on a batch: the activations below it computed once, the layers above
+    re-run on rows.
+
+    batch: (idx, targets) for a SwitchLM, (src, tgt_in, tgt_out) for a SwitchSeq2Seq. `layer` is the MoE layer
+    itself; `relevant` leaves out padding and the decoder positions after the last counted target.
     """
 
     def __init__(self, model: SwitchModel, batch, layer: int = 0):
@@ -224,7 +310,7 @@ class Site:
         self.counts = self.counted.sum(-1).clamp_min(1)
         with probing(model), torch.no_grad():
             self.h, self.memory = self.prefix()
-            self.u = self.capture_input()
+            self.u = captured_input(self.layer, lambda: self.block.ffn_residual(self.h))
             B, T, d = self.u.shape
             self.z0 = self.layer.router_logits(self.u.reshape(B * T, d)).reshape(B, T, -1)
         self.B, self.T, self.d, self.n = B, T, d, self.z0.shape[-1]
@@ -259,23 +345,6 @@ class Site:
         x = self.stack.run(self.stack.embed(ids), 0, self.block_index, *ctx)
         return self.block.before_ffn(x, *ctx), memory
 
-    def capture_input(self) -> Tensor:
-        """Layer l's input, as the block hands it to the layer (after the pre-LN norm, if any)."""
-        seen = {}
-
-        def hook(module, args):
-            seen["x"] = args[0].detach()
-            raise _Captured
-
-        handle = self.layer.register_forward_pre_hook(hook)
-        try:
-            self.block.ffn_residual(self.h)
-        except _Captured:
-            pass
-        finally:
-            handle.remove()
-        return seen["x"]
-
     # the layers above l, per row
     def losses(self, rows: Tensor) -> Tensor:
         """Each row's sequence loss L_b (R,), rows (R,) being sequence indices of the batch: layer l and the
@@ -300,22 +369,6 @@ class Site:
                 self.layer.zero_output = False
         return self._zero_losses
 
-    # the objective at layer l
-    def tuples(self, k: int) -> Tensor:
-        """Every ordered k-tuple of distinct experts (A, k)."""
-        return torch.tensor(list(itertools.permutations(range(self.n), k)), dtype=torch.long, device=self.device)
-
-    def tuple_probs(self, objective: Objective) -> Tensor:
-        """P_t(a) (B, T, A): each token's probability of each tuple under the objective (no gradient)."""
-        tuples = self.tuples(objective.k)
-        z = self.z0.detach().unsqueeze(-2)  # (B, T, 1, n) against (B, T, A, k)
-        _, gates, _ = objective.route(z, experts=tuples.expand(self.B, self.T, *tuples.shape))
-        return gates.prod(-1)
-
-    def argmax_experts(self, k: int) -> Tensor:
-        """Inference routing's experts (B, T, k): where the tokens that cannot change L are sent."""
-        return Objective(k).route(self.z0.detach())[0]
-
     def estimator_state(self, estimator: Estimator) -> dict[str, Tensor] | None:
         """A stateful estimator's state at layer l (None for the others): a copy of the layer's buffers when the
         layer holds an estimator of that kind (the state its training left), else the state training would
@@ -329,10 +382,6 @@ class Site:
             outputs = self.layer.expert_ffn(self.u.reshape(-1, self.d), self.layer.w_in, self.layer.b_in,
                                             self.layer.w_out, self.layer.b_out)  # (n, tokens, d)
             return estimator.steady_state(outputs.transpose(0, 1), self.z0.reshape(-1, self.n))
-
-    def router_gradient(self, grad_z: Tensor) -> Tensor:
-        """Router-weight gradients (..., n * d) from logit gradients (..., B, T, n): sum_t grad z_t (outer) x_t."""
-        return torch.einsum("...btn,btd->...nd", grad_z.double(), self.u.double()).flatten(-2)
 
     def chunk_rows(self, max_elements: int, dense: bool = True) -> int:
         """Rows (sequences) per forward pass so that the widest activation holds about max_elements."""
@@ -541,56 +590,6 @@ def layer_gradient_samples(site: Site, estimator: Estimator, samples: int, seed:
     return out.expand(samples, -1, -1, -1) if deterministic else out
 
 
-# ---------------------------------------------------------------------------------------------------- metrics
-def bias_variance_mc(samples: Tensor, draws: Tensor, z: float = Z95) -> dict[str, float]:
-    """`gradest.measure.bias_variance` against a Monte-Carlo reference given by its S independent draws (S, P),
-    unbiased for g* = E[draw], whose own noise is accounted for.
-
-    With r̄ the mean draw, ||mean - r̄||^2 - V/K (what bias_variance corrects for the samples' noise) still
-    over-states ||E g - g*||^2 by E||r̄ - g*||^2 = tr Cov(draw) / S, estimated unbiasedly by
-    ŝ² = sum_s ||r_s - r̄||^2 / (S (S - 1)) (the reference's squared standard error). So
-
-        bias_sq = ||mean - r̄||^2 - V/K - ŝ²  =  mean over j != l, s != s' of (g_j - r_s).(g_l - r_s'),
-
-    a two-sample U-statistic, unbiased for the squared bias. Its standard error adds the jackknife over the
-    draws (leave one draw out, in closed form) to the jackknife over the samples: the interval widens with the
-    reference's noise. mse = bias_sq + V likewise; the cosines are taken against r̄ (a noisy r̄ pulls them toward
-    0), with the draws' jackknife added to their intervals. ref_norm = sqrt(max(||r̄||^2 - ŝ², 0)), the
-    noise-corrected norm that rel_bias divides by.
-    """
-    samples, draws = samples.double(), draws.double()
-    S = draws.shape[0]
-    if S < 3:
-        raise GradestError(f"a Monte-Carlo reference needs at least 3 draws, got {S}")
-    ref = draws.mean(0)
-    out = bias_variance(samples, ref, z)
-    r = draws - ref
-    q = r.pow(2).sum(1)
-    Q = float(q.sum())
-    noise = Q / (S * (S - 1))  # ŝ²
-    a_mean = samples.mean(0) - ref
-
-    def widen(name, value, loo):
-        se_samples = (out[name + "_hi"] - out[name]) / z
-        se_draws = math.sqrt((S - 1) / S * float((loo - loo.mean()).pow(2).sum()))
-        se = math.sqrt(se_samples ** 2 + se_draws ** 2)
-        out[name], out[name + "_lo"], out[name + "_hi"] = value, value - z * se, value + z * se
-
-    # leave draw s out: the mean draw moves by -r_s/(S-1) and the U-statistic of the draws becomes
-    # (2||r_s||^2 - Q) / ((S-1)(S-2))
-    bias_loo = out["bias_sq"] + 2 * (r @ a_mean) / (S - 1) + (2 * q - Q) / ((S - 1) * (S - 2))
-    widen("bias_sq", out["bias_sq"] - noise, bias_loo)
-    widen("mse", out["mse"] - noise, bias_loo)
-    refs_loo = ref - r / (S - 1)  # (S, P)
-    refs_norm = refs_loo.norm(dim=1).clamp_min(1e-300)
-    mean = samples.mean(0)
-    widen("cos_of_mean", out["cos_of_mean"], (refs_loo @ mean) / (refs_norm * mean.norm().clamp_min(1e-300)))
-    cos = (samples @ refs_loo.T) / (samples.norm(dim=1, keepdim=True).clamp_min(1e-300) * refs_norm)
-    widen("cos_mean", out["cos_mean"], cos.mean(0))
-
-    return with_relative_bias(out, math.sqrt(max(float(ref.pow(2).sum()) - noise, 0.0)))
-
-
 # ------------------------------------------------------------------------------------------------------ probe
 def probe_estimators(names, k: int, settings: dict | None = None,
                      batch_size: int | None = None) -> list[Estimator]:
@@ -637,7 +636,7 @@ def probe(model: SwitchModel, batch, layer: int = 0, estimators="all", samples: 
     function of the model, batch and seed. The model's modes and layer l's estimator are restored afterwards.
     """
     wrts = check_probe_options(wrt, samples, score, reference)
-    site = Site(model, batch, layer)
+    site = SwitchSite(model, batch, layer)
     chosen = probe_estimators(estimators, top_k or site.layer.k, settings, site.B)
     return probe_site(site, chosen, samples, wrts, reference=reference, draws=draws, seed=seed, score=score,
                       max_enumeration=max_enumeration, max_elements=max_elements, progress=progress)
@@ -660,8 +659,8 @@ def check_probe_options(wrt, samples, score: str, reference: str) -> tuple:
 
 def probe_site(site, chosen: list[Estimator], samples: int, wrts: tuple, *, reference: str, draws: int, seed: int,
                score: str, max_enumeration: int, max_elements: int, progress=None) -> pd.DataFrame:
-    """The probe's rows for the estimators `chosen` at a site: gradest's `Site` or another with its interface
-    (gradest.hf_probe's `HFSite`), the model in `probing` mode throughout."""
+    """The probe's rows for the estimators `chosen` at a `Site` (`SwitchSite`, `gradest.hf.probe.HFSite`), the
+    model in `probing` mode throughout."""
     for estimator in chosen:
         estimator.check(site.n, GATED)
     config = {"experts": site.n, "tokens": site.B * site.T, "dim": site.d, "top_k": None,

@@ -1,4 +1,4 @@
-"""Training a Switch Transformer with any routing estimator: `gradest run` (docs/estimators.md §5, issue 3).
+"""Training a Switch Transformer with any routing estimator: `gradest run` (docs/estimators.md §5).
 
 One loop serves both tasks. A `Task` knows its data and how to score a batch: `lm` (tiny-shakespeare, characters)
 and `mt` (Multi30k En-De, BPE, BLEU). Each step's loss is the mean cross-entropy plus the MoE layers' auxiliary
@@ -6,9 +6,10 @@ losses; a score-function estimator (REINFORCE) adds its surrogate term over each
 decides the next step — model, optimiser, scheduler, the data generator and the RNG the estimators draw from — is
 checkpointed, so a resumed run reproduces the uninterrupted one exactly on the CPU.
 
-Hugging Face models (`gradest run --hf ARCH | --hf-config FILE | --hf-model DIR`, TrainConfig's `hf*` settings):
-the lm task trains a transformers MoE causal LM instead, every MoE block routed by the estimator through
-`gradest.hf.patch` (`HFCausalLM`), with the same loop, files and resume; see `hf_model_config` for the choices.
+The run's settings are a `TrainConfig` (gradest.config), its task a `LanguageModelling` or `Translation`
+(gradest.tasks). Hugging Face models (`gradest run --hf ARCH | --hf-config FILE | --hf-model DIR`): the lm task
+trains a transformers MoE causal LM instead (gradest.hf.train: `HFLanguageModelling`, `HFCausalLM`), with the same
+loop, files and resume.
 
 Data parallel: `torchrun --nproc-per-node N -m gradest.cli run ...` runs N ranks (gloo on the CPU, nccl on CUDA).
 Every rank draws the same global batch and trains on its share of the sequences; DistributedDataParallel averages
@@ -25,7 +26,6 @@ one stays).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 import math
@@ -33,7 +33,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import InitVar, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -41,431 +41,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from gradest.config import DTYPES, TrainConfig  # TrainConfig stays importable from here too
 from gradest.devices import check_device
 from gradest.errors import GradestError
-from gradest.estimators import GATED, Estimator, expand_estimators, trainable
-from gradest.estimators.base import (MAX_STEPS, Constraint, NonFiniteLogits, check_settings, integer_at_least,
-                                     integer_between, nonnegative, one_of, optional, positive, unit_interval)
+from gradest.estimators.base import NonFiniteLogits
 from gradest.io import atomic_write_bytes, atomic_write_text, run_metadata, write_json
-from gradest.model import SwitchConfig, SwitchLM, SwitchSeq2Seq, token_cross_entropy
-from gradest.presets import PRESETS
-
-TASKS = ("lm", "mt")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-SCHEDULES = ("cosine", "inverse-sqrt")
-
-
-TASK_MODELS = {"lm": {}, "mt": {"n_encoder_layer": 3, "n_layer": 3}}  # each task's model, over SwitchConfig's
-GREEDY_MAX_LEN = 80  # tokens a translation may have in greedy decoding
-DATA_SETTINGS = ("vocab_size", "pad_id")  # model settings the task's data decides
-RUN_SETTINGS = {  # what a run's settings must be (the model's are SwitchConfig's)
-    "task": one_of(*TASKS), "estimator": Constraint(lambda v: isinstance(v, str) and bool(v), "an estimator name"),
-    "hparams": Constraint(lambda v: isinstance(v, dict), "a table of hyper-parameters"),
-    "top_k": integer_at_least(1), "steps": integer_between(1, MAX_STEPS), "batch_size": integer_at_least(1),
-    "lr": positive, "warmup": integer_at_least(0), "schedule_steps": optional(integer_at_least(1), "steps"),
-    "schedule": one_of(*SCHEDULES), "adam_beta2": unit_interval,
-    "label_smoothing": unit_interval, "preset": optional(one_of(*PRESETS), "none"),
-    "min_lr_ratio": Constraint(lambda v: unit_interval(v) or v == 1, "a number in [0, 1]"),
-    "weight_decay": nonnegative, "grad_clip": optional(positive, "no clipping"),
-    "eval_interval": integer_at_least(1), "eval_batches": integer_at_least(1),
-    "checkpoint_interval": integer_at_least(1), "seed": integer_at_least(0),
-    "device": Constraint(lambda v: isinstance(v, str) and bool(v), "a device name"), "dtype": one_of(*DTYPES),
-}
-
-
-@dataclass
-class TrainConfig:
-    """A training run: the optimisation and `model`, the Switch Transformer it trains (a SwitchConfig, whose
-    vocabulary and padding come from the task's data).
-
-    `model` may also be given as a table of SwitchConfig settings over the task's default model. `experts`,
-    `block_size` and `omega` are the model's settings of those names, also accepted here (as on the command line
-    and in study specs); given both ways they must agree.
-
-    The learning rate warms up linearly for `warmup` steps, then (schedule "cosine") decays along a cosine to
-    `lr * min_lr_ratio` at step `schedule_steps` (None: `steps`) and stays there, or (schedule "inverse-sqrt",
-    fairseq's, as in the SparseMixer code) falls as sqrt(warmup / step). `adam_beta2` is AdamW's second beta (the first is 0.9); `label_smoothing`
-    smooths the training loss only (validation losses are plain cross-entropy). `preset` records the named setup
-    (gradest.presets) the run's settings were filled from. A run planned for N steps keeps that schedule when it
-    is resumed to another number of steps (`Trainer.resume` sets `schedule_steps` = N): the learning rate never
-    jumps at the resume point, a resume to the same steps reproduces the uninterrupted run exactly, and the steps
-    that extend a run beyond N run at the final rate `lr * min_lr_ratio`."""
-
-    task: str = "lm"
-    estimator: str = "sparsemixer"  # a registry name, optionally NAME:KEY=VALUE..
-    hparams: dict = field(default_factory=dict)  # estimator hyper-parameters (--set)
-    top_k: int | None = None  # None: 1 for a Switch Transformer, the HF model's num_experts_per_tok
-    steps: int = 600
-    batch_size: int = 32
-    lr: float = 2e-3
-    warmup: int = 50
-    schedule_steps: int | None = None  # the steps the cosine decays over; None: steps (see above)
-    schedule: str = "cosine"  # or "inverse-sqrt"
-    adam_beta2: float = 0.999
-    label_smoothing: float = 0.0
-    min_lr_ratio: float = 0.1  # cosine decay to this fraction of lr
-    weight_decay: float = 0.1
-    grad_clip: float | None = 1.0
-    eval_interval: int = 100
-    eval_batches: int = 8
-    checkpoint_interval: int = 100
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"  # or bfloat16 (autocast; the router stays float32)
-    model: SwitchConfig | dict | None = None
-    # a Hugging Face MoE causal LM instead of the Switch Transformer (one of the three; see `HFCausalLM`):
-    hf: str | None = None  # a supported architecture's tiny random model (gradest.hf.SUPPORTED, HF_TRAIN sizes)
-    hf_config: str | None = None  # a transformers config file (JSON), randomly initialised
-    hf_model: str | None = None  # a local model directory (save_pretrained), its weights loaded
-    hf_settings: dict = field(default_factory=dict)  # config overrides, e.g. {"num_hidden_layers": 2}
-    preset: str | None = None  # the named setup the settings came from (gradest.presets), for the record
-    experts: InitVar[int | None] = None
-    block_size: InitVar[int | None] = None  # lm: characters per sequence
-    omega: InitVar[bool | None] = None  # None: the estimator's default
-
-    def __post_init__(self, experts, block_size, omega):
-        given = {key: value for key, value in (("experts", experts), ("block_size", block_size), ("omega", omega))
-                 if value is not None}
-        if self.is_hf:
-            self.hf_transformers_config = hf_model_config(self, given)  # checks, sets top_k and self.model
-        elif self.top_k is None:
-            self.top_k = 1
-        check_settings("run", {key: getattr(self, key) for key in RUN_SETTINGS}, RUN_SETTINGS)
-        if self.is_hf:
-            return
-        if not isinstance(self.model, SwitchConfig):
-            table = dict(self.model or {})
-            valid = [f.name for f in dataclasses.fields(SwitchConfig) if f.name not in DATA_SETTINGS]
-            for key in table:
-                if key not in valid:
-                    raise GradestError(f"unknown model setting '{key}'; valid: {', '.join(valid)}"
-                                       if key not in DATA_SETTINGS else
-                                       f"model setting '{key}' comes from the task's data; valid: {', '.join(valid)}")
-            for key, value in given.items():
-                if key in table and table[key] != value:
-                    raise GradestError(f"{key}={value} and model setting {key}={table[key]} disagree; give one")
-            self.model = SwitchConfig(**{**TASK_MODELS[self.task], **table, **given})
-        elif given:
-            self.model = dataclasses.replace(self.model, **given)
-        if self.top_k > self.model.experts:
-            raise GradestError(f"top_k={self.top_k} is larger than experts={self.model.experts}; valid: 1 <= top_k "
-                               f"<= {self.model.experts}")
-
-    @property
-    def is_hf(self) -> bool:
-        return any(value is not None for value in (self.hf, self.hf_config, self.hf_model))
-
-    def settings(self) -> dict:
-        """The run as flat settings (config.json, checkpoints, study cells): `experts`, `block_size` and `omega`
-        by name, and `model` the settings that differ from the task's default model. `schedule_steps` only when
-        set (an extended run's), the `hf*` settings only in a Hugging Face run: a study cell's hash covers these
-        settings, and a new one would change them all."""
-        default = SwitchConfig(**TASK_MODELS[self.task])
-        unset = {"schedule_steps": self.schedule_steps is None, "schedule": self.schedule == "cosine",
-                 "adam_beta2": self.adam_beta2 == 0.999, "label_smoothing": self.label_smoothing == 0,
-                 "preset": self.preset is None, "hf": self.hf is None,
-                 "hf_config": self.hf_config is None, "hf_model": self.hf_model is None,
-                 "hf_settings": not self.is_hf}
-        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"
-                and not unset.get(f.name, False)}
-        model = {f.name: getattr(self.model, f.name) for f in dataclasses.fields(SwitchConfig)
-                 if f.name not in (*DATA_SETTINGS, "experts", "block_size", "omega")
-                 and getattr(self.model, f.name) != getattr(default, f.name)}
-        ordered = {"task": flat.pop("task"), "estimator": flat.pop("estimator"), "hparams": flat.pop("hparams"),
-                   "experts": self.model.experts, "top_k": flat.pop("top_k"), "omega": self.model.omega,
-                   "steps": flat.pop("steps"), "batch_size": flat.pop("batch_size"),
-                   "block_size": self.model.block_size}
-        return {**ordered, **flat, "model": model}
-
-    def build_estimator(self) -> Estimator:
-        (estimator,) = expand_estimators([self.estimator], GATED, self.top_k, self.hparams)
-        if estimator.enumerates:
-            raise GradestError(f"estimator '{estimator.name}' cannot train an MoE layer (it needs one pass of the "
-                               f"layers above per expert tuple); valid: {', '.join(trainable(GATED, self.top_k))}")
-        return estimator
-
-
-# ------------------------------------------------------------------------------------------------------- tasks
-class LanguageModelling:
-    """Character-level tiny-shakespeare: random windows of `block_size` characters."""
-
-    def __init__(self, config: TrainConfig):
-        from gradest.datasets import lm_batch, load_shakespeare
-        self.config, self.corpus, self.lm_batch = config, load_shakespeare(), lm_batch
-
-    def model(self, estimator) -> SwitchLM:
-        return SwitchLM(dataclasses.replace(self.config.model, vocab_size=self.corpus.vocab_size), estimator)
-
-    def batch(self, split: str, generator: torch.Generator):
-        tokens = self.corpus.train if split == "train" else self.corpus.val
-        x, y = self.lm_batch(tokens, self.config.batch_size, self.config.model.block_size, generator)
-        return x.to(self.config.device), y.to(self.config.device)
-
-    @staticmethod
-    def token_loss(model, batch, label_smoothing: float = 0.0):
-        """Per-token cross-entropy (B, T) (label-smoothed if asked) and which tokens count (all of them here)."""
-        logits, loss = model(*batch)
-        if label_smoothing:
-            loss = token_cross_entropy(logits, batch[1], -100, label_smoothing)
-        return loss, torch.ones_like(loss, dtype=torch.bool)
-
-    def final_metrics(self, model) -> dict:
-        return {}
-
-
-class Translation:
-    """Multi30k En-De with a joint BPE; the final metrics are greedy-decoding BLEU on val and test_2016."""
-
-    def __init__(self, config: TrainConfig):
-        from gradest.datasets import load_multi30k, translation_batches
-        self.config, self.data, self.batches = config, load_multi30k(), translation_batches
-        self.iterators = {}
-        longest = max(max(len(src), len(tgt)) for split in (self.data.train, self.data.val, self.data.test)
-                      for src, tgt in split)
-        needed = max(longest, GREEDY_MAX_LEN + 1)  # greedy decoding: BOS and up to GREEDY_MAX_LEN tokens
-        if config.model.block_size < needed:
-            raise GradestError(f"block_size={config.model.block_size} is shorter than translation needs (the "
-                               f"longest Multi30k sentence has {longest} tokens, greedy decoding writes up to "
-                               f"{GREEDY_MAX_LEN + 1} positions); valid: block_size >= {needed}")
-
-    def model(self, estimator) -> SwitchSeq2Seq:
-        cfg = dataclasses.replace(self.config.model, vocab_size=self.data.vocab_size, pad_id=self.data.pad_id)
-        return SwitchSeq2Seq(cfg, estimator, self.data.pad_id)
-
-    def batch(self, split: str, generator: torch.Generator):
-        pairs = self.data.train if split == "train" else self.data.val
-        src, tgt_in, tgt_out = next(iter(self.batches(pairs, self.config.batch_size, generator, self.data.pad_id)))
-        return src.to(self.config.device), tgt_in.to(self.config.device), tgt_out.to(self.config.device)
-
-    def token_loss(self, model, batch, label_smoothing: float = 0.0):
-        """Per-token cross-entropy (B, T) (label-smoothed if asked) and which tokens count (not the padding)."""
-        logits, loss = model(*batch)
-        if label_smoothing:
-            loss = token_cross_entropy(logits, batch[2], self.data.pad_id, label_smoothing)
-        return loss, batch[2] != self.data.pad_id
-
-    def final_metrics(self, model) -> dict:
-        from gradest.datasets import bleu
-        model.eval()
-        out = {}
-        for split in ("val", "test"):
-            pairs = getattr(self.data, split)
-            hypotheses = []
-            for start in range(0, len(pairs), 128):
-                chunk = [src for src, _ in pairs[start:start + 128]]
-                src = torch.full((len(chunk), max(map(len, chunk))), self.data.pad_id, dtype=torch.long)
-                for i, ids in enumerate(chunk):
-                    src[i, :len(ids)] = torch.tensor(ids)
-                ids = model.greedy(src.to(self.config.device), self.data.bos_id, self.data.eos_id,
-                                   max_len=GREEDY_MAX_LEN)
-                hypotheses += [self.data.decode(h) for h in ids]
-            out[f"bleu_{split}"] = bleu(hypotheses, self.data.target_text[split])
-        return out
-
-
-# ------------------------------------------------------------------------------------------ Hugging Face models
-# `gradest run --hf NAME`: a tiny random model of a supported architecture, gradest.hf.tiny_config's with these
-# sizes over it (a default run, 600 steps of 32 x 128 characters, takes about two minutes on 2 CPU cores), then
-# `hf_settings`. Every architecture gets HF_TRAIN_EXPERTS experts, routed k = 2 per token (`num_experts_per_tok`).
-HF_TRAIN = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4)
-HF_TRAIN_EXPERTS = 8
-HF_TRAIN_MOE = {name: dict(moe_intermediate_size=128) for name in ("qwen2_moe", "qwen3_moe", "deepseek_v3")}
-HF_EXPERTS = {"mixtral": "num_local_experts", "phimoe": "num_local_experts", "gpt_oss": "num_local_experts",
-              "qwen2_moe": "num_experts", "qwen3_moe": "num_experts", "olmoe": "num_experts",
-              "deepseek_v3": "n_routed_experts"}  # the config key of each causal architecture's expert count
-HF_SPECIAL_TOKENS = ("pad_token_id", "bos_token_id", "eos_token_id")  # dropped: the characters have none
-
-
-def hf_model_config(config: TrainConfig, given: dict):
-    """The transformers config of a Hugging Face run, checked up front (one-line GradestErrors). Sets the run's
-    `top_k` (default: the model's `num_experts_per_tok`; given, it becomes the model's) and its `model` (only the
-    sequence length `block_size` applies; `experts` mirrors the HF model's). The vocabulary is set by the task."""
-    from gradest import hf
-
-    sources = [(option, value) for option, value in (("hf", config.hf), ("hf_config", config.hf_config),
-                                                     ("hf_model", config.hf_model)) if value is not None]
-    if len(sources) > 1:
-        raise GradestError(f"{' and '.join(f'{o}={v}' for o, v in sources)} both choose the model; give one of "
-                           f"hf (--hf), hf_config (--hf-config), hf_model (--hf-model)")
-    causal = [name for name in hf.SUPPORTED if name in HF_EXPERTS]
-    if config.task != "lm":
-        raise GradestError(f"a Hugging Face model trains as a causal LM on the lm task (tiny-shakespeare), not "
-                           f"task={config.task}; valid: task lm")
-    if not isinstance(config.hf_settings, dict):
-        raise GradestError(f"hf_settings must be a table of config settings, got {config.hf_settings!r}")
-    if isinstance(config.model, SwitchConfig):
-        default = SwitchConfig()
-        table = {f.name: getattr(config.model, f.name) for f in dataclasses.fields(SwitchConfig)
-                 if f.name not in DATA_SETTINGS and getattr(config.model, f.name) != getattr(default, f.name)}
-    else:
-        table = dict(config.model or {})
-    for key in table:
-        if key not in ("block_size", "experts"):
-            raise GradestError(f"model setting '{key}' is a Switch Transformer setting; a Hugging Face model takes "
-                               f"its settings from its config (--hf-set KEY=VALUE); valid model setting: "
-                               f"block_size")
-    if given.get("omega") is not None or table.get("omega") is not None:
-        raise GradestError("omega is a Switch Transformer setting; valid with a Hugging Face model: leave it unset")
-    settings = dict(config.hf_settings)
-    try:
-        if config.hf is not None:
-            if config.hf not in hf.SUPPORTED:
-                raise GradestError(f"unknown architecture '{config.hf}'; valid: {', '.join(causal)}")
-            name = config.hf
-            where = f"--hf {name}"
-            if name in HF_EXPERTS:
-                cfg = hf.tiny_config(name, k=2, **{**HF_TRAIN, HF_EXPERTS[name]: HF_TRAIN_EXPERTS,
-                                                   **HF_TRAIN_MOE.get(name, {}), **settings})
-        elif config.hf_config is not None:
-            path = Path(config.hf_config)
-            where = str(path)
-            if not path.is_file():
-                raise GradestError(f"no such config file: {path}; valid: a transformers config JSON (its "
-                                   f"config.json)")
-            try:
-                saved = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, ValueError) as error:
-                raise GradestError(f"{path} is not a JSON transformers config ({error})") from None
-            if not isinstance(saved, dict) or not isinstance(saved.get("model_type"), str):
-                raise GradestError(f"{path} has no \"model_type\"; valid: a transformers config JSON, e.g. "
-                                   f"written by config.save_pretrained(dir)")
-            name = saved.pop("model_type")
-            if name in HF_EXPERTS:
-                cfg = hf.transformers.AutoConfig.for_model(name, **{**saved, **settings})
-        else:
-            path = Path(config.hf_model)
-            where = str(path)
-            if not (path / "config.json").is_file():
-                raise GradestError(f"{path}/ is not a saved model (no config.json); valid: a directory written by "
-                                   f"model.save_pretrained(dir)")
-            cfg = hf.transformers.AutoConfig.from_pretrained(path, local_files_only=True, **settings)
-            name = cfg.model_type
-    except (*hf.CONFIG_ERRORS, OSError) as error:
-        raise GradestError(f"cannot build the Hugging Face config: {hf.config_error(error)}") from None
-    if name not in HF_EXPERTS:
-        why = ("is an encoder-decoder; gradest run trains causal LMs (route it with gradest.hf.patch in your own "
-               "loop)" if name == "switch_transformers" else "has no mixture-of-experts block gradest.hf can route")
-        raise GradestError(f"model_type '{name}' ({where}) {why}; valid: {', '.join(causal)}")
-    if config.hf_model is None:
-        for key in HF_SPECIAL_TOKENS:
-            setattr(cfg, key, None)
-    n = getattr(cfg, HF_EXPERTS[name])
-    if given.get("experts", table.get("experts", n)) != n:
-        raise GradestError(f"experts={given.get('experts', table.get('experts'))} but the Hugging Face model has "
-                           f"{n}; set them in its config: --hf-set {HF_EXPERTS[name]}=N")
-    if config.top_k is None:
-        config.top_k = int(cfg.num_experts_per_tok)
-    if not (isinstance(config.top_k, int) and 1 <= config.top_k <= n):
-        raise GradestError(f"top_k={config.top_k} does not fit the model's {n} experts; valid: 1 <= top_k <= {n}")
-    cfg.num_experts_per_tok = config.top_k
-    if getattr(cfg, "router_aux_loss_coef", 0) and hasattr(cfg, "output_router_logits"):
-        cfg.output_router_logits = True  # the model's own load-balancing loss
-    block = given.get("block_size", table.get("block_size", SwitchConfig.block_size))
-    longest = getattr(cfg, "max_position_embeddings", None)
-    if isinstance(block, int) and longest is not None and block > longest:
-        raise GradestError(f"block_size={block} is longer than the model's max_position_embeddings={longest}; "
-                           f"valid: block_size <= {longest}")
-    config.model = SwitchConfig(experts=n, block_size=block)
-    return cfg
-
-
-class HFLanguageModelling(LanguageModelling):
-    """The lm task (tiny-shakespeare characters, the same batches) for a Hugging Face causal LM."""
-
-    def model(self, estimator) -> "HFCausalLM":
-        return HFCausalLM(self.config, estimator, self.corpus.vocab_size)
-
-
-class HFCausalLM(torch.nn.Module):
-    """A Hugging Face MoE causal LM routed by a gradest estimator (`gradest.hf.patch`), with what the Trainer asks
-    of a Switch model: per-token cross-entropy, the auxiliary loss (the model's own router load-balancing loss,
-    `router_aux_loss_coef` times its `aux_loss`, where the config has one), the score-function term (through
-    `gradest.hf.score_loss`), a zero-output pass, routing statistics per patched block, parameter counts.
-
-    The characters' ids are the token ids. `hf` and `hf_config` models are randomly initialised with the corpus's
-    vocabulary (the config's `vocab_size` is replaced); an `hf_model` keeps its weights and vocabulary, which must
-    hold the corpus's ids."""
-
-    def __init__(self, config: TrainConfig, estimator: Estimator, vocab_size: int):
-        super().__init__()
-        from gradest import hf
-
-        cfg = config.hf_transformers_config
-        if config.hf_model is None:
-            cfg.vocab_size = vocab_size
-            self.hf_model = hf.model_from_config(cfg)
-        else:
-            if cfg.vocab_size < vocab_size:
-                raise GradestError(f"the model in {config.hf_model}/ has vocab_size={cfg.vocab_size}, fewer than "
-                                   f"the corpus's {vocab_size} characters; valid: vocab_size >= {vocab_size}")
-            try:
-                self.hf_model = hf.transformers.AutoModelForCausalLM.from_pretrained(
-                    config.hf_model, config=cfg, local_files_only=True, dtype=torch.float32)
-            except (OSError, ValueError, RuntimeError) as error:
-                raise GradestError(f"cannot load the model in {config.hf_model}/: {error}") from None
-        hparams = {key: value for key, value in config.hparams.items() if key in type(estimator).params}
-        self.patched = hf.patch(self.hf_model, config.estimator, k=config.top_k, **hparams)
-        self.estimator = self.patched.estimator
-        self.aux_coef = float(cfg.router_aux_loss_coef) if getattr(cfg, "output_router_logits", False) else 0.0
-        self.last_aux = torch.zeros(())
-
-    def forward(self, idx, targets=None):
-        """Logits (B, T, V) and, given targets, the per-token cross-entropy (B, T)."""
-        out = self.hf_model(input_ids=idx, use_cache=False)
-        aux = out.get("aux_loss") if self.aux_coef else None
-        self.last_aux = self.aux_coef * aux.float() if aux is not None else torch.zeros(())
-        if targets is None:
-            return out.logits, None
-        return out.logits, token_cross_entropy(out.logits, targets, -100)
-
-    def aux_loss(self):
-        return self.last_aux
-
-    def sampled(self) -> bool:
-        """Whether the last forward sampled a routing with a log-probability (a score-function estimator)."""
-        return any(b.block.gradest_log_prob is not None for b in self.patched.blocks)
-
-    def score_loss(self, loss_per_sequence, loss_zero=None):
-        from gradest import hf
-        return hf.score_loss(self.hf_model, loss_per_sequence, loss_zero=loss_zero)
-
-    def zero_moe(self, zero: bool):
-        self.patched.zeroed = zero
-
-    def moe_layers(self) -> list:
-        return []  # no gradest MoE layer: the patched blocks are `patched.blocks`
-
-    def routing_stats(self) -> list[dict]:
-        """Each patched block's routing of the last forward: tokens per expert, the fraction of chosen experts
-        among the top k of the logits, the entropy of softmax(z)."""
-        blocks = [b for b in self.patched.blocks if b.routed is not None]
-        parts = []
-        with torch.no_grad():
-            for b in blocks:
-                z, choice = b.routed
-                top = z.topk(choice.shape[-1], -1).indices
-                hits = (choice.unsqueeze(-1) == top.unsqueeze(-2)).any(-1).sum()
-                log_p = z.log_softmax(-1)
-                entropy = -(log_p.exp() * log_p).sum(-1).mean()
-                parts.append(torch.cat([torch.bincount(choice.reshape(-1), minlength=b.n).double(),
-                                        hits.double().view(1), entropy.double().view(1)]))
-            values = torch.cat(parts).tolist() if parts else []  # one host transfer
-        stats, start = [], 0
-        for b in blocks:
-            *loads, hits, entropy = values[start:start + b.n + 2]
-            start += b.n + 2
-            stats.append({"tokens_per_expert": [int(c) for c in loads], "argmax_fraction": hits / max(1, sum(loads)),
-                          "router_entropy": entropy})
-        return stats
-
-    def num_parameters(self, active: bool = False) -> int:
-        """Parameters, or those a token uses (each patched block counts k of its experts)."""
-        total = sum(p.numel() for p in self.parameters())
-        if active:
-            for b in self.patched.blocks:
-                per_expert = sum(p[0].numel() for p in b.block.experts.parameters() if p.dim() and p.shape[0] == b.n)
-                total -= (b.n - b.k) * per_expert
-        return total
+from gradest.tasks import LanguageModelling, Translation
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -572,8 +153,10 @@ class Trainer:
         self.rank, self.world = start_distributed(self.config)
         torch.manual_seed(self.config.seed)
         self.estimator = self.config.build_estimator()
-        task = HFLanguageModelling if self.config.is_hf else LanguageModelling if self.config.task == "lm" \
-            else Translation
+        if self.config.is_hf:
+            from gradest.hf.train import HFLanguageModelling as task  # on use: gradest.hf needs the `hf` extra
+        else:
+            task = LanguageModelling if self.config.task == "lm" else Translation
         self.task = task(self.config)
         self.model = self.task.model(self.estimator).to(self.config.device)
         if self.config.is_hf:
@@ -615,7 +198,7 @@ class Trainer:
         tokens = counted.sum(-1).clamp_min(1)
         sequence_loss = token_loss.sum(-1) / tokens  # f of each sequence
         aux = self.model.aux_loss()
-        hf = isinstance(self.model, HFCausalLM)
+        hf = self.config.is_hf  # the model is a gradest.hf.train.HFCausalLM
         log_prob = None if hf else self.model.routing_log_prob()
         if (not self.model.sampled()) if hf else log_prob is None:
             objective = sequence_loss.mean()
@@ -635,7 +218,7 @@ class Trainer:
         """Over the MoE layers: mean argmax fraction, router entropy, max load, each expert's share of the tokens;
         a Hugging Face model's also per patched block i: `layer{i}_max_load`, `layer{i}_router_entropy`,
         `layer{i}_argmax_fraction`."""
-        hf = isinstance(self.model, HFCausalLM)
+        hf = self.config.is_hf  # the model is a gradest.hf.train.HFCausalLM
         layers = self.model.routing_stats() if hf else [m.aux.stats for m in self.model.moe_layers()]
         if not layers:
             return {}

@@ -14,8 +14,8 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
-from gradest.doctor import diagnose, doctor_batch, router_weight  # noqa: E402
-from gradest.hf_probe import load_model, moe_blocks  # noqa: E402
+from gradest.doctor import diagnose, doctor_batch  # noqa: E402
+from gradest.hf import load_model, moe_blocks  # noqa: E402
 from helpers import assert_one_line_error, cli  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -50,7 +50,7 @@ def test_top2_is_healthy():
 
 def flip_weight_gradient(model):
     _, block, arch = moe_blocks(model)[1]
-    router_weight(getattr(block, arch.family.router)).register_hook(lambda g: -g)
+    arch.family.router_weight(arch.router_of(block)).register_hook(lambda g: -g)
 
 
 def flip_logits_gradient(model):
@@ -60,7 +60,7 @@ def flip_logits_gradient(model):
         if output[0].requires_grad:  # the probe's own passes run without gradients through the weights
             output[0].register_hook(lambda g: -g)  # Mixtral's router returns (logits, gates, experts)
 
-    getattr(block, arch.family.router).register_forward_hook(hook)
+    arch.router_of(block).register_forward_hook(hook)
 
 
 @pytest.mark.parametrize("corrupt", [flip_weight_gradient, flip_logits_gradient])

@@ -491,19 +491,40 @@ def test_estimators_that_cannot_route_the_model_are_refused():
 
 
 def test_only_the_hugging_face_modules_import_transformers():
-    """transformers is an optional extra: only gradest.hf and gradest.hf_probe import it, and the core package, the
-    CLI and the trainer load without it (the CLI imports the Hugging Face modules inside the commands that use
-    them)."""
+    """transformers is an optional extra: gradest.hf imports it in one place (`models.transformers_module`, on first
+    use); no module outside gradest/hf/ imports it or reaches it (such as `hf.transformers.AutoConfig` through the
+    package), nor uses a private name of the package; and the core package, the CLI, the trainer and gradest.hf
+    itself load without it."""
+    import ast
     import pathlib
-    import re
     import subprocess
     import sys
 
     import gradest
     root = pathlib.Path(gradest.__file__).parent
-    importing = sorted(path.relative_to(root).as_posix() for path in root.rglob("*.py")
-                       if re.search(r"^\s*(import|from)\s+transformers\b", path.read_text(), re.M))
-    assert importing == ["hf.py", "hf_probe.py"]
-    code = ("import sys, gradest, gradest.cli, gradest.train, gradest.study, gradest.probe; "
+
+    def uses(tree) -> list[str]:
+        """What a module does with transformers or with gradest.hf's private names."""
+        found = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found += [f"import {a.name}" for a in node.names if a.name.split(".")[0] == "transformers"]
+            elif isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                if module.split(".")[0] == "transformers":
+                    found.append(f"from {module} import")
+                if module.startswith("gradest.hf"):
+                    found += [f"from {module} import {a.name}" for a in node.names
+                              if a.name == "transformers" or a.name.startswith("_")]
+            elif isinstance(node, ast.Attribute):
+                if node.attr == "transformers":
+                    found.append(".transformers")
+                elif isinstance(node.value, ast.Name) and node.value.id == "hf" and node.attr.startswith("_"):
+                    found.append(f"hf.{node.attr}")
+        return found
+
+    seen = {path.relative_to(root).as_posix(): uses(ast.parse(path.read_text())) for path in root.rglob("*.py")}
+    assert {name: found for name, found in seen.items() if found} == {"hf/models.py": ["import transformers"]}
+    code = ("import sys, gradest, gradest.cli, gradest.train, gradest.study, gradest.probe, gradest.hf; "
             "assert 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,4 +1,4 @@
-"""gradest.hf_probe: the router-gradient probe on one MoE layer of a Hugging Face causal LM (tiny Mixtral, float64).
+"""gradest.hf.probe: the router-gradient probe on one MoE layer of a Hugging Face causal LM (tiny Mixtral, float64).
 
 - The enumeration reference is the gradient of J = E_D[L(D)]: central finite differences of a brute-force J
   (every assignment of the layer's routing, its probability from the router's softmax computed here).
@@ -21,7 +21,8 @@ transformers = pytest.importorskip("transformers")
 
 from gradest import hf  # noqa: E402
 from gradest.estimators import Objective, get_estimator  # noqa: E402
-from gradest.hf_probe import HFSite, hf_probe, load_model, model_batch, text_batch  # noqa: E402
+from gradest.hf import load_model  # noqa: E402
+from gradest.hf.probe import HFSite, hf_probe, model_batch, text_batch  # noqa: E402
 from gradest.probe import (ForcedRouting, enumerate_reference, installed, layer_gradient_samples,  # noqa: E402
                            probing, sample_seeds)
 from helpers import assert_one_line_error, cli  # noqa: E402
@@ -227,7 +228,7 @@ def test_switch_base_8_by_name():
     with torch.device("meta"):
         model = hf.model_from_config(hf.named_config("switch-base-8"))
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(619.3e6, rel=1e-3)
-    blocks = hf._find(model)
+    blocks = hf.moe_blocks(model)
     assert [name.split(".")[0] for name, _, _ in blocks] == ["encoder"] * 6 + ["decoder"] * 6
     assert {block.router.classifier.out_features for _, block, _ in blocks} == {8}
 

@@ -10,6 +10,7 @@ import torch
 pytest.importorskip("transformers")
 
 from gradest import hf  # noqa: E402
+from gradest.hf import train as hf_train  # noqa: E402
 from gradest.train import Trainer, TrainConfig  # noqa: E402
 from helpers import assert_one_line_error, cli  # noqa: E402
 
@@ -102,7 +103,7 @@ def test_reinforce_gets_its_score_term_through_score_loss(tmp_path, monkeypatch)
         calls.append(loss_per_sequence.shape)
         return score_loss(model, loss_per_sequence, **kwargs)
 
-    monkeypatch.setattr(hf, "score_loss", counting)
+    monkeypatch.setattr(hf_train, "score_loss", counting)  # the name the training back-end calls
     Trainer(TrainConfig(hf="mixtral", estimator="reinforce", steps=2, eval_batches=1, **SMALL_SETTINGS),
             tmp_path).run()
     assert calls == [torch.Size([8])] * 2

@@ -1,4 +1,4 @@
-"""The router-gradient probe on a Switch Transformer (docs/estimators.md §4): its exact reference against finite
+"""The router-gradient probe on a Switch Transformer (docs/estimators.md §4.5): its exact reference against finite
 differences and a brute-force enumeration through the model's own forward, the Rao-Blackwellised reference
 against enumeration, vectorised samples against a per-sample loop, and the rows it returns."""
 
@@ -12,9 +12,9 @@ from scipy.stats import norm
 
 from gradest.errors import GradestError
 from gradest.estimators import Objective, Routing, expand_estimators, get_estimator
-from gradest.measure import bias_variance, compare
+from gradest.measure import bias_variance, bias_variance_mc, compare
 from gradest.model import SwitchConfig, SwitchLM, SwitchSeq2Seq
-from gradest.probe import (ForcedRouting, Site, bias_variance_mc, enumerate_reference, installed,
+from gradest.probe import (ForcedRouting, SwitchSite, enumerate_reference, installed,
                            layer_gradient_samples, probe, probing, rao_blackwell_reference, sample_seeds,
                            switch_probe)
 from gradest.problems import ProblemConfig
@@ -95,7 +95,7 @@ def test_enumeration_equals_finite_differences(objective):
     """grad J w.r.t. layer 0's router weights by enumeration = central finite differences of a brute-force J
     (T = 4 tokens, n = 3), and = autograd through the brute force; top-1, top-2, masks, temperature."""
     model, batch = tiny_lm()
-    site = Site(model, batch, 0)
+    site = SwitchSite(model, batch, 0)
     assert int(site.relevant.sum()) == 4
     reference = site.router_gradient(enumerate_reference(site, objective).grad_z)
     weight = model.moe_layers()[0].router.weight
@@ -119,7 +119,7 @@ def test_translation_enumeration_skips_padding(layer):
     """Encoder-decoder: enumeration over each sequence's relevant tokens (padding and positions after the last
     target left out) = autograd of the brute force over every token at the layer, encoder and decoder layers."""
     model, batch = tiny_mt()
-    site = Site(model, batch, layer)
+    site = SwitchSite(model, batch, layer)
     expected = [[True, True], [True, False]]  # encoder: src padding; decoder: position 1 of sequence 1 scores nothing
     assert site.relevant.tolist() == expected
     ref = enumerate_reference(site, PLAIN)
@@ -134,7 +134,7 @@ def test_rao_blackwell_agrees_with_enumeration_and_its_error_shrinks():
     """The Rao-Blackwellised reference is within its own CI of enumeration (per-coordinate z-test, Bonferroni
     at 1%), and its standard error shrinks like 1/sqrt(S)."""
     model, batch = tiny_lm(seed=1)
-    site = Site(model, batch, 0)
+    site = SwitchSite(model, batch, 0)
     for objective in (PLAIN, OBJECTIVES[2]):
         exact = site.router_gradient(enumerate_reference(site, objective).grad_z)
         draws = rao_blackwell_reference(site, objective, draws=400, seed=3).values(site, "router")
@@ -151,7 +151,7 @@ def test_rao_blackwell_agrees_with_enumeration_and_its_error_shrinks():
 def test_rao_blackwell_is_exact_without_interactions():
     """On the last layer nothing above mixes tokens, so E[L | D_-t] does not depend on D_-t: zero variance."""
     model, batch = tiny_lm(seed=2)
-    site = Site(model, batch, 1)
+    site = SwitchSite(model, batch, 1)
     exact = enumerate_reference(site, PLAIN).grad_z
     rb = rao_blackwell_reference(site, PLAIN, draws=5, seed=0)
     torch.testing.assert_close(rb.draws, exact.expand_as(rb.draws), rtol=1e-10, atol=1e-14)
@@ -204,7 +204,7 @@ def test_vectorised_samples_equal_a_per_sample_loop(spec, k):
     forwards in which layer l draws its own noise: same numbers for every kind of estimator."""
     model, batch = tiny_lm(seed=3, tokens=3)
     (estimator,) = expand_estimators([spec], "gated", k)
-    site = Site(model, batch, 0)
+    site = SwitchSite(model, batch, 0)
     fast = site.router_gradient(layer_gradient_samples(site, estimator, 5, seed=7,
                                                        max_elements=2 * 2 * 3 * 24))
     slow = loop_samples(model, batch, 0, estimator, sample_seeds(7, 5))
@@ -216,7 +216,7 @@ def test_vectorised_samples_equal_a_per_sample_loop(spec, k):
 @pytest.mark.parametrize("layer", [0, 2])
 def test_vectorised_samples_equal_loop_on_translation(layer):
     model, batch = tiny_mt(seed=4)
-    site = Site(model, batch, layer)
+    site = SwitchSite(model, batch, layer)
     for spec in ("reinforce:baseline=zero", "st"):
         (estimator,) = expand_estimators([spec], "gated", 1)
         fast = site.router_gradient(layer_gradient_samples(site, estimator, 4, seed=1))
@@ -230,7 +230,7 @@ def test_stateful_estimator_routes_with_the_layers_state_or_its_steady_state():
     Trainer's gradient with the layer holding that state, and the probe leaves the layer's buffers alone."""
     model, batch = tiny_lm(seed=3, tokens=3)
     (estimator,) = expand_estimators(["default-moe"], "gated", 1)
-    site = Site(model, batch, 0)
+    site = SwitchSite(model, batch, 0)
     steady = site.estimator_state(estimator)["default"]
     assert steady.dtype == torch.float64 and steady.abs().sum(-1).gt(0).any()  # experts with tokens have one
     first = site.router_gradient(layer_gradient_samples(site, estimator, 2, seed=1))
@@ -241,7 +241,7 @@ def test_stateful_estimator_routes_with_the_layers_state_or_its_steady_state():
     with torch.no_grad():
         moe.state_default.copy_(steady)
     held = moe.state_default.clone()
-    site = Site(model, batch, 0)
+    site = SwitchSite(model, batch, 0)
     assert torch.equal(site.estimator_state(estimator)["default"], held)
     second = site.router_gradient(layer_gradient_samples(site, estimator, 2, seed=1))
     assert torch.equal(moe.state_default, held)  # the probe updated no buffer
@@ -263,7 +263,7 @@ def test_reinforce_unbiased_switch_biased():
     batch); Switch, which has no routing gradient nabla_0, is far off. Against a Rao-Blackwell reference, with
     its noise accounted for, the same."""
     model, batch = tiny_lm(seed=5)
-    site = Site(model, batch, 0)
+    site = SwitchSite(model, batch, 0)
     exact = site.router_gradient(enumerate_reference(site, PLAIN).grad_z)
     for spec, score in [("reinforce", "sequence"), ("reinforce:baseline=mean", "sequence"),
                         ("reinforce:baseline=zero", "sequence"), ("reinforce", "batch"),

@@ -35,7 +35,6 @@ def resolve(config: dict, given=()) -> dict:
     """The model (its config built, its MoE blocks counted on the meta device: nothing is allocated), the layer,
     the estimators and the probe's options."""
     from gradest import hf
-    from gradest.hf_probe import built_config
     valid = [*hf.SUPPORTED, *hf.NAMED]
     check_choice(config, "hf", valid, "Hugging Face model")
     for key, choices, what in (("wrt", PROBE_WRT, "gradient target for the probe"),
@@ -44,11 +43,11 @@ def resolve(config: dict, given=()) -> dict:
     for key, low in (("samples", 3), ("draws", 3), ("batch_size", 1), ("seq_len", 1), ("layer", 0)):
         check_range(config, key, low)
     with torch.device("meta"):
-        model = hf.model_from_config(built_config(config["hf"], config["top_k"], config["hf_settings"]))
-    blocks = hf._find(model)
+        model = hf.model_from_config(hf.built_config(config["hf"], config["top_k"], config["hf_settings"]))
+    blocks = hf.moe_blocks(model)
     check_range(config, "layer", 0, len(blocks) - 1, why=" (an index into the model's MoE blocks)")
     _, block, arch = blocks[0]
-    router = getattr(block, arch.family.router)
+    router = arch.router_of(block)
     n, k = arch.family.experts(router), config["top_k"] or arch.family.native_k(router)
     if config["top_k"] is not None:
         check_range(config, "top_k", 1, n)
@@ -61,13 +60,13 @@ def resolve(config: dict, given=()) -> dict:
 
 
 def run(config: dict, directory: Path) -> dict:
-    """`gradest compare --problem hf` on the cell's model (`hf_probe.load_model`: built by name at random
+    """`gradest compare --problem hf` on the cell's model (`gradest.hf.models.load_model`: built by name at random
     initialisation, seeded by `seed`); its rows' problem is `hf-<hf>`. The cell's time and its process's peak memory
     (resident set) are columns and in the summary: the full-size models' cost is part of what such a study reports."""
-    from gradest import hf
-    from gradest.hf_probe import hf_probe, load_model, model_batch
+    from gradest.hf.models import NAMED, load_model
+    from gradest.hf.probe import hf_probe, model_batch
     start = time.perf_counter()
-    k = None if config["hf"] in hf.NAMED else config["top_k"]  # a full-size model routes its own k
+    k = None if config["hf"] in NAMED else config["top_k"]  # a full-size model routes its own k
     model = load_model(config["hf"], k=k, seed=config["seed"], settings=config["hf_settings"])
     model = model.to(config.get("device", "cpu"))
     built = time.perf_counter() - start

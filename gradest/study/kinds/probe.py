@@ -19,7 +19,8 @@ from gradest.study.kinds import train as train_kind
 from gradest.study.kinds.compare import estimator_report
 from gradest.study.runner import execute
 from gradest.study.spec import Cell, Study, check_choice, check_range, check_types, make_cell, merge, resolve_cell
-from gradest.train import Trainer, TrainConfig
+from gradest.config import TrainConfig
+from gradest.train import Trainer
 
 STAGES = ("init", "trained")  # a probe's model: its training run's at initialisation, or trained
 MODEL_OPTIONAL_TYPES = {"capacity_factor": float, "omega": bool}  # SwitchConfig's settings whose default is unset

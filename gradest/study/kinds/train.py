@@ -25,7 +25,8 @@ from gradest.statistics import aggregate_seeds, holm, mean_interval, p_text, pai
 from gradest.study.kind import CellKind, Sections, register_cell_kind
 from gradest.study.reports import read_data, read_json
 from gradest.study.spec import Cell, Study, canonical
-from gradest.train import TASK_MODELS, Trainer, TrainConfig
+from gradest.config import TASK_MODELS, TrainConfig
+from gradest.train import Trainer
 
 # Run settings a train cell's config holds only when they differ from these defaults, so that adding them left every
 # earlier cell's hash as it was (TrainConfig.settings() leaves them out the same way).

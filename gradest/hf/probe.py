@@ -1,5 +1,5 @@
 """The router-gradient probe (gradest/probe.py, docs/estimators.md §4) on one MoE layer of a Hugging Face MoE model:
-a causal LM, or SwitchTransformers' encoder-decoder.
+a causal LM, or SwitchTransformers' encoder-decoder. The model: `gradest.hf.models.load_model`.
 
 For MoE layer L of a transformers model: every other MoE block keeps its NATIVE routing in eval mode
 (deterministic: top-k of its own softmax; dropout off); block L alone is routed by gradest, through the
@@ -7,10 +7,10 @@ For MoE layer L of a transformers model: every other MoE block keeps its NATIVE 
 next-token cross-entropy (of the decoder's tokens, for an encoder-decoder), and the objective is J = E_D[L(D)] over block L's routing D, with D drawn from the
 objective's softmax of the block's own router logits and the gates from the same softmax (`ForcedRouting`).
 
-Why a subclass of `gradest.probe.Site`: probe.py's reference (exact enumeration, or the Rao-Blackwellised
-Monte-Carlo reference with its standard error), its batched estimator samples and its bias/variance metrics only
-need a "site" that can (1) run a batch of rows (copies of sequences) with whatever rule the layer holds, and (2)
-say what the layer's router saw. `HFSite` provides exactly that, so the maths is probe.py's, unchanged:
+Why a `gradest.probe.Site`: probe.py's reference (exact enumeration, or the Rao-Blackwellised Monte-Carlo reference
+with its standard error), its batched estimator samples and its bias/variance metrics only need a "site" that can
+(1) run a batch of rows (copies of sequences) with whatever rule the layer holds, and (2) say what the layer's router
+saw. `HFSite` implements that protocol, so the maths is probe.py's, unchanged:
 
 - `site.layer` is a `_BlockSlot`: assigning its `estimator` (what `gradest.probe.installed` does) patches block L
   with that estimator (`gradest.hf.patch`, then every other block's patch undone); assigning None undoes it. The
@@ -19,7 +19,8 @@ say what the layer's router saw. `HFSite` provides exactly that, so the maths is
 - There is no prefix caching: each row re-runs the WHOLE model (the layers below L recompute the same values).
   Rows are batched (`chunk_rows`), so the cost is a few large forwards, not one per row.
 - Router-weight gradients are sum_t grad z_t (outer) x_t with x_t the input the router module received (captured
-  with a forward pre-hook); the logits are made a leaf inside the block, so one backward gives every row's.
+  with a forward pre-hook, `gradest.probe.captured_input`); the logits are made a leaf inside the block, so one
+  backward gives every row's.
 
 Data: the bundled tiny-shakespeare validation split, as its character ids, modulo the model's vocabulary (a tiny
 model built by `--hf NAME` has a vocabulary of at least the 65 characters, so they are unchanged); a user's text
@@ -38,9 +39,7 @@ so every token at layer L can change the loss (`relevant` is all true).
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -48,117 +47,13 @@ from torch import Tensor, nn
 
 from gradest.errors import GradestError
 from gradest.estimators import Estimator
+from gradest.hf.families import routing_dtype
+from gradest.hf.models import NAMED, load_model, moe_blocks
+from gradest.hf.patching import patch
 from gradest.model import token_cross_entropy
-from gradest.probe import Site, check_probe_options, probe_estimators, probe_site, probing
+from gradest.probe import Site, captured_input, check_probe_options, probe_estimators, probe_site, probing
 
 IGNORE = -100  # no target is ignored (no padding); the value transformers uses
-
-
-# ------------------------------------------------------------------------------------------------ the model
-def _hf():
-    """gradest.hf, imported on use: it needs transformers (the `hf` extra)."""
-    from gradest import hf
-    return hf
-
-
-def moe_blocks(model: nn.Module) -> list:
-    """The MoE blocks gradest.hf recognises in `model`: (module name, block, Architecture), in model order."""
-    hf = _hf()
-    if not isinstance(model, nn.Module):
-        raise GradestError(f"the HF probe needs a transformers model, got {type(model).__name__}")
-    found = hf._find(model)
-    if not found:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        raise GradestError(f"no mixture-of-experts block that gradest.hf can route in {type(model).__name__}"
-                           + (f" (model_type '{model_type}')" if model_type else "")
-                           + f"; supported architectures: {', '.join(hf.SUPPORTED)}")
-    return found
-
-
-def load_model(name: str | None = None, config_file: str | Path | None = None, model_dir: str | Path | None = None,
-               *, k: int | None = None, seed: int = 0, dtype: torch.dtype | None = None,
-               settings: dict | None = None) -> nn.Module:
-    """The model to probe: a tiny random model of architecture `name` (`gradest.hf.tiny_config`, its vocabulary
-    the bundled text's 65 characters, seeded by `seed`) or a full-size one named in `gradest.hf.NAMED` (such as
-    switch-base-8, random too), the same built from a config file (`config_file`: a transformers config.json, with
-    `name` its model_type unless the file says), or a saved model (`model_dir`, `from_pretrained`, local only). `k`
-    overrides num_experts_per_tok of a built model, `settings` any of its config's fields. A model in float64 gets
-    the eager experts implementation (grouped_mm refuses float64)."""
-    import transformers
-    hf = _hf()
-    given = [x is not None for x in (config_file, model_dir)]
-    if sum(given) > 1:
-        raise GradestError("give --hf-config or --hf-model, not both")
-    if model_dir is not None:
-        if name is not None or k is not None or settings:
-            raise GradestError("--hf-model DIR is a saved model: --hf, --top-k and config settings do not apply "
-                               "to it")
-        path = Path(model_dir)
-        if not (path / "config.json").is_file():
-            raise GradestError(f"{path}/ is not a saved transformers model (no config.json)")
-        try:
-            seq2seq = transformers.AutoConfig.from_pretrained(path, local_files_only=True).is_encoder_decoder
-            auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
-            model = auto.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError, KeyError) as error:
-            raise GradestError(f"cannot load the model in {path}/: {error}") from None
-    else:
-        overrides = dict(settings or {})
-        if config_file is not None:
-            path = Path(config_file)
-            try:
-                settings = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as error:
-                raise GradestError(f"cannot read the config {path}: {error}") from None
-            if not isinstance(settings, dict):
-                raise GradestError(f"{path} is not a JSON object (a transformers config.json)")
-            model_type = settings.pop("model_type", None) or name
-            if model_type is None:
-                raise GradestError(f"{path} has no model_type; give it, or --hf NAME")
-            if name is not None and name != model_type:
-                raise GradestError(f"--hf {name} but {path} is a '{model_type}' config")
-            if model_type not in hf.SUPPORTED:
-                raise GradestError(f"unknown architecture '{model_type}'; valid: {', '.join(hf.SUPPORTED)}")
-            if k is not None:
-                settings["num_experts_per_tok"] = k
-            try:
-                config = transformers.AutoConfig.for_model(model_type, **{**settings, **overrides})
-            except hf.CONFIG_ERRORS as error:
-                raise GradestError(f"invalid config {path}: {hf.config_error(error)}") from None
-        else:
-            if name is None:
-                raise GradestError("which model? give --hf NAME (a tiny random model), --hf-config FILE or "
-                                   "--hf-model DIR")
-            if name in hf.NAMED and k is not None:
-                raise GradestError(f"{name} routes its own k experts per token; --top-k does not apply")
-            config = built_config(name, k, overrides)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = hf.model_from_config(config)
-    if dtype is not None:
-        model = model.to(dtype)
-    if next(model.parameters()).dtype == torch.float64 and hasattr(model, "set_experts_implementation"):
-        model.set_experts_implementation("eager")
-    moe_blocks(model)  # refuse a model the probe cannot run, in one line
-    return model.eval()
-
-
-def built_config(name: str, k: int | None = None, settings: dict | None = None):
-    """The config of a model built by name: a tiny one of architecture `name` (`gradest.hf.tiny_config`, k experts
-    per token, default 2, its vocabulary the bundled text's characters) or a full-size one in `gradest.hf.NAMED`
-    (its own k: `k` is ignored), with `settings` over it; a bad name or setting is one line."""
-    from gradest.datasets import load_shakespeare
-    hf = _hf()
-    if name not in hf.SUPPORTED and name not in hf.NAMED:
-        raise GradestError(f"unknown architecture '{name}'; valid: {', '.join(hf.SUPPORTED)} (tiny random "
-                           f"models), {', '.join(hf.NAMED)} (full size, random weights)")
-    try:
-        if name in hf.NAMED:
-            return hf.named_config(name, **(settings or {}))
-        return hf.tiny_config(name, k=2 if k is None else k, vocab_size=load_shakespeare().vocab_size,
-                              **(settings or {}))
-    except hf.CONFIG_ERRORS as error:
-        raise GradestError(f"invalid settings for {name}: {hf.config_error(error)}") from None
 
 
 # -------------------------------------------------------------------------------------------------- the data
@@ -228,16 +123,12 @@ class _BlockSlot:
             self.patched.undo()
             self.patched = None
         if value is not None:
-            patched = _hf().patch(self.model, value)
+            patched = patch(self.model, value)
             for b in patched.blocks:  # only this block is routed by gradest; the others keep their own rule
                 if b.block is not self.block:
                     b.restore()
             patched.blocks = [b for b in patched.blocks if b.block is self.block]
             self.patched = patched
-
-
-class _Captured(Exception):
-    pass
 
 
 @contextmanager
@@ -258,22 +149,21 @@ def frozen(model: nn.Module):
 class HFSite(Site):
     """MoE layer `layer` (an index into the model's MoE blocks, in model order: an encoder-decoder's encoder blocks
     first) of a transformers model on a batch (`model_batch`: (idx, targets), or (src, tgt_in, tgt_out) for an
-    encoder-decoder), for probe.py's reference and sample functions. Attributes as `Site`'s: `u` the router's input
-    (B, T, d), `z0` its logits in the routing dtype (B, T, n), `relevant` (B, T) all true, `layer` the slot,
-    `where` encoder or decoder."""
+    encoder-decoder), for probe.py's reference and sample functions. Besides `Site`'s attributes (`z0` in the
+    routing dtype, `relevant` all true, `layer` the `_BlockSlot`): `name`, `hf_block`, `arch`, `router` and
+    `native_k` of block L, `where` encoder or decoder."""
 
-    def __init__(self, model: nn.Module, batch, layer: int = 0):  # noqa: super().__init__ is Switch-specific
+    def __init__(self, model: nn.Module, batch, layer: int = 0):
         found = moe_blocks(model)
         if isinstance(layer, bool) or not isinstance(layer, int) or not -len(found) <= layer < len(found):
             raise GradestError(f"layer must be an MoE layer index in 0..{len(found) - 1}, got {layer!r}")
         self.model, self.index = model, layer % len(found)
         self.name, self.hf_block, self.arch = found[self.index]
-        self.router = getattr(self.hf_block, self.arch.family.router)
+        self.router = self.arch.router_of(self.hf_block)
         self.native_k = self.arch.family.native_k(self.router)
         self.problem = f"hf-{self.arch.model_type}"
         seq2seq = model.config.is_encoder_decoder
         self.where = "encoder" if seq2seq and self.name.startswith(("encoder.", "model.encoder.")) else "decoder"
-        self.memory = None
         self.device = next(model.parameters()).device
         names = ("src", "tgt_in", "targets") if seq2seq else ("idx", "targets")
         if len(batch) != len(names):
@@ -292,29 +182,14 @@ class HFSite(Site):
         self.layer = _BlockSlot(model, self.hf_block)
         B, T = tensors[0 if self.where == "encoder" else -1].shape
         with probing(model), torch.no_grad():
-            self.u = self.capture_input(B, T)
+            # the router module's input as the block hands it over (native routing below block L)
+            self.u = captured_input(self.router, lambda: self.forward(torch.arange(B, device=self.device)))
+            self.u = self.u.reshape(B, T, -1)
             z = self.arch.family.logits(self.router, self.u.reshape(B * T, -1).clone())
-            self.z0 = z.reshape(B, T, -1).to(_hf().routing_dtype(z.dtype))
+            self.z0 = z.reshape(B, T, -1).to(routing_dtype(z.dtype))
         self.B, self.T, self.d, self.n = B, T, self.u.shape[-1], self.z0.shape[-1]
         self.relevant = torch.ones(B, T, dtype=torch.bool, device=self.device)
         self._zero_losses = None
-
-    def capture_input(self, B: int, T: int) -> Tensor:  # noqa: a different signature from Site's (no prefix)
-        """The router module's input on the batch (B, T, d), as the block hands it over (native routing below)."""
-        seen = {}
-
-        def hook(module, args):
-            seen["x"] = args[0].detach().clone()
-            raise _Captured
-
-        handle = self.router.register_forward_pre_hook(hook)
-        try:
-            self.forward(torch.arange(B, device=self.device))
-        except _Captured:
-            pass
-        finally:
-            handle.remove()
-        return seen["x"].reshape(B, T, -1)
 
     def forward(self, rows: Tensor) -> Tensor:
         """The model's logits on copies of the sequences `rows`."""
@@ -340,7 +215,7 @@ class HFSite(Site):
                 self._zero_losses = self.losses(torch.arange(self.B, device=self.device))
         return self._zero_losses
 
-    def estimator_state(self, estimator: Estimator):
+    def estimator_state(self, estimator: Estimator) -> None:
         if estimator.stateful:
             raise GradestError(f"estimator '{estimator.name}' is stateful: the HF probe does not seed its state; "
                                "probe it on --problem switch-lm")
@@ -385,7 +260,7 @@ def hf_probe_command(name: str | None = None, config_file=None, model_dir=None, 
     """What `gradest compare --problem hf` runs: the model (`load_model`; a built one seeded by `seed`, with
     `model_settings` over its config), a fixed batch of the bundled text (`model_batch`), `hf_probe`."""
     seed = options.get("seed", 0)
-    built = model_dir is None and name not in _hf().NAMED
+    built = model_dir is None and name not in NAMED
     model = load_model(name, config_file, model_dir, k=top_k if built else None, seed=seed, settings=model_settings)
     batch = model_batch(model, batch_size, seq_len, data_seed)
     return hf_probe(model, batch, layer, top_k=None if built else top_k, **options)

@@ -10,13 +10,13 @@
 `patch` replaces the routing RULE of every MoE block it recognises and nothing else: the router's weights (and
 bias), the way the model computes the router logits, the experts, shared experts, input jitter of the block, the
 router-logit outputs that transformers records for its auxiliary losses (`output_router_logits=True`) all stay
-the model's own. The router still returns the logits in the model's format, so those losses keep working. This
-module is the only part of gradest that imports `transformers` (`pip install 'gradest[hf]'`): 5.x, tested with
-5.24; the block layouts below are those of 5.24 (earlier 5.x releases differ in places, e.g. DeepSeek-V3's router
-returned only its logits in 5.0).
+the model's own. The router still returns the logits in the model's format, so those losses keep working. The
+gradest.hf package is the only part of gradest that imports `transformers` (`pip install 'gradest[hf]'`): 5.x,
+tested with 5.24; the block layouts below are those of 5.24 (earlier 5.x releases differ in places, e.g.
+DeepSeek-V3's router returned only its logits in 5.0).
 
-Supported architectures (model_type: block class, router attribute; see `SUPPORTED`)
-------------------------------------------------------------------------------------
+Supported architectures (model_type: block class, router attribute; the table: gradest.hf.models.SUPPORTED)
+------------------------------------------------------------------------------------------------------------
 softmax top-k family: mixtral (MixtralSparseMoeBlock.gate), qwen2_moe (Qwen2MoeSparseMoeBlock.gate; its shared
     expert and sigmoid shared-expert gate are kept), qwen3_moe (Qwen3MoeSparseMoeBlock.gate), olmoe
     (OlmoeSparseMoeBlock.gate). Native rule: softmax(z), top-k, renormalised over the k when `norm_topk_prob`
@@ -107,224 +107,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradest.errors import GradestError
 from gradest.estimators import GATED, REGISTRY, Estimator, Routing, get_estimator, parse_spec, trainable
-from gradest.estimators.sparsemixer import SparseMixerFamily
-
-try:
-    import transformers
-except ImportError as error:  # pragma: no cover - the hf extra is missing
-    raise GradestError("gradest.hf needs transformers 5.x: pip install 'gradest[hf]'") from error
-
-try:  # a config field of the wrong type: transformers 5 validates configs with huggingface_hub's strict dataclasses
-    from huggingface_hub.errors import StrictDataclassError
-except ImportError:  # pragma: no cover - an older huggingface_hub
-    StrictDataclassError = ValueError
-CONFIG_ERRORS = (TypeError, ValueError, KeyError, StrictDataclassError)  # what building a config from bad settings raises
-
-
-def config_error(error: Exception) -> str:
-    """A config error's message on one line (huggingface_hub's span several)."""
-    return " ".join(str(error).split())
-
-
-TESTED_TRANSFORMERS = (5, 6)  # major versions [from, to); the `hf` extra asks for >= 5.24, the version tested
-
-__all__ = ["SUPPORTED", "Patched", "PatchedBlock", "patch", "score_loss"]
-
-
-def routing_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32, or the model's dtype when wider (gradest's routing precision)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-# ------------------------------------------------------------------------------------------------------ families
-class Family:
-    """How gradest routes one family of transformers MoE blocks: where the router is, how the model computes its
-    logits, and how a routing is handed back in the router's own output format."""
-
-    router = "gate"  # the block's router submodule
-
-    def experts(self, router) -> int:
-        return router.num_experts
-
-    def native_k(self, router) -> int:
-        return router.top_k
-
-    def native_hparams(self, router, cls: type[Estimator]) -> dict:
-        """Hyper-parameters of estimator class `cls` that the model fixes (defaults unless given)."""
-        return {}
-
-    def logits(self, router, hidden: Tensor) -> Tensor:
-        """The router logits, computed as the model computes them, in the shape its router returns."""
-        raise NotImplementedError
-
-    def output(self, bp: "PatchedBlock", hidden: Tensor, logits: Tensor, index: Tensor, gates: Tensor,
-               routing: Routing | None) -> tuple:
-        """The router's return value in the model's format, for experts `index` (T, m) and `gates` (T, m)."""
-        raise NotImplementedError
-
-    def install(self, bp: "PatchedBlock") -> None:
-        """Override further pieces of the block (the router's forward is always replaced)."""
-
-
-class SoftmaxTopK(Family):
-    """Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE: replaces softmax -> top-k -> optional renormalisation after the
-    router's logits z = W x; returns (z, gates, experts) as their routers do."""
-
-    def __init__(self, renormalize: bool | None, gates_in_logits_dtype: bool):
-        self.renormalize = renormalize  # None: the router's `norm_topk_prob`
-        self.gates_in_logits_dtype = gates_in_logits_dtype  # Qwen, OLMoE cast; Mixtral keeps float32
-
-    def native_renormalize(self, router) -> bool:
-        return bool(router.norm_topk_prob) if self.renormalize is None else self.renormalize
-
-    def native_hparams(self, router, cls):
-        return {"renormalize": self.native_renormalize(router)} if "renormalize" in cls.params else {}
-
-    def logits(self, router, hidden):
-        return F.linear(hidden.reshape(-1, router.weight.shape[-1]), router.weight)
-
-    def output(self, bp, hidden, logits, index, gates, routing):
-        return logits, gates.to(logits.dtype) if self.gates_in_logits_dtype else gates, index
-
-
-class PhiMoE(SoftmaxTopK):
-    """PhiMoE: replaces transformers' `sparsemixer` (SparseMixer-v2) after z = W x; the router's input jitter
-    (`input_jitter_noise`, in place on its input, as the native router does) is kept."""
-
-    router = "router"
-
-    def __init__(self):
-        super().__init__(renormalize=False, gates_in_logits_dtype=True)
-
-    def native_hparams(self, router, cls):
-        return {"jitter_eps": float(router.router_jitter_noise)} if issubclass(cls, SparseMixerFamily) else {}
-
-    def logits(self, router, hidden):
-        if router.training and router.input_jitter_noise > 0:
-            hidden *= torch.empty_like(hidden).uniform_(1.0 - router.input_jitter_noise,
-                                                        1.0 + router.input_jitter_noise)
-        return F.linear(hidden, router.weight, router.bias)
-
-
-class GptOss(SoftmaxTopK):
-    """GPT-OSS: replaces top-k of the logits then softmax over those k (= softmax renormalised over its top k)
-    after z = W x + b."""
-
-    router = "router"
-
-    def __init__(self):
-        super().__init__(renormalize=True, gates_in_logits_dtype=True)
-
-    def logits(self, router, hidden):
-        return F.linear(hidden.reshape(-1, router.weight.shape[-1]), router.weight, router.bias)
-
-
-class DeepSeekV3(SoftmaxTopK):
-    """DeepSeek-V3: replaces sigmoid scoring, the correction bias and group-limited top-k after the float32
-    logits z = W x; the gates are multiplied by `routed_scaling_factor`, as the native ones are."""
-
-    def __init__(self):
-        super().__init__(renormalize=None, gates_in_logits_dtype=False)
-
-    def logits(self, router, hidden):
-        dtype = routing_dtype(hidden.dtype)  # native: float32 (a float64 model stays float64 here)
-        return F.linear(hidden.reshape(-1, router.weight.shape[-1]).to(dtype), router.weight.to(dtype))
-
-    def output(self, bp, hidden, logits, index, gates, routing):
-        return logits, gates * float(bp.router.routed_scaling_factor), index
-
-
-class SwitchTransformers(Family):
-    """SwitchTransformers: replaces top-1 of softmax(z) (and the router's input jitter) after z = W x + b
-    computed in `router_dtype`; keeps expert capacity per sequence. Its router returns (dispatch (..., m, n)
-    one-hot per choice slot, gates (..., m), z) and the block's forward is replaced so that m = k > 1 and dense
-    routings (m = n) reach the experts, which take one one-hot slot per choice."""
-
-    router = "router"
-
-    def native_k(self, router):
-        return 1
-
-    def logits(self, router, hidden):
-        classifier = router.classifier
-        bias = None if classifier.bias is None else classifier.bias.to(router.dtype)
-        return F.linear(hidden.to(router.dtype), classifier.weight.to(router.dtype), bias)
-
-    def output(self, bp, hidden, logits, index, gates, routing):
-        n, T = bp.n, index.shape[0]
-        lead = hidden.shape[:-1]
-        sequences = lead[0] if len(lead) > 1 else 1
-        dense = routing is not None and routing.experts is None
-        # the (token, choice) pairs whose expert's output the forward value uses, in token order per sequence
-        choice = gates.detach().topk(bp.k, -1).indices if dense else index
-        onehot = F.one_hot(choice, n)  # (T, c, n)
-        per_sequence = onehot.reshape(sequences, -1, n)
-        kept = ((per_sequence.cumsum(1) <= bp.router.expert_capacity) & per_sequence.bool()).any(-1)
-        kept = kept.reshape(choice.shape)
-        if dense:
-            token_kept = kept.any(-1, keepdim=True).to(gates.dtype)
-            gates = gates * token_kept.expand(gates.shape).scatter(-1, choice, kept.to(gates.dtype))
-            dispatch = torch.eye(n, dtype=torch.long, device=index.device).expand(T, n, n)
-            bp.kept = None
-        else:
-            dispatch = onehot * kept.unsqueeze(-1)
-            bp.kept = kept
-        m = dispatch.shape[1]
-        return dispatch.reshape(*lead, m, n), gates.to(hidden.dtype).reshape(*lead, m), logits
-
-    def install(self, bp):
-        block = bp.block
-
-        def forward(hidden_states):
-            d = hidden_states.shape[-1]
-            dispatch, gates, _ = block.router(hidden_states)
-            m = gates.shape[-1]
-            y = block.experts(hidden_states.reshape(-1, d), dispatch.reshape(-1, m, bp.n), gates.reshape(-1, m))
-            return y.reshape(hidden_states.shape)
-
-        bp.override(block, forward)
-
-
-@dataclass(frozen=True)
-class Architecture:
-    model_type: str
-    block: str  # "module.QualName" of the MoE block class
-    family: Family
-
-
-def _models(name: str) -> str:
-    return f"transformers.models.{name}.modeling_{name}"
-
-
-SUPPORTED: dict[str, Architecture] = {a.model_type: a for a in (
-    Architecture("mixtral", f"{_models('mixtral')}.MixtralSparseMoeBlock",
-                 SoftmaxTopK(renormalize=True, gates_in_logits_dtype=False)),
-    Architecture("qwen2_moe", f"{_models('qwen2_moe')}.Qwen2MoeSparseMoeBlock",
-                 SoftmaxTopK(renormalize=None, gates_in_logits_dtype=True)),
-    Architecture("qwen3_moe", f"{_models('qwen3_moe')}.Qwen3MoeSparseMoeBlock",
-                 SoftmaxTopK(renormalize=None, gates_in_logits_dtype=True)),
-    Architecture("olmoe", f"{_models('olmoe')}.OlmoeSparseMoeBlock",
-                 SoftmaxTopK(renormalize=None, gates_in_logits_dtype=True)),
-    Architecture("phimoe", f"{_models('phimoe')}.PhimoeSparseMoeBlock", PhiMoE()),
-    Architecture("switch_transformers", f"{_models('switch_transformers')}.SwitchTransformersSparseMLP",
-                 SwitchTransformers()),
-    Architecture("deepseek_v3", f"{_models('deepseek_v3')}.DeepseekV3MoE", DeepSeekV3()),
-    Architecture("gpt_oss", f"{_models('gpt_oss')}.GptOssMLP", GptOss()),
-)}
-_BY_BLOCK = {a.block: a for a in SUPPORTED.values()}
-
-
-def _architecture(module: nn.Module) -> Architecture | None:
-    for cls in type(module).__mro__:
-        found = _BY_BLOCK.get(f"{cls.__module__}.{cls.__qualname__}")
-        if found is not None:
-            return found
-    return None
+from gradest.hf.families import Family, routing_dtype
+from gradest.hf.models import TESTED_TRANSFORMERS, moe_blocks, transformers_module
 
 
 # ---------------------------------------------------------------------------------------------- patched blocks
@@ -339,7 +127,7 @@ class PatchedBlock:
     block: nn.Module = field(repr=False)
     family: Family = field(repr=False)
     patch: "Patched" = field(repr=False)
-    router: nn.Module = field(init=False, repr=False)
+    router: nn.Module = field(repr=False)
     routing: Routing | None = field(default=None, init=False, repr=False)  # this forward's, for the experts
     # the last routing, detached, for statistics (`gradest run --hf`): logits z (T, n) and the experts (T, k) each
     # token's forward value uses (a dense estimator's: the top k of its gates); a zero-output pass leaves it
@@ -347,9 +135,6 @@ class PatchedBlock:
     kept: Tensor | None = field(default=None, init=False, repr=False)  # (T, k) pairs within capacity (Switch)
     _saved: list = field(default_factory=list, init=False, repr=False)  # (module, had forward, old forward)
     _buffers: list = field(default_factory=list, init=False, repr=False)
-
-    def __post_init__(self):
-        self.router = getattr(self.block, self.family.router)
 
     # -- installing and undoing
     def override(self, module: nn.Module, forward: Callable) -> None:
@@ -388,7 +173,7 @@ class PatchedBlock:
         self.routing = self.kept = self.routed = None
 
     def router_weight(self) -> Tensor:
-        return self.router.classifier.weight if hasattr(self.router, "classifier") else self.router.weight
+        return self.family.router_weight(self.router)
 
     def state(self) -> dict[str, Tensor] | None:
         estimator = self.patch.estimator
@@ -486,25 +271,6 @@ class Patched:
 
 
 # ---------------------------------------------------------------------------------------------------- patching
-def _supported_list() -> str:
-    return ", ".join(SUPPORTED)
-
-
-def _find(model: nn.Module) -> list[tuple[str, nn.Module, Architecture]]:
-    found = []
-    for name, module in model.named_modules():
-        arch = _architecture(module)
-        if arch is None:
-            continue
-        if not hasattr(module, arch.family.router) or not hasattr(module, "experts"):
-            raise GradestError(f"{name} ({type(module).__name__}) lacks the `{arch.family.router}`/`experts` "
-                               f"modules of transformers {TESTED_TRANSFORMERS[0]}.x; installed: "
-                               f"{transformers.__version__}; valid: transformers>={TESTED_TRANSFORMERS[0]},"
-                               f"<{TESTED_TRANSFORMERS[1]}")
-        found.append((name, module, arch))
-    return found
-
-
 def _build(estimator: str | Estimator, k: int | None, native_k: int, native: Callable, where: str,
            hparams: dict) -> Estimator:
     if isinstance(estimator, Estimator):
@@ -560,25 +326,20 @@ def patch(model: nn.Module, estimator: str | Estimator, *, k: int | None = None,
     MoE block, an estimator that cannot route a block (`exact`), or one that routes one expert where k > 1."""
     if not isinstance(model, nn.Module):
         raise GradestError(f"patch needs a torch nn.Module (a transformers model), got {type(model).__name__}")
+    transformers = transformers_module()
     major = int(transformers.__version__.split(".")[0])
     if not TESTED_TRANSFORMERS[0] <= major < TESTED_TRANSFORMERS[1]:
         raise GradestError(f"gradest.hf supports transformers {TESTED_TRANSFORMERS[0]}.x, installed: "
                            f"{transformers.__version__}; valid: transformers>={TESTED_TRANSFORMERS[0]},"
                            f"<{TESTED_TRANSFORMERS[1]}")
-    found = _find(model)
-    if not found:
-        config = getattr(model, "config", None)
-        model_type = getattr(config, "model_type", None)
-        what = type(model).__name__ + (f" (model_type '{model_type}')" if model_type else "")
-        raise GradestError(f"no mixture-of-experts block that gradest.hf can route in {what}; supported "
-                           f"architectures: {_supported_list()}")
+    found = moe_blocks(model)
     for name, module, _ in found:
         if "_gradest_patch" in module.__dict__:
             raise GradestError(f"{name} is already patched by gradest; undo() that patch first")
 
     _, first, arch = found[0]
-    router = getattr(first, arch.family.router)
-    native_ks = {arch.family.native_k(getattr(m, a.family.router)) for _, m, a in found}
+    router = arch.router_of(first)
+    native_ks = {a.family.native_k(a.router_of(m)) for _, m, a in found}
     if k is None and len(native_ks) > 1:
         raise GradestError(f"the MoE blocks route different numbers of experts ({sorted(native_ks)}); valid: "
                            f"pass k")
@@ -588,10 +349,10 @@ def patch(model: nn.Module, estimator: str | Estimator, *, k: int | None = None,
 
     patched = Patched(model, built)
     for name, module, a in found:
-        r = getattr(module, a.family.router)
-        n = a.family.experts(r)
+        router = a.router_of(module)
+        n = a.family.experts(router)
         built.check(n, GATED)
-        patched.blocks.append(PatchedBlock(name, a.model_type, built.k, n, module, a.family, patched))
+        patched.blocks.append(PatchedBlock(name, a.model_type, built.k, n, module, a.family, patched, router))
     for block in patched.blocks:
         block.install()
     return patched
@@ -632,71 +393,3 @@ def score_loss(model: nn.Module, loss_per_sequence: Tensor, *, loss_zero: Tensor
     if total is not None:
         total = total.to(loss_per_sequence.dtype)
     return estimator.with_score(loss_per_sequence, total, loss_zero)
-
-
-# ---------------------------------------------------------------------------------------------------- models
-# Tiny random models of every supported architecture, built from configs (nothing is downloaded): what the tests,
-# `gradest run --hf NAME` and `gradest compare --problem hf --hf NAME` use when no config or checkpoint is given.
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-TINY_MOE = {
-    "mixtral": dict(num_local_experts=4),
-    "qwen2_moe": dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=32),
-    "qwen3_moe": dict(num_experts=4, moe_intermediate_size=16, norm_topk_prob=True),
-    "olmoe": dict(num_experts=4),
-    "phimoe": dict(num_local_experts=4),
-    "deepseek_v3": dict(num_key_value_heads=4, n_routed_experts=4, moe_intermediate_size=16, n_group=2, topk_group=1,
-                        first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
-                        qk_nope_head_dim=8, v_head_dim=8, routed_scaling_factor=2.5),
-    "gpt_oss": dict(num_local_experts=4, head_dim=8),
-}
-TINY_SWITCH = dict(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2,
-                   num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, num_experts=4, expert_capacity=64,
-                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0)
-
-
-# Full-size configurations by name: `--hf switch-base-8` builds the architecture of google/switch-base-8 (its
-# config.json: 12 + 12 layers, every second one sparse, d_model 768, d_ff 3072, 8 experts of capacity 64; 619M
-# parameters) at random initialisation. transformers' own SwitchTransformersConfig() defaults differ (d_ff 2048,
-# every fourth layer sparse: 317M).
-NAMED = {
-    "switch-base-8": ("switch_transformers", dict(
-        vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_heads=12, num_layers=12, num_decoder_layers=12,
-        num_sparse_encoder_layers=6, num_sparse_decoder_layers=6, num_experts=8, expert_capacity=64,
-        router_bias=False, router_jitter_noise=0.01, router_dtype="float32", dropout_rate=0.1,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)),
-}
-
-
-def named_config(name: str, **overrides):
-    """The configuration of a full-size model listed in NAMED, with `overrides`."""
-    import transformers
-
-    if name not in NAMED:
-        raise GradestError(f"unknown model '{name}'; valid: {', '.join(NAMED)}")
-    model_type, settings = NAMED[name]
-    return transformers.AutoConfig.for_model(model_type, **{**settings, **overrides})
-
-
-def tiny_config(model_type: str, *, k: int = 2, vocab_size: int = 100, **overrides):
-    """The config of a tiny random model of a supported architecture (4 experts, k of them per token), with
-    `overrides` given to the config's constructor (so that the fields it derives from them agree). A causal LM
-    has no special tokens (its architecture's defaults lie outside a small vocabulary)."""
-    import transformers
-
-    if model_type not in SUPPORTED:
-        raise GradestError(f"unknown architecture '{model_type}'; valid: {_supported_list()}")
-    if model_type == "switch_transformers":
-        settings = {**TINY_SWITCH, "vocab_size": vocab_size}
-    else:
-        settings = {**TINY, "vocab_size": vocab_size, "num_experts_per_tok": k, **TINY_MOE[model_type],
-                    "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
-    return transformers.AutoConfig.for_model(model_type, **{**settings, **overrides})
-
-
-def model_from_config(config) -> nn.Module:
-    """A randomly initialised model of `config`: a causal LM, or Switch's encoder-decoder."""
-    import transformers
-
-    if config.model_type == "switch_transformers":
-        return transformers.SwitchTransformersForConditionalGeneration(config)
-    return transformers.AutoModelForCausalLM.from_config(config)
