@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import functools
 import itertools
-import json
 import re
 import sys
 import time
@@ -23,15 +22,15 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from gradest import __version__
-from gradest.config import DTYPES, TASKS, TrainConfig
+from gradest.config import RUN_SETTINGS, RunSetting, TrainConfig, hyper_parameters, key_values
 from gradest.errors import GradestError, one_line
 from gradest.estimators import CATEGORICAL, GATED, REGISTRY
 from gradest.estimators.base import parse_as
-from gradest.estimators import expand_estimators, parse_setting
+from gradest.estimators import expand_estimators
 from gradest.hf.models import CAUSAL
 from gradest.measure import WRT, compare as compare_estimators
 from gradest.model import SwitchConfig
-from gradest.presets import PRESETS, apply_preset
+from gradest.presets import apply_preset
 from gradest.probe import TASK_PROBLEM, switch_probe
 from gradest.problems import PROBLEM_DEFAULTS, PROBLEMS, ProblemConfig
 from gradest.figures import atomic_savefig, training_figure
@@ -128,18 +127,6 @@ def config_options(lists: bool):
         return command
 
     return decorate
-
-
-def parse_settings(texts: tuple[str, ...]) -> dict:
-    """`--set key=value` pairs. Values stay text: expand_estimators reads each one as the type of the parameter
-    of that name in every estimator that has it."""
-    settings = {}
-    for text in texts:
-        setting = parse_setting(text, params={})
-        if "k" in setting:
-            raise GradestError("set the experts per token with --top-k, not --set k=...")
-        settings.update(setting)
-    return settings
 
 
 def problem_configs(problems: list[str], seed: int, varying: dict, fixed: dict) -> list[ProblemConfig]:
@@ -277,7 +264,7 @@ def compare(problems, estimators, samples, wrt, checkpoint, layer, draws, hf_nam
     if hf_given and HF_PROBLEM not in problems:
         raise GradestError(f"{hf_given[0]} applies to --problem hf only")
     out = output_directory(out, Path("runs/compare"), "summary.csv")
-    hparams = parse_settings(settings)
+    hparams = hyper_parameters(settings)
     synthetic = [name for name in problems if name in PROBLEMS]
     configs = problem_configs(synthetic, seed, varying={"experts": experts, "top_k": top_k, "sharpness": sharpness},
                               fixed={"tokens": tokens, "dim": dim})
@@ -358,53 +345,81 @@ def doctor(hf_name, hf_config, hf_model, top_k, text_file, batches, batch_size, 
     click.echo(f"report written to {out}/ (doctor.md, layers.csv, cosine.png, config.json)")
 
 
-@main.command()
-@click.option("--estimator", "estimator_spec", metavar="NAME[:KEY=VALUE..]",
-              help="the estimator to train with, e.g. sparsemixer or reinforce:baseline=mean (required unless "
-                   "--resume)")
-@click.option("--task", type=click.Choice(TASKS), default="lm", show_default=True,
-              help="lm: Switch LM on tiny-shakespeare; mt: Switch encoder-decoder on Multi30k En-De (BLEU)")
-@click.option("--problem", default=None, help=f"train a synthetic problem instead of a Switch Transformer; valid: "
-                                              f"{', '.join(PROBLEMS)}")
-@click.option("--steps", type=click.IntRange(min=1), default=None,
-              help=f"optimiser steps [default {TrainConfig.steps} for a Switch Transformer, "
-                   f"{SYNTHETIC_STEPS} for a synthetic problem]; with --resume, the steps to continue to (more "
-                   f"than the run's extend it, see above)")
-@click.option("--lr", type=click.FLOAT, default=None,
-              help=f"peak learning rate [default {TrainConfig.lr:g} (AdamW, Switch), {SYNTHETIC_LR:g} (Adam, "
-                   f"synthetic)]")
-@click.option("--batch-size", type=click.IntRange(min=1), default=TrainConfig.batch_size, show_default=True,
-              help="sequences per step (Switch Transformer)")
+def setting_option(setting: RunSetting) -> click.Option:
+    """The `gradest run` option of a run setting: its value as given (None, or an empty tuple: not given), read
+    into the setting's type by `given_settings`."""
+    if setting.multiple:
+        return click.Option([setting.flag, setting.name], multiple=True, metavar=setting.metavar, help=setting.help)
+    kind = (click.Choice(setting.choices) if setting.choices else
+            OrNone({int: click.INT, float: click.FLOAT}.get(setting.kind, click.STRING)) if setting.check(None)
+            and setting.default is not None else {int: click.INT, float: click.FLOAT}.get(setting.kind, click.STRING))
+    # (the estimator has a default for study specs; on the command line it is required)
+    default = "" if setting.default in (None, {}) or setting.name == "estimator" else f" [default: {setting.default}]"
+    return click.Option([setting.flag, setting.name], type=kind, default=None, metavar=setting.metavar,
+                        help=setting.help + default)
+
+
+class OrNone(click.ParamType):
+    """A number, or `none` (a setting whose None means something, e.g. --grad-clip none: no clipping)."""
+
+    def __init__(self, inner: click.ParamType):
+        self.inner, self.name = inner, f"{inner.name}|none"
+
+    def convert(self, value, param, ctx):
+        return None if str(value).lower() == "none" else self.inner.convert(value, param, ctx)
+
+
+class RunCommand(click.Command):
+    """`gradest run`: its own options, then one per run setting (gradest.config.RUN_SETTINGS), read from the table
+    whenever the command runs, so that a setting declared there is an option with nothing else to edit."""
+
+    def get_params(self, ctx):
+        help_option = self.get_help_option(ctx)
+        own = [p for p in super().get_params(ctx) if p is not help_option]
+        return own + [setting_option(s) for s in RUN_SETTINGS.values() if s.flag] + ([help_option] if help_option
+                                                                                    else [])
+
+
+def given_settings(options: dict) -> dict:
+    """The run settings given on the command line, read into their types (an option not given is left out)."""
+    given = {}
+    for name, setting in RUN_SETTINGS.items():
+        value = options.get(name)
+        if value is None or (setting.multiple and not value):
+            continue
+        given[name] = setting.read(value) if setting.read else value
+        if not setting.check(given[name]):  # the table's constraint, before anything is built (--problem too)
+            raise GradestError(f"invalid {setting.flag} {value if not setting.multiple else given[name]!r}; valid: "
+                               f"{setting.check.text}")
+    return given
+
+
+SYNTHETIC_SETTINGS = ("estimator", "hparams", "steps", "lr", "top_k", "seed")  # what `run --problem` takes
+MODEL_OPTIONS = ("--experts", "--omega/--no-omega", "--model")  # the Switch Transformer's, by flag
+
+
+@main.command(cls=RunCommand)
+@click.option("--problem", default=None, help=f"train a synthetic problem instead of a Switch Transformer (next to "
+                                              f"the exact gradient; --steps {SYNTHETIC_STEPS} and --lr "
+                                              f"{SYNTHETIC_LR:g} by default); valid: {', '.join(PROBLEMS)}")
+@click.option("--experts", type=click.INT, default=None,
+              help=f"experts n [default {SwitchConfig.experts} for a Switch Transformer; with --problem: 2 for "
+                   f"poly, {ProblemConfig.experts} otherwise]")
+@click.option("--tokens", type=click.INT, default=None, help=f"--problem: tokens T [default {ProblemConfig.tokens}]")
+@click.option("--dim", type=click.INT, default=None, help=f"--problem: input dimension [default {ProblemConfig.dim}]")
+@click.option("--sharpness", type=click.FLOAT, default=None,
+              help=f"--problem: scale of the initial router logits [default {ProblemConfig.sharpness:g}]")
 @click.option("--omega/--no-omega", default=None,
               help="scale each MoE layer's output by a learnable omega [default: the estimator's, see gradest list]")
-@click.option("--device", default=TrainConfig.device, show_default=True,
-              help="cpu, cuda, cuda:1, mps: one of this machine's")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default=TrainConfig.dtype, show_default=True,
-              help="bfloat16 trains under autocast; the router stays float32")
 @click.option("--model", "model_settings", multiple=True, metavar="KEY=VALUE",
               help="Switch Transformer setting, e.g. --model n_layer=6 --model d_model=256 (see SwitchConfig)")
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="continue the run whose checkpoint is in this directory, with its own settings: only --steps "
                    "and --device may be given with it")
-@click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
-              help="fill the settings not given from a named setup: sparsemixer-reference is microsoft/"
-                   "SparseMixer's (README: Reproducing the paper)")
-@click.option("--hf", "hf_name", metavar="ARCH", default=None,
-              help="train a tiny random Hugging Face MoE causal LM of this architecture instead of the Switch "
-                   "Transformer: " + ", ".join(CAUSAL))
-@click.option("--hf-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="train a Hugging Face MoE causal LM built (randomly initialised) from this transformers config "
-                   "JSON; its vocab_size is replaced by the corpus's")
-@click.option("--hf-model", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="train the Hugging Face MoE causal LM saved in this local directory (save_pretrained), from "
-                   "its weights; its vocabulary must hold the corpus's character ids")
-@click.option("--hf-set", "hf_settings", multiple=True, metavar="KEY=VALUE",
-              help="Hugging Face config setting over --hf/--hf-config/--hf-model's, e.g. --hf-set "
-                   "num_hidden_layers=2 (value read as JSON, else text; repeatable)")
-@config_options(lists=False)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="the run's directory [default: runs/<estimator>-<task>-n<experts>-k<k>-seed<seed>]")
 @click.pass_context
-def run(ctx, estimator_spec, task, problem, steps, lr, batch_size, omega, device, dtype, model_settings, resume,
-        preset, hf_name, hf_config, hf_model, hf_settings, experts, tokens, dim, top_k, sharpness, seed, settings, out):
+def run(ctx, problem, experts, tokens, dim, sharpness, omega, model_settings, resume, out, **options):
     """Train with one estimator: a Switch Transformer (default: a character LM on tiny-shakespeare, a few minutes
     on 2 CPU cores), or with --problem a synthetic problem next to the exact gradient. Writes metrics, plots,
     config.json and (Switch) a checkpoint into --out, and prints a line at every evaluation.
@@ -425,66 +440,85 @@ def run(ctx, estimator_spec, task, problem, steps, lr, batch_size, omega, device
     model's num_experts_per_tok, the load-balancing loss is the model's own (router_aux_loss_coef), and metrics.csv
     also has each patched block's layer{i}_max_load, layer{i}_router_entropy, layer{i}_argmax_fraction. --model
     then takes only block_size; set the model with --hf-set KEY=VALUE."""
-    hf_given = {"hf": hf_name, "hf_config": None if hf_config is None else str(hf_config.resolve()),
-                "hf_model": None if hf_model is None else str(hf_model.resolve())}
-    hf_overrides = parse_hf_settings(hf_settings)
-    if problem is not None and (any(v is not None for v in hf_given.values()) or hf_overrides):
-        raise GradestError("--hf, --hf-config, --hf-model and --hf-set train a Hugging Face model, not a synthetic "
-                           "problem; give them without --problem")
-    if problem is not None and resume is None:
-        if estimator_spec is None:
-            raise GradestError("--estimator is required; valid: " + ", ".join(REGISTRY))
-        return run_synthetic(estimator_spec, problem, SYNTHETIC_STEPS if steps is None else steps,
-                             SYNTHETIC_LR if lr is None else lr, experts, tokens, dim, top_k, sharpness, seed,
-                             settings, out)
+    settings = given_settings(options)
+    model = {"experts": experts, "omega": omega, "model": parse_model_settings(model_settings)}
+    synthetic = {"--tokens": tokens, "--dim": dim, "--sharpness": sharpness}
     if resume is not None:
-        state = load_checkpoint(resume)
-        refuse_changes_on_resume(ctx, TrainConfig(**state["config"]), resume, {
-            "estimator_spec": estimator_spec, "task": task, "problem": problem, "lr": lr, "batch_size": batch_size,
-            "omega": omega, "dtype": dtype, "model_settings": parse_model_settings(model_settings),
-            "experts": experts, "top_k": top_k, "seed": seed, "settings": parse_settings(settings), "out": out,
-            "tokens": tokens, "dim": dim, "sharpness": sharpness, "preset": preset, "hf_name": hf_given["hf"],
-            "hf_config": hf_given["hf_config"], "hf_model": hf_given["hf_model"], "hf_settings": hf_overrides})
-        trainer = Trainer.resume(resume, steps, device if explicit(ctx, "device") else None, state)
-        out = resume
-        if trainer.step >= trainer.config.steps:  # writes nothing
-            click.echo(f"{out}/ is complete ({trainer.step} of {trainer.config.steps} steps): nothing to do; "
-                       f"extend it with --steps N, N > {trainer.step}")
-            trainer.close()
+        trainer = resume_run(resume, settings, model, {"--problem": problem, **synthetic}, out)
+        if trainer is None:
             return
+        out = resume
+    elif problem is not None:
+        return run_synthetic(problem, settings, experts, tokens, dim, sharpness, out)
     else:
-        for name, value in (("--tokens", tokens), ("--dim", dim), ("--sharpness", sharpness)):
-            if value is not None:
-                raise GradestError(f"{name} applies to synthetic problems only; add --problem, valid: "
-                                   + ", ".join(PROBLEMS))
-        if estimator_spec is None:
-            raise GradestError("--estimator is required (or --resume DIR); valid: " + ", ".join(REGISTRY))
-        hf_run = any(value is not None for value in hf_given.values())
-        if hf_overrides and not hf_run:
-            raise GradestError("--hf-set sets a Hugging Face model's config; add --hf ARCH, --hf-config FILE or "
-                               "--hf-model DIR")
-        if hf_run:
-            for name, value in (("--experts", experts), ("--omega/--no-omega", omega)):
-                if value is not None:
-                    raise GradestError(f"{name} is a Switch Transformer setting; a Hugging Face model takes its "
-                                       f"settings from its config (--hf-set KEY=VALUE)")
-        if preset is not None and hf_run:
-            raise GradestError(f"--preset {preset} sets up the Switch Transformer; a Hugging Face model takes its "
-                               f"settings from its config (--hf-set KEY=VALUE)")
-        given = {"top_k": top_k, "steps": steps, "lr": lr, "experts": experts, "omega": omega, **hf_given}
-        run_settings = {"task": task, "estimator": estimator_spec, "hparams": parse_settings(settings),
-                        "batch_size": batch_size, "seed": seed, "device": device, "dtype": dtype,
-                        "model": parse_model_settings(model_settings), "hf_settings": hf_overrides,
-                        **{key: value for key, value in given.items() if value is not None}}
-        config = TrainConfig(**apply_preset(preset, run_settings), preset=preset)
-        estimator = config.build_estimator()
-        what = f"hf-{config.hf_transformers_config.model_type}" if hf_run else task
-        out = out or Path("runs") / (f"{file_name(estimator.label)}-{what}-n{config.model.experts}-k{config.top_k}"
-                                     f"-seed{seed}")
-        if (out / "checkpoint.pt").exists():  # never overwrite a run: continuing it is one flag away
-            raise GradestError(f"{out}/ already holds a run; continue it with --resume {out}, or choose another "
-                               f"--out")
-        trainer = Trainer(config, out)
+        given = [name for name, value in synthetic.items() if value is not None]
+        if given:
+            raise GradestError(f"{given[0]} applies to synthetic problems only; add --problem, valid: "
+                               + ", ".join(PROBLEMS))
+        trainer, out = start_run(settings, model, out)
+    train(ctx, trainer, out)
+
+
+def start_run(settings: dict, model: dict, out: Path | None) -> tuple[Trainer, Path]:
+    """A new Switch Transformer or Hugging Face run: its TrainConfig (the preset filling what is not given), its
+    estimator built once, and its directory, never one that holds a run already."""
+    if "estimator" not in settings:
+        raise GradestError("--estimator is required (or --resume DIR); valid: " + ", ".join(REGISTRY))
+    given = {**settings, **{key: value for key, value in model.items() if value is not None}}
+    config = TrainConfig(**apply_preset(settings.get("preset"), given))
+    estimator = config.build_estimator()
+    what = f"hf-{config.hf_transformers_config.model_type}" if config.is_hf else config.task
+    out = out or Path("runs") / (f"{file_name(estimator.label)}-{what}-n{config.model.experts}-k{config.top_k}"
+                                 f"-seed{config.seed}")
+    if (out / "checkpoint.pt").exists():  # never overwrite a run: continuing it is one flag away
+        raise GradestError(f"{out}/ already holds a run; continue it with --resume {out}, or choose another --out")
+    return Trainer(config, out, estimator), out
+
+
+def resume_run(resume: Path, settings: dict, model: dict, synthetic: dict,
+               out: Path | None) -> Trainer | None:
+    """The trainer that continues the run in `resume`, to --steps on --device if given (None: the run is complete
+    and nothing is written). Any other option must have the run's own value: the run's settings are in its
+    checkpoint, and an option that silently did nothing would also leave config.json claiming the run had it."""
+    state = load_checkpoint(resume)
+    config = TrainConfig(**state["config"])
+    changed = [f"{show(flag, value)} (the run's: {show(flag, own)})" for name, value in settings.items()
+               for flag, own in [(RUN_SETTINGS[name].flag, getattr(config, name))]
+               if not RUN_SETTINGS[name].resumable and value != own]
+    own_model = {"experts": config.model.experts, "omega": config.model.omega,
+                 "model": {key: getattr(config.model, key) for key in model["model"]}}
+    changed += [f"{show(flag, model[key])} (the run's: {show(flag, own_model[key])})"
+                for flag, key in zip(MODEL_OPTIONS, model)
+                if model[key] not in (None, {}) and model[key] != own_model[key]]
+    changed += [f"{flag} {value} (the run has none: it is no synthetic problem)"
+                for flag, value in synthetic.items() if value is not None]
+    if out is not None and Path(out).resolve() != Path(resume).resolve():
+        changed.append(f"--out {out} (the run's: {resume})")
+    if changed:
+        raise GradestError(f"--resume {resume} continues the run with its own settings, and these differ: "
+                           f"{', '.join(changed)}; with --resume only --steps and --device may be given (to change "
+                           f"the others, start a new run with another --out)")
+    trainer = Trainer.resume(resume, settings.get("steps"), settings.get("device"), state)
+    if trainer.step >= trainer.config.steps:  # writes nothing
+        click.echo(f"{resume}/ is complete ({trainer.step} of {trainer.config.steps} steps): nothing to do; "
+                   f"extend it with --steps N, N > {trainer.step}")
+        trainer.close()
+        return None
+    return trainer
+
+
+def show(flag: str, value) -> str:
+    """An option with a value, as the command line gives it."""
+    if flag == "--omega/--no-omega":
+        return {True: "--omega", False: "--no-omega"}.get(value, "--omega unset (the estimator's default)")
+    if isinstance(value, dict):
+        return " ".join(f"{flag} {key}={item}" for key, item in value.items()) or f"no {flag}"
+    return f"{flag} {'none' if value is None else value}"
+
+
+def train(ctx: click.Context, trainer: Trainer, out: Path):
+    """Run a trainer to its end with a line per evaluation, then its figure and summary; Ctrl-C or SIGTERM stop
+    it after the step under way, printing how to resume."""
     start = time.perf_counter()
 
     def on_eval(row):
@@ -511,48 +545,6 @@ def run(ctx, estimator_spec, task, problem, steps, lr, batch_size, omega, device
     trainer.close()
 
 
-def explicit(ctx: click.Context, name: str) -> bool:
-    """Whether the user gave option `name` (on the command line), rather than it taking its default."""
-    source = ctx.get_parameter_source(name)
-    return source is not None and source not in (click.core.ParameterSource.DEFAULT,
-                                                 click.core.ParameterSource.DEFAULT_MAP)
-
-
-def refuse_changes_on_resume(ctx: click.Context, config: TrainConfig, resume: Path, given: dict):
-    """On --resume only --steps and --device may be given: the run's other settings are in its checkpoint, and an
-    option that silently did nothing would also leave config.json claiming the run had it. An option given with
-    the run's own value is harmless; one that differs is refused, naming the run's value. `given`: the options'
-    values by parameter name, parsed as the run's settings are."""
-    own = {"estimator_spec": config.estimator, "task": config.task, "lr": config.lr, "batch_size": config.batch_size,
-           "omega": config.model.omega, "dtype": config.dtype, "experts": config.model.experts,
-           "model_settings": {key: getattr(config.model, key) for key in given["model_settings"]},
-           "top_k": config.top_k, "seed": config.seed, "settings": config.hparams, "out": resume,
-           "problem": None, "tokens": None, "dim": None, "sharpness": None,  # a Switch run has no synthetic problem
-           "preset": config.preset,
-           "hf_name": config.hf, "hf_config": config.hf_config, "hf_model": config.hf_model,
-           "hf_settings": config.hf_settings}
-
-    def same(name):
-        if name == "out":
-            return Path(given[name]).resolve() == Path(resume).resolve()
-        return given[name] == own[name]
-
-    def show(name, value):
-        option = next(param for param in ctx.command.params if param.name == name)
-        if name == "omega":
-            return {True: "--omega", False: "--no-omega"}.get(value, "--omega unset (the estimator's default)")
-        if isinstance(value, dict):
-            return " ".join(f"{option.opts[0]} {key}={item}" for key, item in value.items()) or f"no {option.opts[0]}"
-        return f"{option.opts[0]} {'none' if value is None else value}"
-
-    changed = [f"{show(name, given[name])} (the run's: {show(name, own[name])})"
-               for name in given if explicit(ctx, name) and not same(name)]
-    if changed:
-        raise GradestError(f"--resume {resume} continues the run with its own settings, and these differ: "
-                           f"{', '.join(changed)}; with --resume only --steps and --device may be given (to change "
-                           f"the others, start a new run with another --out)")
-
-
 def resume_command(trainer: Trainer, out: Path) -> str:
     """The command that continues an interrupted run (under torchrun, with as many processes)."""
     import shlex
@@ -560,37 +552,31 @@ def resume_command(trainer: Trainer, out: Path) -> str:
     return f"{launcher} run --resume {shlex.quote(str(out))}"
 
 
-def parse_hf_settings(texts) -> dict:
-    """`--hf-set key=value`: each value read as JSON (2, 0.01, true, null, [1, 2]), else kept as text."""
-    settings = {}
-    for text in texts:
-        key, sep, value = text.partition("=")
-        if not sep or not key.strip():
-            raise GradestError(f"--hf-set {text!r} is not KEY=VALUE; valid: e.g. --hf-set num_hidden_layers=2")
-        try:
-            settings[key.strip()] = json.loads(value)
-        except ValueError:
-            settings[key.strip()] = value
-    return settings
-
-
 def parse_model_settings(texts) -> dict:
     """`--model key=value`, each value read as the type of SwitchConfig's field."""
     defaults = {f.name: f.default for f in dataclasses.fields(SwitchConfig)}
     settings = {}
-    for text in texts:
-        ((key, value),) = parse_setting(text, params={}).items()
+    for key, value in key_values(texts).items():
         if key not in defaults:
             raise GradestError(f"unknown model setting '{key}'; valid: {', '.join(defaults)}")
         settings[key] = parse_as(value, defaults[key])
     return settings
 
 
-def run_synthetic(estimator_spec, problem, steps, lr, experts, tokens, dim, top_k, sharpness, seed, settings, out):
-    hparams = parse_settings(settings)
+def run_synthetic(problem: str, settings: dict, experts, tokens, dim, sharpness, out):
+    """`gradest run --problem P`: train a synthetic problem with the estimator and with the exact gradient."""
+    others = [RUN_SETTINGS[name].flag for name in settings if name not in SYNTHETIC_SETTINGS]
+    if others:
+        raise GradestError(f"{others[0]} applies to a Switch or Hugging Face run, not to a synthetic problem "
+                           f"(--problem); valid with --problem: "
+                           f"{', '.join(RUN_SETTINGS[name].flag for name in SYNTHETIC_SETTINGS)}")
+    if "estimator" not in settings:
+        raise GradestError("--estimator is required; valid: " + ", ".join(REGISTRY))
+    steps, lr, seed = settings.get("steps", SYNTHETIC_STEPS), settings.get("lr", SYNTHETIC_LR), settings.get("seed", 0)
     (config,) = problem_configs([problem], seed, varying={}, fixed={
-        "experts": experts, "tokens": tokens, "dim": dim, "top_k": top_k, "sharpness": sharpness})
-    (estimator,) = expand_estimators([estimator_spec], PROBLEMS[config.problem].kind, config.top_k, hparams)
+        "experts": experts, "tokens": tokens, "dim": dim, "top_k": settings.get("top_k"), "sharpness": sharpness})
+    (estimator,) = expand_estimators([settings["estimator"]], PROBLEMS[config.problem].kind, config.top_k,
+                                     settings.get("hparams", {}))
     out = output_directory(out, Path("runs") / f"{file_name(estimator.label)}-{problem}-seed{seed}", "metrics.csv")
     start = time.perf_counter()
     metrics = train_synthetic(config, estimator, steps=steps, lr=lr, seed=seed, progress=progress_bar)

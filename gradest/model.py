@@ -166,9 +166,12 @@ class Stack(nn.Module):
 
 
 class SwitchModel(nn.Module):
-    """What the LM and the encoder-decoder share: initialisation, the MoE layers' auxiliary outputs."""
+    """What the LM and the encoder-decoder share: initialisation, the MoE layers' auxiliary outputs, and what the
+    Trainer asks of a model (`gradest.train.TrainableModel`)."""
 
     config: SwitchConfig
+    estimator: Estimator  # the routing rule of every MoE layer
+    per_layer_metrics = False  # metrics.csv has the routing statistics averaged over the MoE layers only
 
     def init_weights(self):
         """GPT-2's: normal(0, 0.02) weights, zero biases, residual output projections scaled by 1/sqrt(2 L)."""
@@ -194,6 +197,10 @@ class SwitchModel(nn.Module):
         layer's tokens (encoder and decoder layers have different lengths) and over the layers."""
         terms = [m.aux.log_prob.sum(-1) for m in self.moe_layers() if m.aux.log_prob is not None]
         return sum(terms) if terms else None
+
+    def routing_stats(self) -> list[dict]:
+        """Each MoE layer's routing in the last forward (`MoEAux.stats`)."""
+        return [m.aux.stats for m in self.moe_layers()]
 
     def zero_moe(self, zero: bool):
         """Make every MoE layer output 0 (REINFORCE's zero-output baseline f(0) costs one such pass)."""
@@ -223,7 +230,7 @@ class SwitchLM(SwitchModel):
 
     def __init__(self, config: SwitchConfig, estimator: Estimator):
         super().__init__()
-        self.config = config
+        self.config, self.estimator = config, estimator
         self.decoder = Stack(config, estimator, config.n_layer, causal=True, cross=False)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.init_weights()
@@ -243,7 +250,7 @@ class SwitchSeq2Seq(SwitchModel):
 
     def __init__(self, config: SwitchConfig, estimator: Estimator, pad_id: int):
         super().__init__()
-        self.config, self.pad_id = config, pad_id
+        self.config, self.estimator, self.pad_id = config, estimator, pad_id
         embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.encoder = Stack(config, estimator, config.n_encoder_layer, causal=False, cross=False,
                              embedding=embedding)

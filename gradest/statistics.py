@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -53,7 +54,9 @@ def paired_test(differences) -> dict:
     values = np.asarray([v for v in differences if v is not None and np.isfinite(v)], dtype=float)
     mean, lo, hi, n = mean_interval(values)
     lower = int((values < 0).sum())
-    p = float(stats.ttest_1samp(values, 0.0).pvalue) if n > 1 and values.std() > 0 else float("nan")
+    with warnings.catch_warnings():  # near-identical differences: scipy warns of precision, the p stays right
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p = float(stats.ttest_1samp(values, 0.0).pvalue) if n > 1 and values.std() > 0 else float("nan")
     sign = float(stats.binomtest(lower, n, 0.5).pvalue) if n else float("nan")
     return {"mean": mean, "lo": lo, "hi": hi, "seeds": n, "lower": lower, "p": p, "sign_p": sign}
 

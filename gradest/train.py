@@ -35,6 +35,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import pandas as pd
 import torch
@@ -44,6 +45,7 @@ from torch.nn.parallel import DistributedDataParallel
 from gradest.config import DTYPES, TrainConfig  # TrainConfig stays importable from here too
 from gradest.devices import check_device
 from gradest.errors import GradestError
+from gradest.estimators import Estimator
 from gradest.estimators.base import NonFiniteLogits
 from gradest.io import atomic_write_bytes, atomic_write_text, run_metadata, write_json
 from gradest.tasks import LanguageModelling, Translation
@@ -141,26 +143,50 @@ def load_checkpoint(out) -> dict:
     return state
 
 
+class TrainableModel(Protocol):
+    """What the Trainer asks of a model, beside an nn.Module's parameters and state (gradest.model's Switch
+    Transformers, gradest.hf.train.HFCausalLM): its forward is called by the task (`Task.token_loss`)."""
+
+    estimator: Estimator  # the routing rule it trains with
+    per_layer_metrics: bool  # whether metrics.csv also has each MoE layer's routing
+
+    def aux_loss(self) -> torch.Tensor:
+        """The auxiliary losses (load balancing, z-loss) of the last forward, to add to the loss."""
+
+    def routing_log_prob(self) -> torch.Tensor | None:
+        """log P of the routing sampled in the last forward, per sequence (None: no score-function estimator)."""
+
+    def zero_moe(self, zero: bool) -> None:
+        """Make every MoE layer output 0 (REINFORCE's zero-output baseline) until called with False."""
+
+    def routing_stats(self) -> list[dict]:
+        """Each MoE layer's routing in the last forward: tokens_per_expert, argmax_fraction, router_entropy."""
+
+    def num_parameters(self, active: bool = False) -> int:
+        """Parameters, or those one token uses."""
+
+
 @dataclass
 class Trainer:
-    """Holds everything a run needs; `state_dict` is exactly what decides the steps still to come."""
+    """Holds everything a run needs; `state_dict` is exactly what decides the steps still to come. `estimator`:
+    the one built from `config` (built here when not given)."""
 
     config: TrainConfig
     out: Path
+    estimator: Estimator | None = None
 
     def __post_init__(self):
         check_device(self.config.device)  # before anything is loaded: one line, not torch's traceback
         self.rank, self.world = start_distributed(self.config)
         torch.manual_seed(self.config.seed)
-        self.estimator = self.config.build_estimator()
+        estimator = self.estimator or self.config.build_estimator()
         if self.config.is_hf:
             from gradest.hf.train import HFLanguageModelling as task  # on use: gradest.hf needs the `hf` extra
         else:
             task = LanguageModelling if self.config.task == "lm" else Translation
         self.task = task(self.config)
-        self.model = self.task.model(self.estimator).to(self.config.device)
-        if self.config.is_hf:
-            self.estimator = self.model.estimator  # patch's: with the defaults the model fixes
+        self.model: TrainableModel = self.task.model(estimator).to(self.config.device)
+        self.estimator = self.model.estimator  # a Hugging Face model's: with the defaults the model fixes
         # the model the loss runs through: DDP averages gradients over ranks in backward
         self.forward_model = DistributedDataParallel(self.model) if self.world > 1 else self.model
         torch.manual_seed(self.config.seed + self.rank)  # each rank its own routing noise
@@ -198,9 +224,8 @@ class Trainer:
         tokens = counted.sum(-1).clamp_min(1)
         sequence_loss = token_loss.sum(-1) / tokens  # f of each sequence
         aux = self.model.aux_loss()
-        hf = self.config.is_hf  # the model is a gradest.hf.train.HFCausalLM
-        log_prob = None if hf else self.model.routing_log_prob()
-        if (not self.model.sampled()) if hf else log_prob is None:
+        log_prob = self.model.routing_log_prob()
+        if log_prob is None:
             objective = sequence_loss.mean()
         else:  # REINFORCE: f is each sequence's loss, log P sums over its tokens and the MoE layers
             f_zero = None
@@ -210,23 +235,22 @@ class Trainer:
                     zero_loss = self.task.token_loss(forward_model, batch)[0]
                     self.model.zero_moe(False)
                 f_zero = zero_loss.sum(-1) / tokens
-            objective = (self.model.score_loss(sequence_loss, f_zero) if hf else
-                         self.estimator.with_score(sequence_loss, log_prob, f_zero)).mean()
+            objective = self.estimator.with_score(sequence_loss, log_prob.to(sequence_loss.dtype), f_zero).mean()
         return objective + aux, {"train_loss": sequence_loss.mean().item(), "aux_loss": aux.detach().item()}
 
     def routing_stats(self) -> dict:
         """Over the MoE layers: mean argmax fraction, router entropy, max load, each expert's share of the tokens;
         a Hugging Face model's also per patched block i: `layer{i}_max_load`, `layer{i}_router_entropy`,
         `layer{i}_argmax_fraction`."""
-        hf = self.config.is_hf  # the model is a gradest.hf.train.HFCausalLM
-        layers = self.model.routing_stats() if hf else [m.aux.stats for m in self.model.moe_layers()]
+        layers = self.model.routing_stats()
         if not layers:
             return {}
         loads = [max(s["tokens_per_expert"]) * len(s["tokens_per_expert"]) / max(1, sum(s["tokens_per_expert"]))
                  for s in layers]
         shares = [sum(s["tokens_per_expert"][i] / max(1, sum(s["tokens_per_expert"])) for s in layers) / len(layers)
                   for i in range(self.config.model.experts)]
-        per_layer = {f"layer{i}_{key}": value for i, (s, load) in enumerate(zip(layers, loads)) if hf
+        per_layer = {f"layer{i}_{key}": value for i, (s, load) in enumerate(zip(layers, loads))
+                     if self.model.per_layer_metrics
                      for key, value in (("max_load", load), ("router_entropy", s["router_entropy"]),
                                         ("argmax_fraction", s["argmax_fraction"]))}
         return {"argmax_fraction": sum(s["argmax_fraction"] for s in layers) / len(layers),

@@ -95,15 +95,18 @@ def test_stateful_score_and_dense_estimators_train(tmp_path, estimator):
         assert any("gradest_state_" in key for key in state)
 
 
-def test_reinforce_gets_its_score_term_through_score_loss(tmp_path, monkeypatch):
+def test_reinforce_gets_its_score_term_through_routing_log_prob(tmp_path, monkeypatch):
+    """The Trainer adds REINFORCE's score term from the model's log-probability of its sampled routing, one per
+    sequence (`gradest.hf.routing_log_prob`, which `gradest.hf.score_loss` uses too)."""
     calls = []
-    score_loss = hf.score_loss
+    routing_log_prob = hf_train.routing_log_prob
 
-    def counting(model, loss_per_sequence, **kwargs):
-        calls.append(loss_per_sequence.shape)
-        return score_loss(model, loss_per_sequence, **kwargs)
+    def counting(model, batch, **kwargs):
+        log_prob = routing_log_prob(model, batch, **kwargs)
+        calls.append(None if log_prob is None else log_prob.shape)
+        return log_prob
 
-    monkeypatch.setattr(hf_train, "score_loss", counting)  # the name the training back-end calls
+    monkeypatch.setattr(hf_train, "routing_log_prob", counting)  # the name the training back-end calls
     Trainer(TrainConfig(hf="mixtral", estimator="reinforce", steps=2, eval_batches=1, **SMALL_SETTINGS),
             tmp_path).run()
     assert calls == [torch.Size([8])] * 2

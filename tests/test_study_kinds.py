@@ -6,6 +6,7 @@ name; and the package's imports have no circle (a kind may import the study mach
 from __future__ import annotations
 
 import ast
+import re
 import json
 import textwrap
 from pathlib import Path
@@ -178,3 +179,22 @@ def test_no_import_circle_in_the_package():
     for node in sorted(graph):
         if node not in state:
             visit(node)
+
+
+def test_the_readme_layout_names_every_module():
+    """README's Layout table names every module of the package (a package row may name its modules by file name),
+    and every path it names exists."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    layout = readme[readme.index("## Layout"):]
+    layout = layout[:layout.index("\n## ")] if "\n## " in layout else layout
+    rows = [line for line in layout.splitlines() if line.startswith("| `")]
+    for module in sorted((ROOT / "gradest").rglob("*.py")):
+        if module.name == "__init__.py":
+            continue
+        relative = module.relative_to(ROOT).as_posix()
+        package = module.parent.relative_to(ROOT).as_posix() + "/"
+        named = any(f"`{relative}`" in row or (f"`{package}`" in row or f"`{package.split('/')[-2]}/`" in row)
+                    and f"`{module.name}`" in row for row in rows)
+        assert named, f"README's Layout does not name {relative}"
+    for path in {p for row in rows for p in re.findall(r"`(gradest/[\w/.]+|tests/|benchmarks/)`", row)}:
+        assert (ROOT / path).exists(), f"README's Layout names {path}, which does not exist"

@@ -333,7 +333,7 @@ def test_extending_a_run_keeps_its_schedule(tmp_path):
     after it: the learning rate is continuous at the resume point, whether the run had finished or was cut."""
     lr = lambda frame: list(frame["lr"])  # noqa: E731 - the rate each row leaves for the next step
     whole = tiny(tmp_path / "whole", steps=20).run()
-    final = TrainConfig.lr * TrainConfig.min_lr_ratio
+    final = TrainConfig.default("lr") * TrainConfig.default("min_lr_ratio")
     assert lr(whole)[-1] == final and lr(whole)[0] > final
     extended = Trainer.resume(tmp_path / "whole", steps=30)
     assert extended.config.schedule_steps == 20

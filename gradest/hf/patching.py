@@ -370,11 +370,20 @@ def score_loss(model: nn.Module, loss_per_sequence: Tensor, *, loss_zero: Tensor
     if not blocks:
         raise GradestError("score_loss needs a model patched by gradest.hf.patch; valid: call patch(model, "
                            "'reinforce') first")
-    estimator = blocks[0].patch.estimator
     if loss_per_sequence.dim() != 1:
         raise GradestError(f"score_loss needs one loss per sequence, shape (batch,); got shape "
                            f"{tuple(loss_per_sequence.shape)}")
-    batch = loss_per_sequence.shape[0]
+    total = routing_log_prob(model, loss_per_sequence.shape[0], attention_mask=attention_mask)
+    if total is not None:
+        total = total.to(loss_per_sequence.dtype)
+    return blocks[0].patch.estimator.with_score(loss_per_sequence, total, loss_zero)
+
+
+def routing_log_prob(model: nn.Module, batch: int, *, attention_mask: Tensor | None = None) -> Tensor | None:
+    """log P of the routing sampled in the last forward, per sequence (batch,): summed over each sequence's tokens
+    (those with `attention_mask` 1) and over every patched block; None when no block sampled a routing with a
+    log-probability (any estimator but a score-function one)."""
+    blocks = [m._gradest_patch for m in model.modules() if "_gradest_patch" in m.__dict__]
     total = None
     for block in blocks:
         log_prob = block.block.gradest_log_prob
@@ -390,6 +399,4 @@ def score_loss(model: nn.Module, loss_per_sequence: Tensor, *, loss_zero: Tensor
                                    f"routed {tuple(log_prob.shape)} tokens; valid: the model input's mask")
             log_prob = log_prob * attention_mask.to(log_prob.dtype)
         total = log_prob.sum(-1) if total is None else total + log_prob.sum(-1)
-    if total is not None:
-        total = total.to(loss_per_sequence.dtype)
-    return estimator.with_score(loss_per_sequence, total, loss_zero)
+    return total

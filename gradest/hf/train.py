@@ -14,7 +14,7 @@ from gradest.errors import GradestError
 from gradest.estimators import Estimator
 from gradest.hf.models import (CAUSAL, CONFIG_ERRORS, SUPPORTED, config_error, config_from_directory,
                                config_from_file, model_from_config, pretrained_model, training_config)
-from gradest.hf.patching import patch, score_loss
+from gradest.hf.patching import patch, routing_log_prob
 from gradest.model import SwitchConfig, token_cross_entropy
 from gradest.tasks import DATA_SETTINGS, LanguageModelling
 
@@ -50,7 +50,8 @@ def hf_model_config(config, given: dict):
                                f"its settings from its config (--hf-set KEY=VALUE); valid model setting: "
                                f"block_size")
     if given.get("omega") is not None or table.get("omega") is not None:
-        raise GradestError("omega is a Switch Transformer setting; valid with a Hugging Face model: leave it unset")
+        raise GradestError("omega (--omega/--no-omega) is a Switch Transformer setting; valid with a Hugging Face "
+                           "model: leave it unset")
     settings = dict(config.hf_settings)
     if config.hf is not None:
         name, where = config.hf, f"--hf {config.hf}"
@@ -77,8 +78,8 @@ def hf_model_config(config, given: dict):
     experts_key = SUPPORTED[name].experts_key
     n = getattr(cfg, experts_key)
     if given.get("experts", table.get("experts", n)) != n:
-        raise GradestError(f"experts={given.get('experts', table.get('experts'))} but the Hugging Face model has "
-                           f"{n}; set them in its config: --hf-set {experts_key}=N")
+        raise GradestError(f"experts={given.get('experts', table.get('experts'))} (--experts) but the Hugging Face "
+                           f"model has {n}; set them in its config: --hf-set {experts_key}=N")
     if config.top_k is None:
         config.top_k = int(cfg.num_experts_per_tok)
     if not (isinstance(config.top_k, int) and 1 <= config.top_k <= n):
@@ -104,13 +105,16 @@ class HFLanguageModelling(LanguageModelling):
 
 class HFCausalLM(torch.nn.Module):
     """A Hugging Face MoE causal LM routed by a gradest estimator (`gradest.hf.patch`), with what the Trainer asks
-    of a Switch model: per-token cross-entropy, the auxiliary loss (the model's own router load-balancing loss,
-    `router_aux_loss_coef` times its `aux_loss`, where the config has one), the score-function term (through
-    `gradest.hf.score_loss`), a zero-output pass, routing statistics per patched block, parameter counts.
+    of a model (`gradest.train.TrainableModel`): per-token cross-entropy, the auxiliary loss (the model's own router
+    load-balancing loss, `router_aux_loss_coef` times its `aux_loss`, where the config has one), the log-probability
+    of the sampled routing (`gradest.hf.routing_log_prob`), a zero-output pass, routing statistics per patched block
+    (each block's logged too: `per_layer_metrics`), parameter counts.
 
     The characters' ids are the token ids. `hf` and `hf_config` models are randomly initialised with the corpus's
     vocabulary (the config's `vocab_size` is replaced); an `hf_model` keeps its weights and vocabulary, which must
     hold the corpus's ids."""
+
+    per_layer_metrics = True  # metrics.csv has each patched block's routing too
 
     def __init__(self, config, estimator: Estimator, vocab_size: int):
         super().__init__()
@@ -128,9 +132,11 @@ class HFCausalLM(torch.nn.Module):
         self.estimator = self.patched.estimator
         self.aux_coef = float(cfg.router_aux_loss_coef) if getattr(cfg, "output_router_logits", False) else 0.0
         self.last_aux = torch.zeros(())
+        self.last_batch = 0
 
     def forward(self, idx, targets=None):
         """Logits (B, T, V) and, given targets, the per-token cross-entropy (B, T)."""
+        self.last_batch = idx.shape[0]
         out = self.hf_model(input_ids=idx, use_cache=False)
         aux = out.get("aux_loss") if self.aux_coef else None
         self.last_aux = self.aux_coef * aux.float() if aux is not None else torch.zeros(())
@@ -141,18 +147,13 @@ class HFCausalLM(torch.nn.Module):
     def aux_loss(self):
         return self.last_aux
 
-    def sampled(self) -> bool:
-        """Whether the last forward sampled a routing with a log-probability (a score-function estimator)."""
-        return any(b.block.gradest_log_prob is not None for b in self.patched.blocks)
-
-    def score_loss(self, loss_per_sequence, loss_zero=None):
-        return score_loss(self.hf_model, loss_per_sequence, loss_zero=loss_zero)
+    def routing_log_prob(self):
+        """log P of the routing sampled in the last forward, per sequence, over every patched block (None: no
+        score-function estimator)."""
+        return routing_log_prob(self.hf_model, self.last_batch)
 
     def zero_moe(self, zero: bool):
         self.patched.zeroed = zero
-
-    def moe_layers(self) -> list:
-        return []  # no gradest MoE layer: the patched blocks are `patched.blocks`
 
     def routing_stats(self) -> list[dict]:
         """Each patched block's routing of the last forward: tokens per expert, the fraction of chosen experts

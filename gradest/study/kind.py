@@ -7,7 +7,7 @@ writer look a kind up by the name a spec gives (`[study] kind`) and never name o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Collection
 
@@ -30,7 +30,8 @@ class CellKind:
       report          (study, finished cells or None, out, profile) -> Sections: the study's report, its data files
                       and figures written in `out`; given None, rendered from the data files already in `out`
                       (`gradest figures`);
-      optional_types  the type a spec may give a setting whose default None means "unset" (TOML has no null).
+      optional_types  () -> {setting: type}: the type a spec may give a setting whose default None means "unset"
+                      (TOML has no null).
     """
 
     name: str
@@ -38,7 +39,7 @@ class CellKind:
     resolve: Callable[[dict, Collection[str]], dict]
     run: Callable[[dict, Path], dict]
     report: Callable[..., Sections]
-    optional_types: dict = field(default_factory=dict)
+    optional_types: Callable[[], dict] = dict
 
 
 CELL_KINDS: dict[str, CellKind] = {}

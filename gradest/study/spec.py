@@ -145,7 +145,7 @@ def resolve_cell(kind: str, config: dict, given=()) -> dict:
     """Fill the defaults that depend on other settings, and check the configuration once, before any runs: every
     setting's type (`check_types`), then the kind's checks (its configs' own, e.g. ProblemConfig's)."""
     kind = cell_kind(kind)
-    check_types(config, kind.defaults(), kind.optional_types)
+    check_types(config, kind.defaults(), kind.optional_types())
     return kind.resolve(dict(config), given)
 
 
@@ -162,7 +162,8 @@ def check_types(table: dict, defaults: dict, optional_types: dict | None = None,
             if key in LABEL_KEYS:
                 continue
             raise GradestError(f"unknown key '{prefix}{key}'; valid: {', '.join(prefix + k for k in defaults)}")
-        if defaults[key] is None and (value is None or key not in (optional_types or {})):
+        # None (no TOML value: a configuration resolved before, e.g. a preset's grad_clip) is the kind's to check
+        if value is None or (defaults[key] is None and key not in (optional_types or {})):
             continue
         expected = optional_types[key] if defaults[key] is None else type(defaults[key])
         numeric = (int, float) if expected is float else (expected,)

@@ -85,4 +85,4 @@ def run(config: dict, directory: Path) -> dict:
 
 
 register_cell_kind(CellKind("hf-probe", defaults=defaults, resolve=resolve, run=run, report=report,
-                            optional_types={"top_k": int, "device": str}))
+                            optional_types=lambda: {"top_k": int, "device": str}))

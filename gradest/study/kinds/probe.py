@@ -51,7 +51,7 @@ def resolve(config: dict, given=()) -> dict:
     if config["train"]:
         valid = {key: value for key, value in train_kind.defaults().items() if key != "name"}
         try:
-            check_types(config["train"], valid, train_kind.OPTIONAL_TYPES)
+            check_types(config["train"], valid, train_kind.optional_types())
             resolve_cell("train", probe_train_config(config))
         except GradestError as error:
             raise GradestError(f"a probe's train table: {error}") from None

@@ -25,24 +25,28 @@ from gradest.statistics import aggregate_seeds, holm, mean_interval, p_text, pai
 from gradest.study.kind import CellKind, Sections, register_cell_kind
 from gradest.study.reports import read_data, read_json
 from gradest.study.spec import Cell, Study, canonical
-from gradest.config import TASK_MODELS, TrainConfig
+from gradest.config import RUN_SETTINGS, TASK_MODELS, TrainConfig
 from gradest.train import Trainer
 
-# Run settings a train cell's config holds only when they differ from these defaults, so that adding them left every
-# earlier cell's hash as it was (TrainConfig.settings() leaves them out the same way).
-TRAIN_OPTIONAL = {"schedule": "cosine", "adam_beta2": 0.999, "label_smoothing": 0.0, "preset": None}
-# settings whose default None means "unset": the type a spec may set them to
-OPTIONAL_TYPES = {"name": str, "omega": bool, "preset": str, "top_k": int, "schedule_steps": int}
+# Run settings a train cell's config holds only when they differ from their defaults (RunSetting.stored "set" or
+# "hf"), so that adding them left every earlier cell's hash as it was (TrainConfig.settings() leaves them out the same
+# way); and the type a spec may give a setting whose default None means "unset".
+def optional_settings() -> dict:
+    return {name: s.default for name, s in RUN_SETTINGS.items() if s.stored != "always"}
+
+
+def optional_types() -> dict:
+    return {"name": str, "omega": bool, **{name: s.kind for name, s in RUN_SETTINGS.items() if s.default is None}}
 
 
 def train_fields(config: dict) -> dict:
     """The run settings of a train cell's config (TrainConfig's flat settings: `TrainConfig(**train_fields(...))`)."""
-    keys = [*TrainConfig().settings(), *(key for key in TRAIN_OPTIONAL if key in config)]
+    keys = [*TrainConfig().settings(), *(key for key in optional_settings() if key in config)]
     return {key: config[key] for key in keys}
 
 
 def defaults() -> dict:
-    return {"name": None, **TrainConfig().settings(), **TRAIN_OPTIONAL}
+    return {"name": None, **TrainConfig().settings(), **optional_settings()}
 
 
 def resolve(config: dict, given=()) -> dict:
@@ -54,8 +58,8 @@ def resolve(config: dict, given=()) -> dict:
         config = {**config, **apply_preset(config["preset"], spec)}
     TrainConfig(**train_fields(config)).build_estimator()
     check_device_type(config["device"])
-    return {key: value for key, value in config.items()
-            if not (key in TRAIN_OPTIONAL and value == TRAIN_OPTIONAL[key])}
+    optional = optional_settings()
+    return {key: value for key, value in config.items() if not (key in optional and value == optional[key])}
 
 
 def run(config: dict, directory: Path) -> dict:
@@ -198,9 +202,10 @@ def _mean_curve_ratio(curves: pd.DataFrame, finals: pd.DataFrame, label: str, gr
 def _setting(config: dict, key: str):
     """A train cell's value of a setting named by a dotted path (`model.balance_coef`:
     config["model"]["balance_coef"]); a model setting the cell leaves out is its task's default model's, and a run
-    setting it leaves out (`spec.TRAIN_OPTIONAL`) its default ("none" for no `preset`: a group needs a value)."""
-    if key in TRAIN_OPTIONAL and key not in config:
-        return "none" if TRAIN_OPTIONAL[key] is None else TRAIN_OPTIONAL[key]
+    setting it leaves out (`optional_settings`) its default ("none" for no `preset`: a group needs a value)."""
+    optional = optional_settings()
+    if key in optional and key not in config:
+        return "none" if optional[key] is None else optional[key]
     value = config
     for part in key.split("."):
         if not isinstance(value, dict) or part not in value:
@@ -494,4 +499,4 @@ def _tests(finals: pd.DataFrame, group_rows: list[dict], group_keys: list[str], 
 
 
 register_cell_kind(CellKind("train", defaults=defaults, resolve=resolve, run=run, report=report,
-                            optional_types=OPTIONAL_TYPES))
+                            optional_types=optional_types))
