@@ -183,8 +183,8 @@ class HFSite(Site):
         B, T = tensors[0 if self.where == "encoder" else -1].shape
         with probing(model), torch.no_grad():
             # the router module's input as the block hands it over (native routing below block L)
-            self.u = captured_input(self.router, lambda: self.forward(torch.arange(B, device=self.device)))
-            self.u = self.u.reshape(B, T, -1)
+            seen = captured_input(self.router, lambda: self.forward(torch.arange(B, device=self.device)))
+            self.u = seen.reshape(B, T, -1)
             z = self.arch.family.logits(self.router, self.u.reshape(B * T, -1).clone())
             self.z0 = z.reshape(B, T, -1).to(routing_dtype(z.dtype))
         self.B, self.T, self.d, self.n = B, T, self.u.shape[-1], self.z0.shape[-1]
