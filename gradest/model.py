@@ -3,7 +3,9 @@
 A decoder-only causal language model (`SwitchLM`) and an encoder-decoder for translation (`SwitchSeq2Seq`). An MoE
 feed-forward layer (gradest.moe.MoE, holding any routing estimator) replaces the dense FFN in every
 `moe_every`-th layer; `moe_every = 0` gives the dense baseline, whose FFN has one expert's size and so the same
-active parameters per token as a top-1 MoE model. Pre-LN by default, post-LN as an option.
+active parameters per token as a top-1 MoE model. Pre-LN by default, post-LN as an option. Settings from fairseq's
+transformer, which the SparseMixer code builds on (ReLU, expert biases, dense activation dropout, sinusoidal
+positions, scaled embeddings, fairseq's initialisation), reproduce the reference model; each default is gradest's own.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ from gradest.errors import GradestError
 from gradest.estimators import Estimator
 from gradest.estimators.base import (Constraint, boolean, check_settings, integer_at_least, nonnegative, one_of,
                                      optional, positive, unit_interval)
-from gradest.moe import MoE
+from gradest.moe import ACTIVATIONS, BALANCE_PROBS, MoE
 
 
 @dataclass
 class SwitchConfig:
     vocab_size: int = 65
-    block_size: int = 128  # longest sequence (positions are learned)
+    block_size: int = 128  # longest sequence
     n_layer: int = 4  # decoder layers (the LM's only stack)
     n_encoder_layer: int = 0  # encoder layers; > 0 makes an encoder-decoder
     n_head: int = 4
@@ -38,7 +40,9 @@ class SwitchConfig:
     dropout: float = 0.0
     expert_dropout: float = 0.0
     balance_coef: float = 0.01
-    balance_probs: str = "softmax"  # the balance loss's P_i: "softmax" or "sampled" (the SparseMixer code's masked P)
+    # the balance loss's P_i: "softmax", "sampled" (the objective's: the SparseMixer code's masked P) or "routed"
+    # (what the routing chose from: Switch's jittered softmax, as the SparseMixer code's SwitchGate); gradest.moe
+    balance_probs: str = "softmax"
     z_loss_coef: float = 0.0
     capacity_factor: float | None = None
     omega: bool | None = None  # None: the estimator's default
@@ -46,6 +50,14 @@ class SwitchConfig:
     router_bias: bool = False  # the SparseMixer code's router is nn.Linear with a bias
     moe_first: bool = False  # MoE in the first layer of each moe_every (0, 2, 4: the SparseMixer code), not the last
     pad_id: int = -100  # target id the loss ignores
+    # fairseq's transformer, which the SparseMixer code builds on (the README's "Reproducing the paper"); each
+    # default is gradest's own choice
+    activation: str = "gelu"  # of the dense FFN and the experts: "gelu" or "relu" (fairseq's activation_fn)
+    expert_bias: bool = False  # the experts' two linear maps have biases (the dense FFN's always do: nn.Linear)
+    dense_activation_dropout: float = 0.0  # dropout on the dense FFN's hidden activations (experts: expert_dropout)
+    positions: str = "learned"  # "learned" or "sinusoidal" (fairseq's SinusoidalPositionalEmbedding)
+    embed_scale: bool = False  # token embeddings times sqrt(d_model) (fairseq's embed_scale)
+    init: str = "gpt2"  # "gpt2": N(0, 0.02) weights; "fairseq": the reference's layers' own initialisations
 
     def __post_init__(self):
         check_settings("model", dataclasses.asdict(self), MODEL_SETTINGS)
@@ -53,6 +65,9 @@ class SwitchConfig:
             raise GradestError(f"invalid model setting n_head={self.n_head}: it must divide d_model={self.d_model}; "
                                f"valid: " + ", ".join(str(h) for h in range(1, self.d_model + 1)
                                                       if self.d_model % h == 0))
+        if self.positions == "sinusoidal" and self.d_model < 4:  # the frequencies divide by d_model // 2 - 1
+            raise GradestError(f"invalid model setting d_model={self.d_model} for positions=sinusoidal; valid: "
+                               f"d_model >= 4")
 
     def is_moe(self, layer: int) -> bool:
         return self.moe_every > 0 and layer % self.moe_every == (0 if self.moe_first else self.moe_every - 1)
@@ -65,8 +80,10 @@ MODEL_SETTINGS = {
     "dropout": unit_interval, "expert_dropout": unit_interval, "balance_coef": nonnegative,
     "z_loss_coef": nonnegative, "capacity_factor": optional(positive, "no token dropping"),
     "omega": optional(boolean, "the estimator's default"), "post_ln": boolean, "router_bias": boolean,
-    "moe_first": boolean, "balance_probs": one_of("softmax", "sampled"),
+    "moe_first": boolean, "balance_probs": one_of(*BALANCE_PROBS),
     "pad_id": Constraint(lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "activation": one_of(*ACTIVATIONS), "expert_bias": boolean, "dense_activation_dropout": unit_interval,
+    "positions": one_of("learned", "sinusoidal"), "embed_scale": boolean, "init": one_of("gpt2", "fairseq"),
 }
 
 
@@ -92,13 +109,20 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """The dense FFN: down(dropout(act(up(x)))), the dropout on the hidden activations in training only."""
+
     def __init__(self, config: SwitchConfig):
         super().__init__()
         self.up = nn.Linear(config.d_model, config.d_ff)
         self.down = nn.Linear(config.d_ff, config.d_model)
+        self.activation = ACTIVATIONS[config.activation]
+        self.activation_dropout = config.dense_activation_dropout
 
     def forward(self, x):
-        return self.down(F.gelu(self.up(x)))
+        h = self.activation(self.up(x))
+        if self.training and self.activation_dropout > 0:
+            h = F.dropout(h, self.activation_dropout)
+        return self.down(h)
 
 
 class Block(nn.Module):
@@ -112,7 +136,8 @@ class Block(nn.Module):
         self.ffn = (MoE(config.d_model, config.d_ff, config.experts, estimator, omega=config.omega,
                         balance_coef=config.balance_coef, balance_probs=config.balance_probs,
                         z_loss_coef=config.z_loss_coef, capacity_factor=config.capacity_factor,
-                        expert_dropout=config.expert_dropout, router_bias=config.router_bias)
+                        expert_dropout=config.expert_dropout, router_bias=config.router_bias,
+                        bias=config.expert_bias, activation=config.activation)
                     if config.is_moe(layer) else FeedForward(config))
         self.norms = nn.ModuleList(nn.LayerNorm(config.d_model) for _ in range(3 if cross else 2))
         self.drop = nn.Dropout(config.dropout)
@@ -138,20 +163,55 @@ class Block(nn.Module):
         return self.ffn_residual(self.before_ffn(x, memory, memory_padding, self_padding))
 
 
+# fairseq numbers the positions of a sequence from padding_idx + 1, and its dictionaries put <pad> at 1
+FAIRSEQ_FIRST_POSITION = 2
+
+
+def sinusoidal_positions(count: int, d_model: int, first: int = FAIRSEQ_FIRST_POSITION) -> Tensor:
+    """fairseq's SinusoidalPositionalEmbedding (tensor2tensor's) of positions first, ..., first + count - 1, in
+    float32 as it computes them: (count, d_model), row p = [sin(p w_0), ..., sin(p w_{h-1}), cos(p w_0), ...,
+    cos(p w_{h-1})] with h = d_model // 2 and w_j = 10000^(-j / (h - 1)), a zero column last when d_model is odd.
+    In a right-padded batch (gradest's) sequence position t is fairseq's position `first + t` for every real token;
+    a padding token gets the next position where fairseq gives it a zero row, which changes no real token's
+    output (padding keys are masked, and in the decoder it comes after them)."""
+    half = d_model // 2
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000) / (half - 1)))
+    angles = torch.arange(first, first + count, dtype=torch.float32)[:, None] * frequencies[None, :]
+    table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if d_model % 2:
+        table = torch.cat([table, torch.zeros(count, 1)], dim=1)
+    return table
+
+
 class Stack(nn.Module):
     """Embeddings, blocks and a final norm (pre-LN only)."""
 
     def __init__(self, config, estimator, n_layer, causal, cross, embedding=None):
         super().__init__()
         self.tok = embedding or nn.Embedding(config.vocab_size, config.d_model)
-        self.pos = nn.Embedding(config.block_size, config.d_model)
+        # learned positions are a parameter `pos`; sinusoidal ones a fixed table, left out of the state_dict
+        self.pos = nn.Embedding(config.block_size, config.d_model) if config.positions == "learned" else None
+        if config.positions == "sinusoidal":
+            self.register_buffer("sinusoids", sinusoidal_positions(config.block_size, config.d_model),
+                                 persistent=False)
+        self.embed_scale = math.sqrt(config.d_model) if config.embed_scale else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i, estimator, causal, cross) for i in range(n_layer))
         self.norm = nn.Identity() if config.post_ln else nn.LayerNorm(config.d_model)
 
     def embed(self, idx: Tensor) -> Tensor:
-        """Token plus position embeddings (B, T, d) of ids (B, T): the first block's input."""
-        return self.drop(self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device)))
+        """Token plus position embeddings (B, T, d) of ids (B, T), the tokens' scaled by sqrt(d) with
+        embed_scale (fairseq's x = embed_scale * embed_tokens(x) + positions): the first block's input."""
+        tokens = self.tok(idx)
+        if self.embed_scale is not None:
+            tokens = tokens * self.embed_scale
+        return self.drop(tokens + self.positions(idx.shape[1], idx.device))
+
+    def positions(self, length: int, device) -> Tensor:
+        """The position embeddings (length, d) of positions 0..length-1."""
+        if self.pos is None:
+            return self.sinusoids[:length]
+        return self.pos(torch.arange(length, device=device))
 
     def run(self, x: Tensor, start: int = 0, stop: int | None = None, memory=None, memory_padding=None,
             self_padding=None) -> Tensor:
@@ -174,6 +234,13 @@ class SwitchModel(nn.Module):
     per_layer_metrics = False  # metrics.csv has the routing statistics averaged over the MoE layers only
 
     def init_weights(self):
+        """The initialisation `config.init` names: GPT-2's or fairseq's."""
+        if self.config.init == "fairseq":
+            self.init_fairseq()
+        else:
+            self.init_gpt2()
+
+    def init_gpt2(self):
         """GPT-2's: normal(0, 0.02) weights, zero biases, residual output projections scaled by 1/sqrt(2 L)."""
         layers = self.config.n_layer + self.config.n_encoder_layer
         for name, p in self.named_parameters():
@@ -184,6 +251,41 @@ class SwitchModel(nn.Module):
                 std = 0.02 / math.sqrt(2 * layers) if name.endswith(("proj.weight", "down.weight", "w_out")) \
                     else 0.02
                 nn.init.normal_(p, 0.0, std)
+
+    @torch.no_grad()
+    def init_fairseq(self):
+        """What the reference's layers do by themselves (fairseq 0.12, the SparseMixer code):
+          attention (MultiheadAttention.reset_parameters): q, k, v weights xavier_uniform with gain 1/sqrt(2),
+            each as its own d x d map (the fused kv here is two), their biases nn.Linear's U(+-1/sqrt(d)); the
+            output projection xavier_uniform (gain 1) with bias 0;
+          dense FFN, experts and router: nn.Linear's default, U(+-1/sqrt(fan_in)) for weights and biases
+            (the SparseMixer layer builds them with nn.Linear: MoE.reset_parameters_as_linear);
+          token embeddings (transformer_base.Embedding), and learned positions (LearnedPositionalEmbedding):
+            normal(0, d^-0.5), the padding token's row 0 (the output head shares the token embedding);
+          layer norms: ones and zeros."""
+        d = self.config.d_model
+        linear_bound = 1 / math.sqrt(d)  # nn.Linear's default for a map from d inputs
+        for module in self.modules():
+            if isinstance(module, Attention):
+                for weight in (module.q.weight, *module.kv.weight.chunk(2, 0)):
+                    nn.init.xavier_uniform_(weight, gain=1 / math.sqrt(2))
+                for bias in (module.q.bias, module.kv.bias):
+                    nn.init.uniform_(bias, -linear_bound, linear_bound)
+                nn.init.xavier_uniform_(module.proj.weight)
+                nn.init.zeros_(module.proj.bias)
+            elif isinstance(module, FeedForward):
+                module.up.reset_parameters()
+                module.down.reset_parameters()
+            elif isinstance(module, MoE):
+                module.reset_parameters_as_linear()
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, d ** -0.5)
+            elif isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+        pad_id = getattr(self, "pad_id", None)  # the translation model's padding token; the LM has none
+        if pad_id is not None and 0 <= pad_id < self.config.vocab_size:
+            for stack in (self.encoder, self.decoder):
+                stack.tok.weight[pad_id].zero_()
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]

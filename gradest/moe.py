@@ -1,13 +1,14 @@
 """The Switch Transformer's mixture-of-experts feed-forward layer, routed by any gradest estimator (estimators.md §5).
 
-    y = omega ⊙ sum_j g_j E_{D_j}(x),   E_i(x) = W_out_i GELU(W_in_i x),   (D, g) = estimator.route(W_router x)
+    y = omega ⊙ sum_j g_j E_{D_j}(x),   E_i(x) = W_out_i act(W_in_i x),   (D, g) = estimator.route(W_router x)
 
 The estimator decides which experts each token uses and returns gates that carry its backward, so this layer only
 computes experts and mixes; it never needs to know which estimator it holds. Sparse estimators (switch, topk,
 the SparseMixer family, reinforce) run only the chosen experts: the (token, choice) pairs are sorted by expert and
 each expert runs once on its contiguous block. Dense estimators (st, gumbel-st, reinmax) need every expert's
-output on every token. Each forward pass leaves `self.aux` (`MoEAux`): the load-balancing and z losses for the
-trainer to add, the log-probability of the sampled routing for score-function estimators, and routing stats.
+output on every token. `act` is GELU or ReLU (`activation`). Each forward pass leaves `self.aux` (`MoEAux`): the
+load-balancing and z losses for the trainer to add, the log-probability of the sampled routing for score-function
+estimators, and routing stats.
 """
 
 from __future__ import annotations
@@ -24,10 +25,14 @@ from gradest.estimators import GATED, Estimator, Routing, trainable
 from gradest.estimators.base import (check_settings, integer_at_least, nonnegative, one_of, optional, positive,
                                      unit_interval)
 
+# the experts' activation (the SparseMixer code's is fairseq's default, ReLU)
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
+# where the balance loss's P_i comes from: see `MoE.balance_distribution`
+BALANCE_PROBS = ("softmax", "sampled", "routed")
 LAYER_SETTINGS = {"d_model": integer_at_least(1), "d_ff": integer_at_least(1), "experts": integer_at_least(2),
-                  "balance_coef": nonnegative, "balance_probs": one_of("softmax", "sampled"),
+                  "balance_coef": nonnegative, "balance_probs": one_of(*BALANCE_PROBS),
                   "z_loss_coef": nonnegative, "capacity_factor": optional(positive, "no token dropping"),
-                  "expert_dropout": unit_interval}
+                  "expert_dropout": unit_interval, "activation": one_of(*ACTIVATIONS)}
 
 
 @dataclass
@@ -56,27 +61,32 @@ class MoE(nn.Module):
 
     `experts` is n; `k` is the estimator's experts per token. Options: `omega` (None: the estimator's default,
     `estimator.omega`); `balance_coef` alpha of the load-balancing loss; `balance_probs`, where its P_i comes from:
-    "softmax" of the logits (Switch) or "sampled", the distribution the estimator samples from (its objective's
-    first-stage masked, tempered softmax: the SparseMixer code's masked P); `z_loss_coef` of the router z-loss;
+    "softmax" of the logits (Switch), "sampled", the distribution the estimator samples from (its objective's
+    first-stage masked, tempered softmax: the SparseMixer code's masked P), or "routed", the distribution this
+    pass's routing chose from (the SparseMixer code's SwitchGate: softmax of the jittered logits; "sampled" for
+    an estimator that routes from its objective); `z_loss_coef` of the router z-loss;
     `capacity_factor` (None: no token dropping): each expert takes at most ceil(capacity_factor * tokens * k / n)
     token-choices, in token order, and the rest contribute 0 (the residual connection around the layer carries
-    those tokens); `expert_dropout` on the experts' hidden activations in training. Attribute `zero_output`:
+    those tokens); `expert_dropout` on the experts' hidden activations in training; `activation` "gelu" or
+    "relu"; `bias` gives the experts' linear maps biases. Attribute `zero_output`:
     while True the layer outputs 0 (for REINFORCE's f(0) baseline pass).
     """
 
     def __init__(self, d_model: int, d_ff: int, experts: int, estimator: Estimator, *, omega: bool | None = None,
                  balance_coef: float = 0.01, balance_probs: str = "softmax", z_loss_coef: float = 0.0,
                  capacity_factor: float | None = None, expert_dropout: float = 0.0, bias: bool = False,
-                 router_bias: bool = False):
+                 router_bias: bool = False, activation: str = "gelu"):
         super().__init__()
         check_settings("MoE", {"d_model": d_model, "d_ff": d_ff, "experts": experts, "balance_coef": balance_coef,
                                "balance_probs": balance_probs, "z_loss_coef": z_loss_coef,
-                               "capacity_factor": capacity_factor, "expert_dropout": expert_dropout},
+                               "capacity_factor": capacity_factor, "expert_dropout": expert_dropout,
+                               "activation": activation},
                        LAYER_SETTINGS)
         estimator.check(experts, GATED)
         self.d_model, self.d_ff, self.experts = d_model, d_ff, experts
         self.balance_coef, self.balance_probs, self.z_loss_coef = balance_coef, balance_probs, z_loss_coef
         self.capacity_factor, self.expert_dropout = capacity_factor, expert_dropout
+        self.activation = activation
 
         self.router = nn.Linear(d_model, experts, bias=router_bias)
         self.hold(estimator)
@@ -122,6 +132,21 @@ class MoE(nn.Module):
         if self.omega is not None:
             nn.init.ones_(self.omega)
 
+    @torch.no_grad()
+    def reset_parameters_as_linear(self) -> None:
+        """The SparseMixer code's initialisation: its router and each expert's two maps are nn.Linear layers,
+        whose default (kaiming_uniform with a = sqrt(5)) draws weight and bias from U(-1/sqrt(fan_in),
+        1/sqrt(fan_in)); omega 1 (SparseMixer's torch.ones). fan_in is d_model for the router and w_in (with b_in),
+        d_ff for w_out (with b_out)."""
+        for param, fan_in in ((self.router.weight, self.d_model), (self.router.bias, self.d_model),
+                              (self.w_in, self.d_model), (self.b_in, self.d_model),
+                              (self.w_out, self.d_ff), (self.b_out, self.d_ff)):
+            if param is not None:
+                bound = 1 / math.sqrt(fan_in)
+                nn.init.uniform_(param, -bound, bound)
+        if self.omega is not None:
+            nn.init.ones_(self.omega)
+
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_ff={self.d_ff}, experts={self.experts}, k={self.k}, "
                 f"estimator={self.estimator.label}, omega={self.omega is not None}, "
@@ -151,7 +176,7 @@ class MoE(nn.Module):
         h = x @ w_in
         if b_in is not None:
             h = h + b_in.unsqueeze(-2).to(h.dtype)  # .to: under autocast h is bf16, and stays so
-        h = F.gelu(h)
+        h = ACTIVATIONS[self.activation](h)
         if self.training and self.expert_dropout > 0:
             h = F.dropout(h, self.expert_dropout)
         y = h @ w_out
@@ -219,7 +244,7 @@ class MoE(nn.Module):
         pairs = pair_expert.numel()
         balance = logits.new_zeros(())
         if self.balance_coef:
-            probs = self.estimator.objective().probabilities(logits) if self.balance_probs == "sampled" else p
+            probs = self.balance_distribution(logits, p, routing)
             balance = self.balance_coef * self.experts * (counts.to(p.dtype) / pairs * probs.mean(0)).sum()
         z_loss = self.z_loss_coef * lse.square().mean() if self.z_loss_coef else logits.new_zeros(())
         stats = {"tokens_per_expert": tokens_per_expert, "argmax_fraction": argmax_hits / pairs,
@@ -227,6 +252,17 @@ class MoE(nn.Module):
         log_prob = routing.log_prob.reshape(x.shape[:-1]) if routing.log_prob is not None else None
         self.aux = MoEAux(balance, z_loss, log_prob, stats)
         return y.reshape(x.shape)
+
+    def balance_distribution(self, logits: Tensor, p: Tensor, routing: Routing) -> Tensor:
+        """Each token's distribution (T, n) whose mean over tokens is the balance loss's P_i, by `balance_probs`:
+        "softmax": p = softmax(z) (Switch Transformer); "sampled": the estimator's objective's first stage;
+        "routed": the distribution this pass's routing chose from, where the estimator reports one (Switch: the
+        softmax of its jittered logits in training), else the objective's."""
+        if self.balance_probs == "softmax":
+            return p
+        if self.balance_probs == "routed" and routing.probs is not None:
+            return routing.probs[:, 0]
+        return self.estimator.objective().probabilities(logits)
 
     @staticmethod
     def dispatch_order(pair_expert: Tensor, counts: Tensor, capacity: int | None) -> Tensor:

@@ -38,7 +38,7 @@ def test_given_settings_win_over_the_preset():
     assert settings["lr"] == 1e-3 and settings["hparams"] == {"jitter_eps": 0.2}
     assert settings["model"]["post_ln"] is False and settings["model"]["router_bias"] is True
     assert apply_preset(None, {"lr": 1}) == {"lr": 1}
-    assert set(PRESETS) == {"sparsemixer-reference"}
+    assert set(PRESETS) == {"sparsemixer-reference", "sparsemixer-reference-full"}
 
 
 def test_inverse_sqrt_schedule_betas_and_label_smoothing(tmp_path):
@@ -66,3 +66,22 @@ def test_cli_preset_runs_and_records_it(tmp_path):
     assert config["preset"] == "sparsemixer-reference" and config["schedule"] == "inverse-sqrt"
     bad = cli("run", "--estimator", "switch", "--preset", "nosuch")
     assert bad.exit_code == 2 and "nosuch" in bad.output and "sparsemixer-reference" in bad.output
+
+
+def test_the_full_preset_adds_the_reference_model_and_trains(tmp_path):
+    """sparsemixer-reference-full is sparsemixer-reference plus fairseq's architecture and initialisation and
+    SwitchGate's P_i; the committed studies' preset stays as it was (their cells' hashes cover what it fills)."""
+    given = {"estimator": "switch", "task": "mt", "model": TINY}
+    base, full = (apply_preset(name, given) for name in ("sparsemixer-reference", "sparsemixer-reference-full"))
+    added = {"activation": "relu", "expert_bias": True, "dense_activation_dropout": 0.1, "positions": "sinusoidal",
+             "embed_scale": True, "init": "fairseq", "balance_probs": "routed"}
+    assert full["model"] == {**base["model"], **added}
+    assert {k: v for k, v in full.items() if k != "model"} == {k: v for k, v in base.items() if k != "model"}
+    assert base["model"]["balance_probs"] == "sampled" and not (set(added) - {"balance_probs"}) & set(base["model"])
+    config = TrainConfig(**apply_preset("sparsemixer-reference-full", {"estimator": "switch", "steps": 2,
+                                                                       "batch_size": 2, "block_size": 16,
+                                                                       "model": TINY}),
+                         preset="sparsemixer-reference-full")
+    assert config.settings()["model"]["init"] == "fairseq"
+    trainer = Trainer(config, tmp_path / "full")
+    assert math.isfinite(trainer.train_step()["train_loss"])

@@ -134,6 +134,9 @@ class Routing:
     branch_prob: Tensor | None = None  # (..., B): probability of each branch, with gradient (exact only)
     log_prob: Tensor | None = None  # (...): log-probability of the sampled experts (score-function estimators)
     offset: Tensor | None = None  # (..., B, d): added to the mixed output (a stateful estimator's default outputs)
+    # (..., B, n), with gradient: the distribution the experts were chosen from, where it is not the objective's
+    # first stage (Switch's softmax of its jittered logits); None: the objective's (`Objective.probabilities`)
+    probs: Tensor | None = None
 
 
 def sparsity_mask(z: Tensor, z_star: Tensor, kind: str, r: float) -> Tensor | None:

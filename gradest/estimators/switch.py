@@ -14,7 +14,8 @@ class Switch(Estimator):
     """Switch Transformer routing (Fedus, Zoph, Shazeer 2021, "Switch Transformers").
 
     docs/estimators.md §3, row `switch`: D = argmax(z * u), u ~ U[1-eps, 1+eps] in training; y = p~_D e_D with
-    p~ = softmax(z * u); the router learns only through p~_D.
+    p~ = softmax(z * u); the router learns only through p~_D. The routing reports p~ as the distribution it
+    routed with (`Routing.probs`: the P_i of the reference's balance loss, `balance_probs="routed"`).
     """
 
     name = "switch"
@@ -30,7 +31,8 @@ class Switch(Estimator):
 
     def infer(self, logits, kind):
         d = logits.detach().argmax(-1, keepdim=True)
-        return Routing(d.unsqueeze(-2), softmax(logits).gather(-1, d).unsqueeze(-2))
+        p = softmax(logits)
+        return Routing(d.unsqueeze(-2), p.gather(-1, d).unsqueeze(-2), probs=p.unsqueeze(-2))
 
 
 @register
