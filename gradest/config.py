@@ -171,7 +171,8 @@ for _setting in (
                option="--hf-set", metavar="KEY=VALUE", multiple=True,
                read=lambda texts: key_values(texts, read_json=True, example="num_hidden_layers=2")),
     RunSetting("preset", None, optional(one_of(*PRESETS), "none"), "fill the settings not given from a named "
-               "setup: sparsemixer-reference is microsoft/SparseMixer's (README: Reproducing the paper)", str,
+               "setup: sparsemixer-reference is microsoft/SparseMixer's training setup, sparsemixer-reference-full "
+               "adds its model (README: Reproducing the paper)", str,
                stored="set", choices=tuple(PRESETS)),
 ):
     register_run_setting(_setting)
