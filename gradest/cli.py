@@ -389,7 +389,7 @@ def given_settings(options: dict) -> dict:
             continue
         given[name] = setting.read(value) if setting.read else value
         if not setting.check(given[name]):  # the table's constraint, before anything is built (--problem too)
-            raise GradestError(f"invalid {setting.flag} {value if not setting.multiple else given[name]!r}; valid: "
+            raise GradestError(f"invalid run setting {name}={given[name]!r} ({setting.flag}); valid: "
                                f"{setting.check.text}")
     return given
 
