@@ -62,7 +62,7 @@ def test_a_new_setting_reaches_the_config_the_cli_the_spec_the_hash_and_resume(p
     assert result.exit_code == 0, result.output
     assert json.loads((out / "config.json").read_text())["config"]["patience"] == 3
     refused = cli("run", "--resume", out, "--steps", "3", "--patience", "4")
-    assert refused.exit_code == 2 and "--patience 4 (the run's: 3)" in refused.output
+    assert refused.exit_code == 2 and "--patience 4 (the run's: --patience 3)" in refused.output
     resumed = cli("run", "--resume", out, "--steps", "3", "--patience", "3")  # its own value is no change
     assert resumed.exit_code == 0, resumed.output
 
