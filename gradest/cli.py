@@ -22,6 +22,8 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from gradest import __version__
+from gradest.devices import check_device
+from gradest.io import directory_lock
 from gradest.config import RUN_SETTINGS, RunSetting, TrainConfig, hyper_parameters, key_values
 from gradest.errors import GradestError, one_line
 from gradest.estimators import CATEGORICAL, GATED, REGISTRY
@@ -470,6 +472,7 @@ def start_run(settings: dict, model: dict, out: Path | None) -> tuple[Trainer, P
     what = f"hf-{config.hf_transformers_config.model_type}" if config.is_hf else config.task
     out = out or Path("runs") / (f"{file_name(estimator.label)}-{what}-n{config.model.experts}-k{config.top_k}"
                                  f"-seed{config.seed}")
+    check_device(config.device)  # a bad value is named before anything about the directory
     if (out / "checkpoint.pt").exists():  # never overwrite a run: continuing it is one flag away
         raise GradestError(f"{out}/ already holds a run; continue it with --resume {out}, or choose another --out")
     return Trainer(config, out, estimator), out
@@ -525,23 +528,25 @@ def train(ctx: click.Context, trainer: Trainer, out: Path):
         with tqdm.external_write_mode():  # clears the bar (on a terminal) while the line is written
             click.echo(trainer.evaluation_line(row, time.perf_counter() - start))
 
-    try:
+    # one process trains a run directory: a second `--out` the same one is refused before it writes anything
+    with directory_lock(out) if trainer.rank == 0 else contextlib.nullcontext():
+        try:
+            with report_errors(out):
+                metrics = trainer.run(progress=lambda steps: progress_bar(steps, trainer.estimator.label),
+                                      command=command_line(), on_eval=on_eval, handle_signals=True)
+        except Interrupted as stop:
+            if trainer.rank == 0:
+                click.echo(f"interrupted at step {stop.step}; resume with: {resume_command(trainer, out)}", err=True)
+            trainer.close()
+            ctx.exit(128 + stop.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
         with report_errors(out):
-            metrics = trainer.run(progress=lambda steps: progress_bar(steps, trainer.estimator.label),
-                                  command=command_line(), on_eval=on_eval, handle_signals=True)
-    except Interrupted as stop:
-        if trainer.rank == 0:
-            click.echo(f"interrupted at step {stop.step}; resume with: {resume_command(trainer, out)}", err=True)
-        trainer.close()
-        ctx.exit(128 + stop.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
-    with report_errors(out):
-        if trainer.rank == 0:  # under torchrun only rank 0 writes and reports
-            atomic_savefig(training_figure(metrics, trainer.estimator.label), out / "loss.png", dpi=120)
-            if trainer.config.is_hf:
-                hf_model = trainer.model.hf_model
-                click.echo(f"Hugging Face {hf_model.config.model_type} ({type(hf_model).__name__}, "
-                           f"{len(trainer.model.patched.blocks)} MoE blocks routed by {trainer.estimator.label})")
-            click.echo(training_summary(trainer, metrics, out))
+            if trainer.rank == 0:  # under torchrun only rank 0 writes and reports
+                atomic_savefig(training_figure(metrics, trainer.estimator.label), out / "loss.png", dpi=120)
+                if trainer.config.is_hf:
+                    hf_model = trainer.model.hf_model
+                    click.echo(f"Hugging Face {hf_model.config.model_type} ({type(hf_model).__name__}, "
+                               f"{len(trainer.model.patched.blocks)} MoE blocks routed by {trainer.estimator.label})")
+                click.echo(training_summary(trainer, metrics, out))
     trainer.close()
 
 
