@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import itertools
+import os
 import re
 import sys
 import time
@@ -22,10 +24,12 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from gradest import __version__
+from gradest.devices import check_device
+from gradest.io import directory_lock
 from gradest.config import RUN_SETTINGS, RunSetting, TrainConfig, hyper_parameters, key_values
 from gradest.errors import GradestError, one_line
 from gradest.estimators import CATEGORICAL, GATED, REGISTRY
-from gradest.estimators.base import parse_as
+from gradest.estimators.base import parse_as, seed_value
 from gradest.estimators import expand_estimators
 from gradest.hf.models import CAUSAL
 from gradest.measure import WRT, compare as compare_estimators
@@ -56,6 +60,7 @@ class OneLineErrorGroup(click.Group):
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             code = result if isinstance(result, int) else 0  # an int is the code of --help or ctx.exit()
+            sys.stdout.flush()  # a full disk or a closed pipe shows here, not in the interpreter's last flush
         except click.exceptions.NoArgsIsHelpError as error:
             error.show()  # `gradest` alone: the help text, as click shows it
             code = error.exit_code
@@ -68,12 +73,36 @@ class OneLineErrorGroup(click.Group):
         except click.Abort:
             click.echo("error: aborted", err=True)
             code = 1
+        except OSError as error:
+            if error.filename is not None or error.errno not in (errno.ENOSPC, errno.EPIPE, errno.EIO):
+                raise
+            # the output cannot be written (a full disk, a closed pipe): an error of the environment, not a bug
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the interpreter flushes it at exit)
+            click.echo(f"error: cannot write the output: {error.strerror or error}", err=True)
+            code = 1
         if standalone_mode:
             sys.exit(code)
         return code
 
 
 # ------------------------------------------------------------------------------------------------ option types
+class Checked(click.ParamType):
+    """A value of `inner`'s type that must meet a declared constraint (the one the library checks), e.g. the one
+    seed range of every command."""
+
+    def __init__(self, inner: click.ParamType, constraint):
+        self.inner, self.constraint, self.name = inner, constraint, inner.name
+
+    def convert(self, value, param, ctx):
+        value = self.inner.convert(value, param, ctx)
+        if not self.constraint(value):
+            self.fail(f"{value!r}; valid: {self.constraint.text}", param, ctx)
+        return value
+
+
+SEED = Checked(click.INT, seed_value)
+
+
 class CommaList(click.ParamType):
     """`2,4,8` read as a list, each item converted (and checked) by `item_type`."""
 
@@ -113,7 +142,7 @@ def config_options(lists: bool):
                      help=f"experts per token k [default 1]{several}"),
         click.option("--sharpness", type=kind(click.FLOAT), default=None,
                      help=f"scale of the initial router logits [default {ProblemConfig.sharpness:g}]{several}"),
-        click.option("--seed", type=click.INT, default=0, show_default=True,
+        click.option("--seed", type=SEED, default=0, show_default=True,
                      help="seeds the problem (data, teacher, initial parameters) and the routing noise"),
         click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
                      help="hyper-parameter for every chosen estimator that has it, e.g. --set tau=0.5 (repeatable)"),
@@ -310,7 +339,7 @@ def compare(problems, estimators, samples, wrt, checkpoint, layer, draws, hf_nam
 @click.option("--seq-len", type=click.IntRange(min=1), default=16, show_default=True, help="tokens per sequence")
 @click.option("--draws", type=click.IntRange(min=3), default=16, show_default=True,
               help="draws S of the Rao-Blackwellised reference (when enumeration is too large)")
-@click.option("--seed", type=click.INT, default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="seeds a built model's weights, the text windows and the reference's draws")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="report directory [default: runs/doctor, or runs/doctor-2, ... if that holds an earlier report]")
@@ -470,6 +499,7 @@ def start_run(settings: dict, model: dict, out: Path | None) -> tuple[Trainer, P
     what = f"hf-{config.hf_transformers_config.model_type}" if config.is_hf else config.task
     out = out or Path("runs") / (f"{file_name(estimator.label)}-{what}-n{config.model.experts}-k{config.top_k}"
                                  f"-seed{config.seed}")
+    check_device(config.device)  # a bad value is named before anything about the directory
     if (out / "checkpoint.pt").exists():  # never overwrite a run: continuing it is one flag away
         raise GradestError(f"{out}/ already holds a run; continue it with --resume {out}, or choose another --out")
     return Trainer(config, out, estimator), out
@@ -525,23 +555,25 @@ def train(ctx: click.Context, trainer: Trainer, out: Path):
         with tqdm.external_write_mode():  # clears the bar (on a terminal) while the line is written
             click.echo(trainer.evaluation_line(row, time.perf_counter() - start))
 
-    try:
+    # one process trains a run directory: a second `--out` the same one is refused before it writes anything
+    with directory_lock(out) if trainer.rank == 0 else contextlib.nullcontext():
+        try:
+            with report_errors(out):
+                metrics = trainer.run(progress=lambda steps: progress_bar(steps, trainer.estimator.label),
+                                      command=command_line(), on_eval=on_eval, handle_signals=True)
+        except Interrupted as stop:
+            if trainer.rank == 0:
+                click.echo(f"interrupted at step {stop.step}; resume with: {resume_command(trainer, out)}", err=True)
+            trainer.close()
+            ctx.exit(128 + stop.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
         with report_errors(out):
-            metrics = trainer.run(progress=lambda steps: progress_bar(steps, trainer.estimator.label),
-                                  command=command_line(), on_eval=on_eval, handle_signals=True)
-    except Interrupted as stop:
-        if trainer.rank == 0:
-            click.echo(f"interrupted at step {stop.step}; resume with: {resume_command(trainer, out)}", err=True)
-        trainer.close()
-        ctx.exit(128 + stop.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
-    with report_errors(out):
-        if trainer.rank == 0:  # under torchrun only rank 0 writes and reports
-            atomic_savefig(training_figure(metrics, trainer.estimator.label), out / "loss.png", dpi=120)
-            if trainer.config.is_hf:
-                hf_model = trainer.model.hf_model
-                click.echo(f"Hugging Face {hf_model.config.model_type} ({type(hf_model).__name__}, "
-                           f"{len(trainer.model.patched.blocks)} MoE blocks routed by {trainer.estimator.label})")
-            click.echo(training_summary(trainer, metrics, out))
+            if trainer.rank == 0:  # under torchrun only rank 0 writes and reports
+                atomic_savefig(training_figure(metrics, trainer.estimator.label), out / "loss.png", dpi=120)
+                if trainer.config.is_hf:
+                    hf_model = trainer.model.hf_model
+                    click.echo(f"Hugging Face {hf_model.config.model_type} ({type(hf_model).__name__}, "
+                               f"{len(trainer.model.patched.blocks)} MoE blocks routed by {trainer.estimator.label})")
+                click.echo(training_summary(trainer, metrics, out))
     trainer.close()
 
 
@@ -690,6 +722,9 @@ def figures(reports_dir):
         click.echo(f"skipped {line}")
     if not written and not skipped:
         click.echo(f"no reports (*/report.json) under {reports_dir}/")
+    if skipped:  # each named above; the other reports are rendered
+        raise click.ClickException(f"{len(skipped)} report(s) could not be rendered from their files (see above); "
+                                   f"they were left as they were")
 
 
 if __name__ == "__main__":

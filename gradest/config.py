@@ -22,7 +22,7 @@ import torch
 from gradest.errors import GradestError
 from gradest.estimators import GATED, Estimator, expand_estimators, trainable
 from gradest.estimators.base import (MAX_STEPS, Constraint, check_settings, integer_at_least, integer_between,
-                                     nonnegative, one_of, optional, positive, unit_interval)
+                                     nonnegative, one_of, optional, positive, seed_value, unit_interval)
 from gradest.model import SwitchConfig
 from gradest.presets import PRESETS
 from gradest.tasks import DATA_SETTINGS
@@ -154,7 +154,7 @@ for _setting in (
     RunSetting("eval_interval", 100, integer_at_least(1), "steps between validation losses", int),
     RunSetting("eval_batches", 8, integer_at_least(1), "batches of each validation loss", int),
     RunSetting("checkpoint_interval", 100, integer_at_least(1), "steps between checkpoints", int),
-    RunSetting("seed", 0, integer_at_least(0), "seeds the model, the data order and the routing noise", int),
+    RunSetting("seed", 0, seed_value, "seeds the model, the data order and the routing noise", int),
     RunSetting("device", "cpu", _NAME, "cpu, cuda, cuda:1, mps: one of this machine's", str, resumable=True),
     RunSetting("dtype", "float32", one_of(*DTYPES), "bfloat16 trains under autocast; the router stays float32",
                str, choices=tuple(DTYPES)),

@@ -8,6 +8,7 @@ matplotlib or seaborn (report.py, which draws the figures, builds on it).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.metadata
 import json
@@ -25,7 +26,8 @@ import torch
 
 import gradest
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "git_state", "run_metadata", "write_json"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "directory_lock", "git_state", "run_metadata",
+           "write_json"]
 
 
 # ------------------------------------------------------------------------------------------------ atomic writes
@@ -60,6 +62,24 @@ def atomic_write_text(path, text: str) -> Path:
 def write_json(path, data: dict) -> Path:
     # default=str: paths and other plain values in a config dict are written as text, not refused
     return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def directory_lock(directory, what: str = "run"):
+    """Hold `directory/.lock` exclusively while a process writes into the directory: a second process that wants
+    it (another `gradest run --out` the same directory) is refused at once, with one line, before it writes
+    anything. The lock is the kernel's (flock): it goes with the process that held it, even a killed one."""
+    import fcntl
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "a") as handle:  # (a refused process changes nothing, not even its time)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            from gradest.errors import GradestError
+            raise GradestError(f"another process is writing to {directory}/ (it holds {directory}/.lock); wait for "
+                               f"that {what} to end, or choose another directory") from None
+        yield
 
 
 # ----------------------------------------------------------------------------------------------------- metadata

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from gradest.errors import GradestError
 from gradest.estimators import CATEGORICAL, GATED, Estimator, Objective, Routing
+from gradest.estimators.base import seed_value
 
 
 @dataclass
@@ -37,6 +38,8 @@ class ProblemConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if not seed_value(self.seed):
+            raise GradestError(f"invalid seed {self.seed!r}; valid: {seed_value.text}")
         if self.problem not in PROBLEMS:
             raise GradestError(f"unknown problem '{self.problem}'; valid: {', '.join(PROBLEMS)}")
         for name in ("tokens", "dim", "out_dim", "classes", "top_k"):

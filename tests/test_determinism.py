@@ -53,3 +53,19 @@ def test_same_thread_count_is_bit_identical_and_the_thread_count_is_recorded(tmp
 def test_environment_names_what_decides_the_last_bits():
     env = environment()
     assert env["threads"] == torch.get_num_threads() and env["cpu"] and env["cores"] >= 1
+
+
+def test_a_second_run_into_the_same_directory_is_refused_while_the_first_runs(tmp_path):
+    """One process trains a run directory: while it holds the directory's lock, a second `gradest run --out` the
+    same directory is refused in one line and writes nothing (before, both ran and one was silently lost)."""
+    import subprocess
+    import sys
+
+    from gradest.io import directory_lock
+    out = tmp_path / "run"
+    with directory_lock(out):  # as a first `gradest run` holds it
+        result = subprocess.run([sys.executable, "-m", "gradest.cli", *RUN, "--out", str(out)], capture_output=True,
+                                text=True, timeout=600)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "another process is writing to" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]

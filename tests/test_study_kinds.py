@@ -20,7 +20,7 @@ from gradest.cli import main
 from gradest.errors import GradestError
 from gradest.io import atomic_write_text
 from gradest.statistics import aggregate_seeds, plus_minus
-from gradest.study import CELL_KINDS, CellKind, load_study, register_cell_kind, unregister_cell_kind
+from gradest.study import CELL_KINDS, CellKind, load_study, parse_study, register_cell_kind, unregister_cell_kind
 from gradest.study.reports import read_data
 from gradest.study.spec import check_range
 
@@ -198,3 +198,19 @@ def test_the_readme_layout_names_every_module():
         assert named, f"README's Layout does not name {relative}"
     for path in {p for row in rows for p in re.findall(r"`(gradest/[\w/.]+|tests/|benchmarks/)`", row)}:
         assert (ROOT / path).exists(), f"README's Layout names {path}, which does not exist"
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden", "two words"])
+def test_a_study_name_must_be_plain(name):
+    """A study's report goes to reports/<name>/: a name with a path in it would write elsewhere."""
+    with pytest.raises(GradestError, match="is not a plain name"):
+        parse_study({"study": {"name": name, "kind": "compare"}})
+
+
+def test_a_bad_device_is_named_before_the_directory(tmp_path):
+    """`gradest run --device cuda:99` into a directory that already holds a run names the device, not the run."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"")
+    result = cli("run", "--estimator", "switch", "--device", "cuda:99", "--out", out)
+    assert result.exit_code == 2 and "cuda:99" in result.output and "already holds a run" not in result.output

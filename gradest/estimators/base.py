@@ -58,6 +58,10 @@ def integer_between(low: int, high: int) -> Constraint:
                       f"an integer from {low:,} to {high:,}")
 
 
+# Every command's seed (torch.Generator.manual_seed takes up to 2**64 - 1; numpy's and a cell's JSON, 2**63 - 1)
+seed_value = integer_between(0, 2 ** 63 - 1)
+
+
 # A run keeps a row of metrics per step in memory: more steps than this is a typo, not a plan (10 million
 # Switch steps take weeks on a GPU).
 MAX_STEPS = 10_000_000

@@ -48,6 +48,9 @@ def expand_estimators(names: list[str] | str, kind: str, k: int, settings: dict 
     """The estimators to measure on a problem: `all` means every one that applies, with its variants; `settings`
     (from `--set`) go to each estimator that declares them."""
     settings = settings or {}
+    if isinstance(names, list) and "all" in names and len(names) > 1:
+        raise GradestError("'all' stands alone: give all (every estimator that applies) or a list of names without "
+                           f"it, not {','.join(map(str, names))}")
     if names == "all" or names == ["all"]:
         specs = [EstimatorSpec(name, tuple(v.items())) for name in applicable(kind, k) for v in REGISTRY[name].variants]
     else:
@@ -78,7 +81,11 @@ def parse_spec(text: str) -> EstimatorSpec:
         raise GradestError(f"unknown estimator '{name}'; valid: {', '.join(REGISTRY)}, all")
     settings = {}
     for pair in pairs:
-        settings.update(parse_setting(pair, cls.params))
+        setting = parse_setting(pair, cls.params)
+        repeated = [key for key in setting if key in settings]
+        if repeated:
+            raise GradestError(f"hyper-parameter '{repeated[0]}' given twice in '{text.strip()}'; give it once")
+        settings.update(setting)
     return EstimatorSpec(name, tuple(settings.items()))
 
 

@@ -16,6 +16,8 @@ report's folder. This module writes what every report has around them, and never
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -29,16 +31,43 @@ from gradest.study.spec import DEFAULT_PROFILE, Cell, Study, load_study, results
 
 
 def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """A JSON file of a report or a cell; one that does not parse is a one-line error naming it."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise GradestError(f"{Path(path).as_posix()} is not readable JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise GradestError(f"{Path(path).as_posix()} is not a JSON object")
+    return data
 
 
-def read_data(out: Path, name: str) -> pd.DataFrame:
+def read_data(out: Path, name: str, required=(), present=()) -> pd.DataFrame:
     """A data file of the report, as every render reads it (`gradest report` too, so that it renders what
-    `gradest figures` will): cell hashes as text, as a hash of digits only is no number."""
+    `gradest figures` will): cell hashes as text, as a hash of digits only is no number. It must have rows and the
+    `required` columns, each filled in every row (a file cut short leaves its last row's fields empty), and the
+    `present` ones (which may be empty where a number is undefined): a report is never rendered from broken data,
+    over the good one."""
     path = Path(out) / name
     if not path.is_file():
         raise GradestError(f"{path.as_posix()} is missing (`gradest report SPEC` writes it from the results cache)")
-    return pd.read_csv(path, dtype={"cell": str})
+    try:
+        text = path.read_text(encoding="utf-8")
+        frame = pd.read_csv(io.StringIO(text), dtype={"cell": str})
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, ValueError) as error:
+        raise GradestError(f"{path.as_posix()} is not a readable CSV ({str(error).strip()})") from None
+    rows = list(csv.reader(io.StringIO(text)))
+    if not text.endswith("\n") or any(len(row) != len(rows[0]) for row in rows[1:]):  # gradest writes whole rows
+        raise GradestError(f"{path.as_posix()} is cut short (a row without all its fields); write it again with "
+                           f"`gradest report SPEC`")
+    missing = [column for column in [*required, *present] if column not in frame]
+    if frame.empty or missing:
+        raise GradestError(f"{path.as_posix()} " + (f"lacks the columns {', '.join(missing)}" if missing else
+                                                    "has no rows") + "; write it again with `gradest report SPEC`")
+    empty = [column for column in required if frame[column].isna().any()]
+    if empty:
+        raise GradestError(f"{path.as_posix()} has rows without {', '.join(empty)} (cut short?); write it again "
+                           f"with `gradest report SPEC`")
+    return frame
 
 
 def _commits(done: list[Cell]) -> str:

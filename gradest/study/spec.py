@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,6 +221,9 @@ def parse_study(data: dict, path: Path | None = None) -> Study:
     for key in ("name", "kind"):
         if not isinstance(study.get(key), str) or not study.get(key):
             raise GradestError(f"[study] needs a {key}{source}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", study["name"]):  # its report is reports/<name>/
+        raise GradestError(f"[study] name {study['name']!r}{source} is not a plain name; valid: letters, digits, "
+                           f"'.', '_' and '-', starting with a letter or digit (no '/' or '..')")
     kind = study["kind"]
     valid = list(cell_kind(kind, source).defaults())
     grid_valid = valid + ["variant"]

@@ -103,7 +103,9 @@ def estimator_report(done: list[Cell] | None, out: Path, columns: list[str]) -> 
     into results.csv, then the sections rendered from it."""
     if done is not None:
         _collect_rows(done, out)
-    return _render_estimators(read_data(out, "results.csv"), out, columns)
+    identity = ["problem", "estimator", "target", "samples", "seed"]
+    metrics = [m.column for m in METRICS]
+    return _render_estimators(read_data(out, "results.csv", identity, metrics), out, columns)
 
 
 def _render_estimators(raw: pd.DataFrame, out: Path, columns: list[str]) -> Sections:

@@ -96,6 +96,8 @@ TRAIN_METRICS = ["val_loss", "train_loss", "bleu_val", "bleu_test", "sec_per_upd
 ROUTING_METRICS = {"argmax_fraction": "argmax fraction", "router_entropy": "router entropy", "max_load": "max load"}
 ROUTING_TAIL = 0.1
 NOT_GROUPS = ("variant", "seed", "estimator", "hparams", "omega", "name")  # grid keys that make arms, not groups
+RESULTS_COLUMNS = ["label", "seed", "cell", "steps", "val_loss", "train_loss", "sec_per_update", "seconds"]
+CURVES_COLUMNS = ["cell", "step", "val_loss", "label", "seed"]
 RATIOS = ("val_loss_diff", "time_ratio", "flops_ratio", "steps_ratio", "baseline_steps_ratio")  # against a baseline
 
 
@@ -335,7 +337,7 @@ def report(study: Study, done: list[Cell] | None, out: Path, profile: str | None
     curves.csv, then the sections rendered from them."""
     if done is not None:
         _collect_train(study, done, out, profile)
-    return _render_train(study, read_data(out, "results.csv"), read_data(out, "curves.csv"), out, profile)
+    return _render_train(study, read_data(out, "results.csv", RESULTS_COLUMNS), read_data(out, "curves.csv", CURVES_COLUMNS), out, profile)
 
 
 def _render_train(study: Study, finals: pd.DataFrame, curves: pd.DataFrame, out: Path, profile: str | None) -> Sections:
