@@ -24,7 +24,7 @@ from gradest.estimators import Objective, get_estimator  # noqa: E402
 from gradest.hf_probe import HFSite, hf_probe, load_model, model_batch, text_batch  # noqa: E402
 from gradest.probe import (ForcedRouting, enumerate_reference, installed, layer_gradient_samples,  # noqa: E402
                            probing, sample_seeds)
-from helpers import assert_one_line_error, cli  # noqa: E402
+from helpers import REPO, assert_one_line_error, cli  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -243,7 +243,7 @@ def test_hf_probe_study_quick_profile(tmp_path):
     import pandas as pd
     from gradest.errors import GradestError
     from gradest.study import load_study, run_study, write_report
-    study = load_study("studies/hf-probe.toml")
+    study = load_study(REPO / "studies" / "hf-probe.toml")
     summary = run_study(study, "quick", results=tmp_path / "res", progress=False)
     assert not summary.failed
     out = write_report(study, "quick", tmp_path / "res", tmp_path / "report")

@@ -22,9 +22,9 @@ from gradest.cli import main
 from gradest.errors import GradestError
 from gradest.io import atomic_write_text
 from gradest.study import finished, load_study, parse_study, regenerate, run_study, write_report
+from helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
-STUDIES = ROOT / "studies"
+STUDIES = REPO / "studies"
 
 SMALL = """
 [study]
@@ -693,7 +693,7 @@ def test_figures_rebuilds_every_committed_report_from_its_csvs(tmp_path, monkeyp
     """On a clean clone (no results cache), `gradest figures` renders every committed report from the data beside
     it (report.json, results.csv, curves.csv) and its spec: every file it writes (README.md, summary.csv, the
     figures) is byte for byte the committed one."""
-    shutil.copytree(ROOT / "reports", tmp_path / "reports")
+    shutil.copytree(REPO / "reports", tmp_path / "reports")
     shutil.copytree(STUDIES, tmp_path / "studies")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GRADEST_RESULTS", str(tmp_path / "no-results"))
