@@ -24,6 +24,7 @@ from gradest.train import Diverged, Interrupted, Trainer, TrainConfig
 
 TINY = {"n_layer": 2, "n_head": 2, "d_model": 32, "d_ff": 64}
 TIMING = ["seconds", "tokens_per_s"]  # the only columns allowed to differ between identical runs
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only stalls a busy machine
 
 
 def tiny(tmp_path, **overrides) -> Trainer:
