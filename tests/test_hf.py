@@ -490,6 +490,7 @@ def test_estimators_that_cannot_route_the_model_are_refused():
                                                                               "model.layers.1.mlp"]
 
 
+@pytest.mark.slow
 def test_only_the_hugging_face_modules_import_transformers():
     """transformers is an optional extra: only gradest.hf and gradest.hf_probe import it, and the core package, the
     CLI and the trainer load without it (the CLI imports the Hugging Face modules inside the commands that use

@@ -237,6 +237,7 @@ def test_doctor_refuses_an_encoder_decoder(tmp_path):
     assert_one_line_error(result, "encoder-decoder", "compare --problem hf")
 
 
+@pytest.mark.slow
 def test_hf_probe_study_quick_profile(tmp_path):
     """studies/hf-probe.toml's quick profile: the hf-probe cells (a tiny Mixtral, a tiny SwitchTransformers'
     encoder and decoder blocks) run, record their cost, and report; a bad cell is refused before any runs."""

@@ -33,6 +33,7 @@ def tiny(tmp_path, **overrides) -> Trainer:
     return Trainer(TrainConfig(**settings), tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", trainable("gated")
                          + ["reinforce:baseline=zero", "reinforce:baseline=mean"])
 def test_short_run_lowers_the_loss(tmp_path, estimator):
@@ -46,6 +47,7 @@ def test_short_run_lowers_the_loss(tmp_path, estimator):
     assert torch.isfinite(torch.tensor(metrics["train_loss"].to_numpy())).all()
 
 
+@pytest.mark.slow
 def test_top2_omega_dense_baseline_post_ln_and_bf16(tmp_path):
     """Top-2 sequential routing, omega on a switch model, the dense baseline (no MoE), post-LN and bf16 autocast
     on the CPU all train."""
@@ -81,6 +83,7 @@ def test_same_seed_same_numbers(tmp_path):
     assert not a.equals(c)
 
 
+@pytest.mark.slow
 def test_flops_per_update_counts_the_router_and_the_experts_run_and_changes_nothing(tmp_path):
     """FLOPs of one update (torch.utils.flop_counter): a Switch model is the dense baseline of the same active
     size plus exactly its routers' matrix products (forward x.W, backward for x and for W: 6 N d n per MoE layer,
@@ -127,6 +130,7 @@ def test_cli_run_writes_its_files(tmp_path):
     assert (out / "checkpoint.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_translation_reports_bleu(tmp_path):
     """--task mt trains the encoder-decoder on Multi30k and reports greedy BLEU on val and test_2016."""
     trainer = tiny(tmp_path, task="mt", steps=4, eval_interval=4, block_size=96, model=TINY | {"n_encoder_layer": 1})
@@ -162,6 +166,7 @@ def test_bad_flags_give_one_line_and_exit_2(args, words):
         assert word in lines[0]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_process(tmp_path):
     """torchrun with 2 gloo processes on the CPU trains like one process on the same global batch: per-step
     losses, gradient norms and the final parameters agree to float32 rounding. (Deterministic routing and no
@@ -192,6 +197,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
         torch.testing.assert_close(params[0][key], params[1][key], rtol=1e-4, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow
 def test_importing_the_trainer_draws_no_plotting_library():
     """The trainer (every rank of a torchrun) and the file helpers it writes with import no plotting library:
     seaborn and matplotlib are report.py's, loaded only where a figure is drawn. In a fresh interpreter, so that
@@ -394,6 +400,7 @@ def test_resume_to_fewer_steps_is_refused_and_to_the_same_does_nothing(finished_
         Trainer.resume(tmp_path / "cut", steps=10)
 
 
+@pytest.mark.slow
 def test_extending_a_run_keeps_its_schedule(tmp_path):
     """A run resumed to more steps than planned keeps its cosine (schedule_steps) and holds lr * min_lr_ratio
     after it: the learning rate is continuous at the resume point, whether the run had finished or was cut."""
@@ -449,6 +456,7 @@ def test_stale_temporaries_are_removed(tmp_path):
     assert not stale[0].exists()
 
 
+@pytest.mark.slow
 def test_progress_lines_without_a_terminal(tmp_path):
     """Off a terminal (no progress bar) the run prints one line per evaluation (every 100 steps and the last)."""
     result = cli("run", "--estimator", "switch", "--steps", 200, *TINY_ARGS, "--out", tmp_path / "run")
