@@ -110,9 +110,6 @@ def stop_signals(enabled: bool = True):
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
 
 
-# Test-only: "STEP" or "STEP:SIGTERM" makes `Trainer.run` send itself that signal (default SIGINT) after that step,
-# so a test interrupts a run at a known step, through the real handler, without racing it.
-TEST_INTERRUPT = "GRADEST_TEST_INTERRUPT"
 RUN_FILES = ("checkpoint.pt", "metrics.csv", "config.json", "loss.png")  # what a run writes into its directory
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "data_generator", "rng", "step", "rows", "seconds", "config"}
 
@@ -442,7 +439,6 @@ class Trainer:
         if self.rank == 0:
             remove_stale_temporaries(self.out)
             self.write_config(command)
-        interrupt_at, _, interrupt_signal = os.environ.get(TEST_INTERRUPT, "").partition(":")
         steps = range(self.step, min(self.config.steps, until or self.config.steps))
         bar = progress(steps) if progress and self.rank == 0 else steps
         with stop_signals(handle_signals) as received:
@@ -462,8 +458,6 @@ class Trainer:
                     on_eval(row)
                 if self.step % self.config.checkpoint_interval == 0 or last or self.step == until:
                     self.save()
-                if interrupt_at and self.step == int(interrupt_at):
-                    signal.raise_signal(getattr(signal, interrupt_signal or "SIGINT"))
                 signum = self.stop_signal(received) if handle_signals else 0
                 if signum and not last:
                     if self.saved_step != self.step:

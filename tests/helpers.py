@@ -1,9 +1,14 @@
-"""What several test modules share: running the CLI and checking its one-line errors; prepared random draws."""
+"""What several test modules share: the repository's root, running the CLI and checking its one-line errors;
+prepared random draws."""
+
+from pathlib import Path
 
 import torch
 from click.testing import CliRunner
 
 from gradest.cli import main
+
+REPO = Path(__file__).resolve().parents[1]  # tests run in a temporary working directory (conftest.py)
 
 
 def cli(*args):

@@ -114,6 +114,7 @@ def test_compare_errors_are_one_line(tmp_path, args, words):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.slow
 def test_console_script_error_is_one_line():
     script = Path(sys.executable).with_name("gradest")
     if not script.exists():
@@ -136,6 +137,7 @@ def run_metrics(out, *args):
     return pd.read_csv(out / "metrics.csv")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", ["st", "reinforce:baseline=mean"])
 def test_run_writes_metrics_and_is_deterministic(tmp_path, spec):
     first = run_metrics(tmp_path / "first", "--estimator", spec, "--seed", 5)
@@ -196,6 +198,7 @@ def test_interrupted_write_keeps_the_previous_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]
 
 
+@pytest.mark.slow
 def test_compare_probes_the_switch_transformer(tmp_path):
     """--problem switch-lm runs the router-gradient probe next to a synthetic problem, in one report, with the
     probe's reference method and its standard error."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import textwrap
 import typing
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -23,8 +22,7 @@ from gradest.estimators import (REGISTRY, Estimator, Objective, Routing, get_est
                                 unregister)
 from gradest.estimators.base import softmax, unit_interval
 from gradest.moe import MoE
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO
 
 
 class EpsilonGreedy(Estimator):
@@ -147,22 +145,22 @@ def test_no_name_test_of_an_estimator_outside_its_module():
     pattern = re.compile(r"""\b(estimator|e|cls|est)\.name\s*(==|!=|in\b)|(==|!=)\s*["']exact["']"""
                          r"""|startswith\(["']exact""")
     offenders = []
-    for path in sorted((ROOT / "gradest").rglob("*.py")):
+    for path in sorted((REPO / "gradest").rglob("*.py")):
         if "estimators" in path.parts:
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if pattern.search(line):
-                offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+                offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
     assert offenders == []
 
 
 def test_no_file_cites_a_document_outside_the_repo():
     pattern = re.compile("DESI" + r"GN(\.md)?\b|\.\./shared")  # split, so that this file does not match itself
     offenders = []
-    for path in sorted(ROOT.rglob("*")):
-        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(ROOT).parts) \
+    for path in sorted(REPO.rglob("*")):
+        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(REPO).parts) \
                 or path.suffix not in (".py", ".md", ".toml", ".txt", ".sh", ".cfg"):
             continue
         text = path.read_text(errors="replace")
-        offenders += [f"{path.relative_to(ROOT)}" for _ in [0] if pattern.search(text)]
+        offenders += [f"{path.relative_to(REPO)}" for _ in [0] if pattern.search(text)]
     assert offenders == []

@@ -184,6 +184,7 @@ def test_multi30k_encode_decode_round_trip(multi30k):
     assert multi30k.decode(padded) == multi30k.target_text["test"][0]
 
 
+@pytest.mark.slow
 def test_bpe_training_is_deterministic_and_cached(multi30k, tmp_path, bpe_trainings):
     retrained = load_multi30k(cache_dir=tmp_path)
     assert retrained.tokenizer.get_vocab() == multi30k.tokenizer.get_vocab()
@@ -193,6 +194,7 @@ def test_bpe_training_is_deterministic_and_cached(multi30k, tmp_path, bpe_traini
     assert len(bpe_trainings) == 1  # the second load reused the cache
 
 
+@pytest.mark.slow
 def test_bpe_cache_is_reused_when_valid_and_retrained_otherwise(multi30k, tmp_path, bpe_trainings):
     training_text = multi30k.source_text["train"] + multi30k.target_text["train"]
     first = datasets._cached_bpe(tmp_path, 8000, training_text)
@@ -218,6 +220,7 @@ def test_bpe_cache_is_reused_when_valid_and_retrained_otherwise(multi30k, tmp_pa
     assert len(bpe_trainings) == 6 and tokenizer_file.read_text() == first.to_str()
 
 
+@pytest.mark.slow
 def test_unwritable_cache_only_warns(multi30k, tmp_path):
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")

@@ -63,6 +63,7 @@ def flip_logits_gradient(model):
     arch.router_of(block).register_forward_hook(hook)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("corrupt", [flip_weight_gradient, flip_logits_gradient])
 def test_corrupted_router_gradient_is_flagged(corrupt):
     healthy, result = run(2), run(2, corrupt)

@@ -93,6 +93,7 @@ def test_bias_variance_matches_definitions_and_brute_force_jackknife():
     assert out["rel_bias"] == pytest.approx(math.sqrt(max(float(full["bias_sq"]), 0)) / float(reference.norm()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dims", [3, 20, 200])
 def test_noise_corrected_bias_covers_zero_for_unbiased_noise(dims):
     """Samples = g* + noise: the corrected squared bias's 95% interval covers 0 in at least about 95% of 400

@@ -404,6 +404,7 @@ def test_exact_gradient_matches_our_enumeration(name, objective):
 GATE_CASES = cover([(name, variant) for name in RULES for variant in REGISTRY[name].variants])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("problem_name", GATED_PROBLEMS)
 @pytest.mark.parametrize("name,hparams", GATE_CASES, ids=case_id)
 def test_gate_path_estimator_matches_design_expectation(name, hparams, problem_name):
@@ -418,6 +419,7 @@ TOP2_CASES = cover([(name, {"k": 2, **variant}) for name in ["first-order", "spa
                     for variant in REGISTRY[name].variants])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("problem_name", GATED_PROBLEMS)
 @pytest.mark.parametrize("name,hparams", TOP2_CASES, ids=case_id)
 def test_top2_gate_path_estimator_matches_enumeration(name, hparams, problem_name):
@@ -433,6 +435,7 @@ def test_top2_gate_path_estimator_matches_enumeration(name, hparams, problem_nam
 DENSE_CASES = cover([("st", {}), ("st", {"tau": 0.5}), ("reinmax", {}), ("reinmax", {"tau": 2.0})])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("problem_name", list(PROBLEMS))
 @pytest.mark.parametrize("name,hparams", DENSE_CASES, ids=case_id)
 def test_relaxed_estimator_matches_sum_over_choices(name, hparams, problem_name):
@@ -451,6 +454,7 @@ NOISE_CASES = cover([("gumbel-st", {}, problem) for problem in PROBLEMS]
                     + [("switch", {"jitter_eps": 0.3}, problem) for problem in GATED_PROBLEMS])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,hparams,problem_name", NOISE_CASES)
 def test_noise_integral_estimator_matches_large_independent_sample(name, hparams, problem_name):
     """gumbel-st and switch: the MC mean equals a 4x larger independent sample of the docs' formula written here
@@ -498,6 +502,7 @@ def test_topk_is_the_deterministic_gate_path(name, hparams, problem_name):
 UNBIASED_CASES = cover([(name, variant) for name in ["reinforce", "exact"] for variant in REGISTRY[name].variants])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("problem_name", list(PROBLEMS))
 @pytest.mark.parametrize("name,hparams", UNBIASED_CASES, ids=case_id)
 def test_unbiased_estimator_mean_is_the_exact_gradient(name, hparams, problem_name):
@@ -511,6 +516,7 @@ TOP2_UNBIASED_CASES = cover([("reinforce", {"k": 2, **variant}) for variant in R
                             + [("exact", {"k": 2})])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("problem_name", list(PROBLEMS))
 @pytest.mark.parametrize("name,hparams", TOP2_UNBIASED_CASES, ids=case_id)
 def test_top2_unbiased_estimator_mean_is_the_exact_gradient(name, hparams, problem_name):
@@ -618,6 +624,7 @@ GAPPED_CASES = cover([("gapped-st", {}), ("gapped-st", {"gap": "p"}), ("gapped-s
                       ("gapped-st", {"gap": 2.0, "tau": 2.0})])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("problem_name", list(PROBLEMS))
 @pytest.mark.parametrize("name,hparams", GAPPED_CASES, ids=case_id)
 def test_gapped_st_matches_sum_over_choices(name, hparams, problem_name):
@@ -632,6 +639,7 @@ RB_GUMBEL_CASES = cover([("rb-gumbel", {}, problem) for problem in PROBLEMS]
                         + [("rb-gumbel", {"tau": 0.5, "draws": 4}, "moe-classify")])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,hparams,problem_name", RB_GUMBEL_CASES)
 def test_rb_gumbel_has_gumbel_st_mean(name, hparams, problem_name):
     """rb-gumbel: Rao-Blackwellisation keeps the mean, E[rb-gumbel] = E[gumbel-st] at the same tau: its MC mean
@@ -642,6 +650,7 @@ def test_rb_gumbel_has_gumbel_st_mean(name, hparams, problem_name):
     assert_mean_matches(samples_of(model.problem, name, **hparams), mean, se)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("problem_name", list(PROBLEMS))
 def test_rb_gumbel_variance_is_at_most_gumbel_st(problem_name):
     """Rao-Blackwellisation cannot add variance: rb-gumbel's variance (trace) is at most gumbel-st's at the same
@@ -681,6 +690,7 @@ WRONG = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(WRONG))
 def test_comparison_rejects_a_wrong_expectation(case):
     """Negative control: the same z-test, on the same samples a passing test uses, rejects a plausible wrong
@@ -692,6 +702,7 @@ def test_comparison_rejects_a_wrong_expectation(case):
     assert ratio > 3, worst
 
 
+@pytest.mark.slow
 def test_comparison_rejects_reinmax_as_st_and_gate_path_as_exact():
     """Negative control for the dense and unbiased tests: reinmax samples do not match st's expectation, and
     reinforce samples do not match the gate path alone (nabla_1, what switch-style training follows)."""
@@ -712,6 +723,7 @@ def test_exact_has_no_bias(problem_name):
     assert out["rel_bias"] < 1e-10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("problem_name", list(PROBLEMS))
 @pytest.mark.parametrize("baseline", ["none", "zero", "mean"])
 def test_reinforce_bias_interval_covers_zero(baseline, problem_name):
@@ -753,6 +765,7 @@ def sparsemixer_on_quadratic(mask):
     return model, samples, D, exact_top1_terms(model, mask, r)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mask", ["reference", "none"])
 def test_sparsemixer_midpoint_branch_is_unbiased_on_quadratic_loss(mask):
     """On moe-regression (quadratic f) sparsemixer's mid-point branch is exact: its samples zeroed where the

@@ -490,6 +490,7 @@ def test_estimators_that_cannot_route_the_model_are_refused():
                                                                               "model.layers.1.mlp"]
 
 
+@pytest.mark.slow
 def test_only_the_hugging_face_modules_import_transformers():
     """transformers is an optional extra: gradest.hf imports it in one place (`models.transformers_module`, on first
     use); no module outside gradest/hf/ imports it or reaches it (such as `hf.transformers.AutoConfig` through the

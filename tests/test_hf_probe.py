@@ -25,7 +25,7 @@ from gradest.hf import load_model  # noqa: E402
 from gradest.hf.probe import HFSite, hf_probe, model_batch, text_batch  # noqa: E402
 from gradest.probe import (ForcedRouting, enumerate_reference, installed, layer_gradient_samples,  # noqa: E402
                            probing, sample_seeds)
-from helpers import assert_one_line_error, cli  # noqa: E402
+from helpers import REPO, assert_one_line_error, cli  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -238,13 +238,14 @@ def test_doctor_refuses_an_encoder_decoder(tmp_path):
     assert_one_line_error(result, "encoder-decoder", "compare --problem hf")
 
 
+@pytest.mark.slow
 def test_hf_probe_study_quick_profile(tmp_path):
     """studies/hf-probe.toml's quick profile: the hf-probe cells (a tiny Mixtral, a tiny SwitchTransformers'
     encoder and decoder blocks) run, record their cost, and report; a bad cell is refused before any runs."""
     import pandas as pd
     from gradest.errors import GradestError
     from gradest.study import load_study, run_study, write_report
-    study = load_study("studies/hf-probe.toml")
+    study = load_study(REPO / "studies" / "hf-probe.toml")
     summary = run_study(study, "quick", results=tmp_path / "res", progress=False)
     assert not summary.failed
     out = write_report(study, "quick", tmp_path / "res", tmp_path / "report")

@@ -330,6 +330,7 @@ def test_rows_have_the_compare_columns(tmp_path):
     assert (tmp_path / "summary.md").read_text().count("switch-lm") >= 1
 
 
+@pytest.mark.slow
 def test_translation_and_top2_rows():
     rows = switch_probe("mt", estimators="reinforce:baseline=zero,sparsemixer-v2", samples=6, draws=3)
     assert set(rows["problem"]) == {"switch-mt"} and rows["rel_bias"].notna().all()

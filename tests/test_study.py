@@ -22,9 +22,9 @@ from gradest.cli import main
 from gradest.errors import GradestError
 from gradest.io import atomic_write_text
 from gradest.study import finished, load_study, parse_study, regenerate, run_study, write_report
+from helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
-STUDIES = ROOT / "studies"
+STUDIES = REPO / "studies"
 
 SMALL = """
 [study]
@@ -73,6 +73,7 @@ def cli(*args):
 
 
 # ----------------------------------------------------------------------------------------------------- specs
+@pytest.mark.slow
 def test_shipped_specs_validate_and_quick_profiles_are_small(tmp_path):
     specs = {path.stem: load_study(path) for path in sorted(STUDIES.glob("*.toml"))}
     assert set(specs) >= {"bias-variance", "switch-probe", "lm-convergence", "ablations", "cost", "translation",
@@ -133,6 +134,7 @@ def test_rerun_specs_validate_and_share_their_runs(tmp_path):
             and c.config["estimator"] != "topk"} == {0.01}  # PhiMoE's router_jitter_noise
 
 
+@pytest.mark.slow
 def test_committed_cells_are_cells_of_a_study_at_a_clean_commit():
     """Each finished cell in the committed cell store (studies/cells) is one that a spec asks for today, under
     today's hash of its configuration (a changed default would orphan it), with what a report reads from it, and
@@ -266,6 +268,7 @@ def test_quick_study_end_to_end_then_rerun_is_a_noop(tmp_path, monkeypatch):
     assert {path.name: path.read_bytes() for path in out.iterdir()} == written
 
 
+@pytest.mark.slow
 def test_jobs_and_shards_split_the_cells(tmp_path):
     study = load_study(write_spec(tmp_path))
     cells = study.cells(None, tmp_path / "res")
@@ -406,6 +409,7 @@ def _check_intact(results: Path):
                 pd.read_csv(path)
 
 
+@pytest.mark.slow
 def test_a_killed_study_resumes_with_every_cell_exactly_once(tmp_path):
     write_spec(tmp_path)
     assert subprocess.run(_script(tmp_path, "exit:4:written"), timeout=60).returncode == 1
@@ -420,6 +424,7 @@ def test_a_killed_study_resumes_with_every_cell_exactly_once(tmp_path):
     _check_intact(tmp_path / "res")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cell, point", [(1, "start"), (3, "writing"), (6, "written")])
 def test_sigkill_at_any_point_of_a_cell_leaves_finished_cells_intact(tmp_path, cell, point):
     """SIGKILL at a chosen point of a chosen cell (the runner says it is there, then waits to be killed): the
@@ -534,6 +539,7 @@ def _gone(pids, seconds=5.0) -> bool:
 LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in /proc")
 
 
+@pytest.mark.slow
 @LINUX
 def test_workers_die_with_a_killed_study(parallel_study):
     """SIGKILL of `study run --jobs 2` (no chance to clean up): its workers and the resource tracker go with it,
@@ -544,6 +550,7 @@ def test_workers_die_with_a_killed_study(parallel_study):
     assert _gone(children), [pid for pid in children if _alive(pid)]
 
 
+@pytest.mark.slow
 @LINUX
 def test_ctrl_c_stops_the_workers_and_keeps_the_finished_cells(parallel_study, tmp_path):
     """SIGINT (Ctrl-C) while both workers are in long cells: "error: aborted" and exit code 1 at once, without
@@ -569,6 +576,7 @@ def table_columns(readme: str) -> set[str]:
     return {name.strip() for line in readme.splitlines() if line.startswith("| run ") for name in line.split("|")}
 
 
+@pytest.mark.slow
 def test_train_study_resumes_a_killed_run_from_its_checkpoint(tmp_path, capsys):
     from gradest.study import train_fields
     from gradest.train import Trainer, TrainConfig
@@ -648,6 +656,7 @@ grid = { seed = [0] }
 """
 
 
+@pytest.mark.slow
 def test_a_report_of_another_profile_never_overwrites_the_committed_one(tmp_path, monkeypatch):
     """The committed report (reports/<study>/) is the full profile's; a quick report goes to
     reports/<study>/quick/ (or --out), and `figures` renders each in place, from its own profile's CSVs."""
@@ -685,11 +694,12 @@ def test_a_report_of_another_profile_never_overwrites_the_committed_one(tmp_path
     assert (tmp_path / "elsewhere" / "README.md").stat().st_mtime_ns == elsewhere
 
 
+@pytest.mark.slow
 def test_figures_rebuilds_every_committed_report_from_its_csvs(tmp_path, monkeypatch):
     """On a clean clone (no results cache), `gradest figures` renders every committed report from the data beside
     it (report.json, results.csv, curves.csv) and its spec: every file it writes (README.md, summary.csv, the
     figures) is byte for byte the committed one."""
-    shutil.copytree(ROOT / "reports", tmp_path / "reports")
+    shutil.copytree(REPO / "reports", tmp_path / "reports")
     shutil.copytree(STUDIES, tmp_path / "studies")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GRADEST_RESULTS", str(tmp_path / "no-results"))
@@ -957,6 +967,7 @@ def test_train_report_groups_by_a_model_setting_with_the_routing_at_the_end(tmp_
     assert {path.name: path.read_bytes() for path in out.iterdir()} == written
 
 
+@pytest.mark.slow
 def test_cost_and_top2_quick_profiles_run_and_report(tmp_path):
     """The cost study's FLOPs ratios against Switch come out of its cells (a dense-routing reinmax runs every
     expert, the dense baseline has no router), and a top-2 study trains and reports."""

@@ -2,10 +2,12 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -18,10 +20,11 @@ from helpers import assert_one_line_error, cli
 from gradest.devices import available_devices, check_device
 from gradest.errors import GradestError
 from gradest.estimators import trainable
-from gradest.train import TEST_INTERRUPT, Diverged, Trainer, TrainConfig
+from gradest.train import Diverged, Interrupted, Trainer, TrainConfig
 
 TINY = {"n_layer": 2, "n_head": 2, "d_model": 32, "d_ff": 64}
 TIMING = ["seconds", "tokens_per_s"]  # the only columns allowed to differ between identical runs
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only stalls a busy machine
 
 
 def tiny(tmp_path, **overrides) -> Trainer:
@@ -30,6 +33,7 @@ def tiny(tmp_path, **overrides) -> Trainer:
     return Trainer(TrainConfig(**settings), tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", trainable("gated")
                          + ["reinforce:baseline=zero", "reinforce:baseline=mean"])
 def test_short_run_lowers_the_loss(tmp_path, estimator):
@@ -43,6 +47,7 @@ def test_short_run_lowers_the_loss(tmp_path, estimator):
     assert torch.isfinite(torch.tensor(metrics["train_loss"].to_numpy())).all()
 
 
+@pytest.mark.slow
 def test_top2_omega_dense_baseline_post_ln_and_bf16(tmp_path):
     """Top-2 sequential routing, omega on a switch model, the dense baseline (no MoE), post-LN and bf16 autocast
     on the CPU all train."""
@@ -78,6 +83,7 @@ def test_same_seed_same_numbers(tmp_path):
     assert not a.equals(c)
 
 
+@pytest.mark.slow
 def test_flops_per_update_counts_the_router_and_the_experts_run_and_changes_nothing(tmp_path):
     """FLOPs of one update (torch.utils.flop_counter): a Switch model is the dense baseline of the same active
     size plus exactly its routers' matrix products (forward x.W, backward for x and for W: 6 N d n per MoE layer,
@@ -124,6 +130,7 @@ def test_cli_run_writes_its_files(tmp_path):
     assert (out / "checkpoint.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_translation_reports_bleu(tmp_path):
     """--task mt trains the encoder-decoder on Multi30k and reports greedy BLEU on val and test_2016."""
     trainer = tiny(tmp_path, task="mt", steps=4, eval_interval=4, block_size=96, model=TINY | {"n_encoder_layer": 1})
@@ -159,6 +166,7 @@ def test_bad_flags_give_one_line_and_exit_2(args, words):
         assert word in lines[0]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_process(tmp_path):
     """torchrun with 2 gloo processes on the CPU trains like one process on the same global batch: per-step
     losses, gradient norms and the final parameters agree to float32 rounding. (Deterministic routing and no
@@ -189,6 +197,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
         torch.testing.assert_close(params[0][key], params[1][key], rtol=1e-4, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow
 def test_importing_the_trainer_draws_no_plotting_library():
     """The trainer (every rank of a torchrun) and the file helpers it writes with import no plotting library:
     seaborn and matplotlib are report.py's, loaded only where a figure is drawn. In a fresh interpreter, so that
@@ -238,42 +247,105 @@ def copy_of(run, tmp_path):
     return Path(shutil.copytree(run, tmp_path / "run"))
 
 
+# `gradest run` in a subprocess, given a real signal: the run is planned for 400 steps and the signal is sent once its
+# first checkpoint and metrics.csv (step 100) are on disk, so hundreds of steps (seconds) separate it from the run's end
+STOPPED_RUN = ["--estimator", "sparsemixer", "--steps", "400", *TINY_ARGS]
+GRADEST = [sys.executable, "-m", "gradest.cli"]
+# gradest's CLI, then a check that the signal handlers it set for the run were given back the ones it found
+GRADEST_CHECKING_HANDLERS = [sys.executable, "-c", """
+import signal, sys
+from gradest.cli import main
+handlers = lambda: (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+before = handlers()
+try:
+    main(sys.argv[1:])
+finally:
+    assert handlers() == before, f"signal handlers {handlers()} after the run, {before} before"
+"""]
+
+
+def start(command, out):
+    """Start COMMAND --out OUT with one intra-op thread, SIGINT at its default as on a terminal (a process started
+    with it ignored, as a background job of a script is, keeps ignoring it, as it should)."""
+    return subprocess.Popen([*command, "--out", str(out)], env=os.environ | {"OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def stop(process, out, signum):
+    """Send `signum` to the run `process` once its first checkpoint and metrics.csv (saved in this order) are in
+    OUT; its return code and stderr lines."""
+    deadline = time.monotonic() + 300
+    while not (out / "metrics.csv").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=300)
+    return process.returncode, stderr.strip().splitlines()
+
+
+def interrupted_at(stderr, out) -> int:
+    """The step of the one line a stopped run prints, `interrupted at step N; resume with: ...`."""
+    match = re.fullmatch(rf"interrupted at step (\d+); resume with: gradest run --resume {re.escape(str(out))}",
+                         "\n".join(stderr))
+    assert match, stderr
+    return int(match[1])
+
+
+@pytest.mark.slow
 def test_sigint_checkpoints_and_the_printed_resume_reproduces_the_uninterrupted_run(tmp_path):
-    """SIGINT during `gradest run` (here sent by the run to itself after step 13, through the real handler:
-    GRADEST_TEST_INTERRUPT) finishes that step, writes the checkpoint and metrics.csv at it, prints the resume
-    command and exits with 130; running that command gives the uninterrupted run's metrics exactly."""
-    command = [sys.executable, "-m", "gradest.cli", "run", "--estimator", "sparsemixer", "--steps", "40", *TINY_ARGS]
-    env = {key: value for key, value in os.environ.items() if key != TEST_INTERRUPT} | {"OMP_NUM_THREADS": "1"}
-    whole = subprocess.Popen([*command, "--out", str(tmp_path / "whole")], env=env, cwd=tmp_path,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # a process started with SIGINT ignored (a background job of a script) keeps ignoring it, as it should
-    cut = subprocess.run([*command, "--out", str(tmp_path / "cut")], env=env | {TEST_INTERRUPT: "13"}, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    assert whole.wait(timeout=300) == 0, whole.stderr.read()[-3000:]
-    assert cut.returncode == 130, cut.stderr[-3000:]
-    assert cut.stderr.strip().splitlines() == [f"interrupted at step 13; resume with: gradest run --resume "
-                                               f"{tmp_path / 'cut'}"]
-    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 13
-    assert list(pd.read_csv(tmp_path / "cut" / "metrics.csv")["step"]) == list(range(1, 14))
-    resume = cut.stderr.strip().split("resume with: ")[1].split()
+    """SIGINT during `gradest run` finishes the step under way, writes the checkpoint and metrics.csv at it, prints
+    the resume command and exits with 130; running that command gives the uninterrupted run's metrics exactly."""
+    whole = start([*GRADEST, "run", *STOPPED_RUN], tmp_path / "whole")
+    code, stderr = stop(start([*GRADEST, "run", *STOPPED_RUN], tmp_path / "cut"), tmp_path / "cut", signal.SIGINT)
+    assert whole.wait(timeout=300) == 0, whole.communicate()[1][-3000:]
+    assert code == 130, stderr[-20:]
+    step = interrupted_at(stderr, tmp_path / "cut")
+    assert 100 <= step < 400
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == step
+    assert list(pd.read_csv(tmp_path / "cut" / "metrics.csv")["step"]) == list(range(1, step + 1))
+    resume = stderr[0].split("resume with: ")[1].split()
     assert resume[:2] == ["gradest", "run"]
-    resumed = subprocess.run([sys.executable, "-m", "gradest.cli", *resume[1:]], env=env, cwd=tmp_path,
+    resumed = subprocess.run([*GRADEST, *resume[1:]], env=os.environ | {"OMP_NUM_THREADS": "1"},
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = (pd.read_csv(tmp_path / name / "metrics.csv").drop(columns=TIMING) for name in ("whole", "cut"))
-    assert len(b) == 40
+    assert len(b) == 400
     pd.testing.assert_frame_equal(a, b, check_exact=True)
 
 
-def test_sigterm_stops_with_143_and_restores_the_signal_handlers(tmp_path, monkeypatch):
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    monkeypatch.setenv(TEST_INTERRUPT, "5:SIGTERM")
-    result = cli("run", "--estimator", "switch", "--steps", 20, *TINY_ARGS, "--out", tmp_path / "run")
-    assert result.exit_code == 143, result.output
-    assert result.stderr.strip() == f"interrupted at step 5; resume with: gradest run --resume {tmp_path / 'run'}"
-    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 5
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+@pytest.mark.slow
+def test_sigterm_stops_with_143_and_restores_the_signal_handlers(tmp_path):
+    out = tmp_path / "run"
+    code, stderr = stop(start([*GRADEST_CHECKING_HANDLERS, "run", *STOPPED_RUN], out), out, signal.SIGTERM)
+    assert code == 143, stderr[-20:]  # 1, with an AssertionError, had the handlers not been restored
+    step = interrupted_at(stderr, out)
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == step
+
+
+def test_a_signal_between_checkpoints_stops_after_its_step_and_resuming_reproduces(tmp_path):
+    """In-process, at a known step: a real SIGINT, raised as step 15 is evaluated (checkpoints are due at 10 and
+    20), stops the run after that step with the checkpoint and metrics.csv written at it, and the SIGINT handler
+    found before the run is back after it; resuming gives the uninterrupted run's metrics exactly."""
+    whole = tiny(tmp_path / "whole", steps=20).run()
+    reached = []  # the handler in place before the run: the run's own handler must take the signal instead
+
+    def ours(signum, frame):
+        reached.append(signum)
+
+    previous = signal.signal(signal.SIGINT, ours)
+    try:
+        with pytest.raises(Interrupted) as stop:
+            tiny(tmp_path / "cut", steps=20).run(
+                handle_signals=True, on_eval=lambda row: row["step"] == 15 and signal.raise_signal(signal.SIGINT))
+        assert signal.getsignal(signal.SIGINT) is ours
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert (stop.value.step, stop.value.signum, reached) == (15, signal.SIGINT, [])
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 15
+    assert list(pd.read_csv(tmp_path / "cut" / "metrics.csv")["step"]) == list(range(1, 16))
+    torch.manual_seed(999)  # a resumed process starts with another RNG state
+    resumed = Trainer.resume(tmp_path / "cut").run()
+    pd.testing.assert_frame_equal(whole.drop(columns=TIMING), resumed.drop(columns=TIMING), check_exact=True)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
@@ -328,6 +400,7 @@ def test_resume_to_fewer_steps_is_refused_and_to_the_same_does_nothing(finished_
         Trainer.resume(tmp_path / "cut", steps=10)
 
 
+@pytest.mark.slow
 def test_extending_a_run_keeps_its_schedule(tmp_path):
     """A run resumed to more steps than planned keeps its cosine (schedule_steps) and holds lr * min_lr_ratio
     after it: the learning rate is continuous at the resume point, whether the run had finished or was cut."""
@@ -383,6 +456,7 @@ def test_stale_temporaries_are_removed(tmp_path):
     assert not stale[0].exists()
 
 
+@pytest.mark.slow
 def test_progress_lines_without_a_terminal(tmp_path):
     """Off a terminal (no progress bar) the run prints one line per evaluation (every 100 steps and the last)."""
     result = cli("run", "--estimator", "switch", "--steps", 200, *TINY_ARGS, "--out", tmp_path / "run")
