@@ -25,6 +25,7 @@ def digest(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "empty", "header", "json"])
 def test_figures_never_renders_a_broken_report_over_the_good_one(tmp_path, damage):
     """A committed report whose data is cut short, empty, has a wrong header, or whose report.json is corrupt is

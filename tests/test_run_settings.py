@@ -26,6 +26,7 @@ def cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
+@pytest.mark.slow
 def test_every_committed_cell_resolves_again_to_its_hash():
     """Each committed cell's stored configuration, made into a cell by today's code (defaults filled, checked,
     optional settings at their defaults left out; every setting counts as given, so a preset fills nothing more),
