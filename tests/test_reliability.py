@@ -9,15 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from gradest.cli import main
+
+from helpers import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def digest(folder: Path) -> dict:

@@ -9,21 +9,18 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from gradest.cli import main
 from gradest.config import RUN_SETTINGS, RunSetting, TrainConfig, register_run_setting, unregister_run_setting
 from gradest.estimators.base import integer_at_least
 from gradest.study import load_study, make_cell, parse_study
+
+from helpers import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CELL_STORE = ROOT / "studies" / "cells"
 TINY = ["--steps", "2", "--batch-size", "2", "--model", "n_layer=2", "--model", "d_model=16", "--model", "d_ff=32",
         "--model", "n_head=2", "--model", "block_size=16", "--eval-interval", "1", "--eval-batches", "1"]
 
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.mark.slow

@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from click.testing import CliRunner
 
-from gradest.cli import main
 from gradest.errors import GradestError
 from gradest.io import atomic_write_text
 from gradest.statistics import aggregate_seeds, plus_minus
 from gradest.study import CELL_KINDS, CellKind, load_study, parse_study, register_cell_kind, unregister_cell_kind
 from gradest.study.reports import read_data
 from gradest.study.spec import check_range
+
+from helpers import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,9 +68,6 @@ def coin_kind():
     finally:
         unregister_cell_kind(COIN.name)
 
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(arg) for arg in args], catch_exceptions=False)
 
 
 def test_a_throwaway_kind_runs_a_study_and_its_report(coin_kind, tmp_path):
