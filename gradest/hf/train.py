@@ -12,8 +12,9 @@ import torch
 
 from gradest.errors import GradestError
 from gradest.estimators import Estimator
-from gradest.hf.models import (CAUSAL, CONFIG_ERRORS, SUPPORTED, config_error, config_from_directory,
-                               config_from_file, model_from_config, pretrained_model, training_config)
+from gradest.hf.models import (CAUSAL, CONFIG_ERRORS, SUPPORTED, check_setting_keys, config_error,
+                               config_from_directory, config_from_file, model_from_config, pretrained_model,
+                               training_config)
 from gradest.hf.patching import patch, routing_log_prob
 from gradest.model import SwitchConfig, token_cross_entropy
 from gradest.tasks import DATA_SETTINGS, LanguageModelling
@@ -69,6 +70,7 @@ def hf_model_config(config, given: dict):
         raise GradestError(f"model_type '{name}' ({where}) {why}; valid: {', '.join(CAUSAL)}")
     if config.hf is not None:
         try:
+            check_setting_keys(name, settings)  # (before the call: model_type=... would collide with its argument)
             cfg = training_config(name, **settings)
         except CONFIG_ERRORS as error:
             raise GradestError(f"cannot build the Hugging Face config: {config_error(error)}") from None
