@@ -3,10 +3,11 @@
     import gradest.hf
     gradest.hf.patch(model, "sparsemixer-v2")   # every MoE block gradest recognises now routes with SparseMixer-v2
 
-Modules: `patching` (patch, score_loss, routing_log_prob; its docstring says what each architecture's native rule is and what replaces
-it), `families` (how each kind of block is routed), `models` (the architecture table SUPPORTED, and the configs and
-models gradest builds or loads), `train` (the back-end of `gradest run --hf`), `probe` (the router-gradient probe
-of `gradest compare --problem hf` and `gradest doctor`). transformers is imported on first use.
+Modules: `patching` (patch, score_loss, routing_log_prob; its docstring says what each architecture's native rule
+is and what replaces it), `families` (how each kind of block is routed), `models` (the architecture table
+SUPPORTED, and the configs and models gradest builds or loads), `train` (the back-end of `gradest run --hf`),
+`probe` (the router-gradient probe of `gradest compare --problem hf` and `gradest doctor`). transformers is
+imported on first use.
 """
 
 from gradest.hf.families import routing_dtype
