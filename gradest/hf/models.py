@@ -171,7 +171,8 @@ def check_setting_keys(model_type: str, settings: dict | None) -> None:
     if "model_type" in settings:
         raise GradestError("model_type is not a setting: the architecture comes from --hf NAME, --hf-config FILE or "
                            "--hf-model DIR")
-    valid = sorted(transformers_module().AutoConfig.for_model(model_type).to_dict())
+    default = transformers_module().AutoConfig.for_model(model_type)
+    valid = sorted({*default.to_dict(), *getattr(default, "attribute_map", {})})  # (aliases: num_experts, ...)
     for key in settings:
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
