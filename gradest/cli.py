@@ -490,19 +490,27 @@ def run(ctx, problem, experts, tokens, dim, sharpness, omega, model_settings, re
 
 def start_run(settings: dict, model: dict, out: Path | None) -> tuple[Trainer, Path]:
     """A new Switch Transformer or Hugging Face run: its TrainConfig (the preset filling what is not given), its
-    estimator built once, and its directory, never one that holds a run already."""
+    Trainer (whose model builds the estimator, once) and its directory, never one that holds a run already."""
     if "estimator" not in settings:
         raise GradestError("--estimator is required (or --resume DIR); valid: " + ", ".join(REGISTRY))
     given = {**settings, **{key: value for key, value in model.items() if value is not None}}
     config = TrainConfig(**apply_preset(settings.get("preset"), given))
-    estimator = config.build_estimator()
-    what = f"hf-{config.hf_transformers_config.model_type}" if config.is_hf else config.task
-    out = out or Path("runs") / (f"{file_name(estimator.label)}-{what}-n{config.model.experts}-k{config.top_k}"
-                                 f"-seed{config.seed}")
     check_device(config.device)  # a bad value is named before anything about the directory
-    if (out / "checkpoint.pt").exists():  # never overwrite a run: continuing it is one flag away
+    if out is not None:
+        refuse_a_run_in(out)
+    trainer = Trainer(config, out or Path("runs"))  # (its model builds the estimator; nothing is written yet)
+    if out is None:  # named after the estimator as the model routes it
+        what = f"hf-{config.hf_transformers_config.model_type}" if config.is_hf else config.task
+        out = trainer.out = Path("runs") / (f"{file_name(trainer.estimator.label)}-{what}-n{config.model.experts}-"
+                                            f"k{config.top_k}-seed{config.seed}")
+        refuse_a_run_in(out)
+    return trainer, out
+
+
+def refuse_a_run_in(out: Path):
+    """Never overwrite a run: continuing it is one flag away."""
+    if (out / "checkpoint.pt").exists():
         raise GradestError(f"{out}/ already holds a run; continue it with --resume {out}, or choose another --out")
-    return Trainer(config, out, estimator), out
 
 
 def resume_run(resume: Path, settings: dict, model: dict, synthetic: dict,

@@ -271,8 +271,10 @@ class TrainConfig:
                    "block_size": self.model.block_size}
         return {**ordered, **flat, "model": model}
 
-    def build_estimator(self) -> Estimator:
-        (estimator,) = expand_estimators([self.estimator], GATED, self.top_k, self.hparams)
+    def build_estimator(self, defaults=None) -> Estimator:
+        """The run's estimator, from its spec, hyper-parameters and k; `defaults(cls)`: the hyper-parameters a
+        model fixes where neither the spec nor `hparams` sets them (a Hugging Face model's native rule)."""
+        (estimator,) = expand_estimators([self.estimator], GATED, self.top_k, self.hparams, defaults)
         if estimator.enumerates:
             raise GradestError(f"estimator '{estimator.name}' cannot train an MoE layer (it needs one pass of the "
                                f"layers above per expert tuple); valid: {', '.join(trainable(GATED, self.top_k))}")

@@ -24,8 +24,10 @@ class LanguageModelling:
         from gradest.datasets import lm_batch, load_shakespeare
         self.config, self.corpus, self.lm_batch = config, load_shakespeare(), lm_batch
 
-    def model(self, estimator) -> SwitchLM:
-        return SwitchLM(dataclasses.replace(self.config.model, vocab_size=self.corpus.vocab_size), estimator)
+    def model(self, estimator=None) -> SwitchLM:
+        """The model it trains, routed by `estimator` (None: the run's, built from its config)."""
+        return SwitchLM(dataclasses.replace(self.config.model, vocab_size=self.corpus.vocab_size),
+                        estimator or self.config.build_estimator())
 
     def batch(self, split: str, generator: torch.Generator):
         tokens = self.corpus.train if split == "train" else self.corpus.val
@@ -59,9 +61,10 @@ class Translation:
                                f"longest Multi30k sentence has {longest} tokens, greedy decoding writes up to "
                                f"{GREEDY_MAX_LEN + 1} positions); valid: block_size >= {needed}")
 
-    def model(self, estimator) -> SwitchSeq2Seq:
+    def model(self, estimator=None) -> SwitchSeq2Seq:
+        """The model it trains, routed by `estimator` (None: the run's, built from its config)."""
         cfg = dataclasses.replace(self.config.model, vocab_size=self.data.vocab_size, pad_id=self.data.pad_id)
-        return SwitchSeq2Seq(cfg, estimator, self.data.pad_id)
+        return SwitchSeq2Seq(cfg, estimator or self.config.build_estimator(), self.data.pad_id)
 
     def batch(self, split: str, generator: torch.Generator):
         pairs = self.data.train if split == "train" else self.data.val

@@ -166,7 +166,8 @@ class TrainableModel(Protocol):
 @dataclass
 class Trainer:
     """Holds everything a run needs; `state_dict` is exactly what decides the steps still to come. `estimator`:
-    the one built from `config` (built here when not given)."""
+    the one routing the model, if the caller built it; else the task's model builds it from `config`, once (a
+    Hugging Face model's own routing fixes some of its defaults)."""
 
     config: TrainConfig
     out: Path
@@ -176,14 +177,13 @@ class Trainer:
         check_device(self.config.device)  # before anything is loaded: one line, not torch's traceback
         self.rank, self.world = start_distributed(self.config)
         torch.manual_seed(self.config.seed)
-        estimator = self.estimator or self.config.build_estimator()
         if self.config.is_hf:
             from gradest.hf.train import HFLanguageModelling as task  # on use: gradest.hf needs the `hf` extra
         else:
             task = LanguageModelling if self.config.task == "lm" else Translation
         self.task = task(self.config)
-        self.model: TrainableModel = self.task.model(estimator).to(self.config.device)
-        self.estimator = self.model.estimator  # a Hugging Face model's: with the defaults the model fixes
+        self.model: TrainableModel = self.task.model(self.estimator).to(self.config.device)
+        self.estimator = self.model.estimator
         # the model the loss runs through: DDP averages gradients over ranks in backward
         self.forward_model = DistributedDataParallel(self.model) if self.world > 1 else self.model
         torch.manual_seed(self.config.seed + self.rank)  # each rank its own routing noise

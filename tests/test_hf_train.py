@@ -169,3 +169,15 @@ def test_a_config_without_moe_is_refused(tmp_path):
                           "model_type 'llama'", "no mixture-of-experts block", "valid: mixtral")
     (tmp_path / "bad.json").write_text("{")
     assert_one_line_error(cli("run", "--hf-config", tmp_path / "bad.json", "--estimator", "topk"), "not a JSON")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--hf-set", "num_hiden_layers=2"], ["unknown config setting 'num_hiden_layers'", "valid: num_hidden_layers"]),
+    (["--hf-set", "model_type=qwen3_moe"], ["model_type is not a setting"]),
+])
+def test_hf_set_keys_are_the_configs(tmp_path, args, words):
+    """A typo in --hf-set is refused with the config's fields, the closest first (it used to be set as a stray
+    attribute, and the run trained without it); nothing is written."""
+    out = tmp_path / "run"
+    assert_one_line_error(cli("run", "--hf", "mixtral", "--estimator", "topk", *args, "--out", out), *words)
+    assert not out.exists()

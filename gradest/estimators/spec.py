@@ -36,17 +36,26 @@ class EstimatorSpec:
     name: str
     hparams: tuple = ()
 
-    def build(self, k: int) -> Estimator:
+    def build(self, k: int, settings: dict | None = None, defaults: dict | None = None) -> Estimator:
+        """The estimator, the one place every caller builds one: its own hyper-parameters, over `settings` (e.g.
+        `--set`: those it declares, text read as the parameter's type), over `defaults` (e.g. the rule a Hugging
+        Face model fixes), with k experts per token where it routes several."""
         cls = REGISTRY.get(self.name)
-        hparams = dict(self.hparams)
-        if cls is not None and cls.supports_topk:
+        if cls is None:
+            raise GradestError(f"unknown estimator '{self.name}'; valid: {', '.join(REGISTRY)}")
+        typed = {key: cls.params[key].parse(value) if isinstance(value, str) else value
+                 for key, value in (settings or {}).items() if key in cls.params}
+        hparams = {**(defaults or {}), **typed, **dict(self.hparams)}
+        if cls.supports_topk:
             hparams["k"] = k
         return get_estimator(self.name, **hparams)
 
 
-def expand_estimators(names: list[str] | str, kind: str, k: int, settings: dict | None = None) -> list[Estimator]:
+def expand_estimators(names: list[str] | str, kind: str, k: int, settings: dict | None = None,
+                      defaults=None) -> list[Estimator]:
     """The estimators to measure on a problem: `all` means every one that applies, with its variants; `settings`
-    (from `--set`) go to each estimator that declares them."""
+    (from `--set`) go to each estimator that declares them; `defaults(cls)`, if given, are the hyper-parameters an
+    estimator class takes where neither its spec nor `settings` sets them."""
     settings = settings or {}
     if isinstance(names, list) and "all" in names and len(names) > 1:
         raise GradestError("'all' stands alone: give all (every estimator that applies) or a list of names without "
@@ -60,9 +69,7 @@ def expand_estimators(names: list[str] | str, kind: str, k: int, settings: dict 
         cls = REGISTRY.get(spec.name)
         if cls is None:
             raise GradestError(f"unknown estimator '{spec.name}'; valid: {', '.join(REGISTRY)}, all")
-        extra = {key: cls.params[key].parse(value) if isinstance(value, str) else value
-                 for key, value in settings.items() if key in cls.params}
-        estimator = EstimatorSpec(spec.name, tuple({**extra, **dict(spec.hparams)}.items())).build(k)
+        estimator = spec.build(k, settings, defaults(cls) if defaults else None)
         if k > 1 and not cls.supports_topk:
             valid = ", ".join(applicable(kind, k))
             raise GradestError(f"estimator '{spec.name}' does not support top-{k} routing; valid: {valid}")

@@ -17,6 +17,7 @@ names, load without the `hf` extra.
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,12 +162,31 @@ def moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module, Architecture]]:
 
 
 # -------------------------------------------------------------------------------------------------- configs
+def check_setting_keys(model_type: str, settings: dict | None) -> None:
+    """Config settings given from outside (`--hf-set`, a study's `hf_settings`) must be fields of the
+    architecture's config: a typo would otherwise become a stray attribute that the model never reads. An unknown
+    key is one line with the valid ones, the closest first."""
+    if not settings:
+        return
+    if "model_type" in settings:
+        raise GradestError("model_type is not a setting: the architecture comes from --hf NAME, --hf-config FILE or "
+                           "--hf-model DIR")
+    default = transformers_module().AutoConfig.for_model(model_type)
+    valid = sorted({*default.to_dict(), *getattr(default, "attribute_map", {})})  # (aliases: num_experts, ...)
+    for key in settings:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+            raise GradestError(f"unknown config setting '{key}' for {model_type}; valid: "
+                               f"{', '.join(close + [name for name in valid if name not in close])}")
+
+
 def tiny_config(model_type: str, *, k: int = 2, vocab_size: int = 100, **overrides):
     """The config of a tiny random model of a supported architecture (TINY_EXPERTS experts, k of them per token),
     with `overrides` given to the config's constructor (so that the fields it derives from them agree). A causal LM
     has no special tokens (its architecture's defaults lie outside a small vocabulary)."""
     if model_type not in SUPPORTED:
         raise GradestError(f"unknown architecture '{model_type}'; valid: {supported_list()}")
+    check_setting_keys(model_type, overrides)
     arch = SUPPORTED[model_type]
     experts = {arch.experts_key: TINY_EXPERTS}
     if arch.seq2seq:
@@ -189,6 +209,7 @@ def named_config(name: str, **overrides):
     if name not in NAMED:
         raise GradestError(f"unknown model '{name}'; valid: {', '.join(NAMED)}")
     model_type, settings = NAMED[name]
+    check_setting_keys(model_type, overrides)
     return transformers_module().AutoConfig.for_model(model_type, **{**settings, **overrides})
 
 
@@ -231,6 +252,7 @@ def config_from_file(path: str | Path, model_type: str | None = None, settings: 
     if model_type not in SUPPORTED:
         raise GradestError(f"model_type '{model_type}' ({path}) has no mixture-of-experts block gradest.hf can "
                            f"route; valid: {supported_list()}")
+    check_setting_keys(model_type, settings)
     try:
         return transformers_module().AutoConfig.for_model(model_type, **{**saved, **(settings or {})})
     except CONFIG_ERRORS as error:
@@ -243,6 +265,13 @@ def config_from_directory(path: str | Path, settings: dict | None = None):
     if not (path / "config.json").is_file():
         raise GradestError(f"{path}/ is not a saved model (no config.json); valid: a directory written by "
                            f"model.save_pretrained(dir)")
+    if settings:
+        try:
+            model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            model_type = None
+        if isinstance(model_type, str) and model_type in SUPPORTED:
+            check_setting_keys(model_type, settings)
     try:
         return transformers_module().AutoConfig.from_pretrained(path, local_files_only=True, **(settings or {}))
     except (*CONFIG_ERRORS, OSError) as error:

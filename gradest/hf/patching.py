@@ -110,9 +110,9 @@ import torch
 from torch import Tensor, nn
 
 from gradest.errors import GradestError
-from gradest.estimators import GATED, REGISTRY, Estimator, Routing, get_estimator, parse_spec, trainable
+from gradest.estimators import GATED, REGISTRY, Estimator, EstimatorSpec, Routing, parse_spec, trainable
 from gradest.hf.families import Family, routing_dtype
-from gradest.hf.models import TESTED_TRANSFORMERS, moe_blocks, transformers_module
+from gradest.hf.models import TESTED_TRANSFORMERS, moe_blocks, supported_list, transformers_module
 
 
 # ---------------------------------------------------------------------------------------------- patched blocks
@@ -286,22 +286,25 @@ def _build(estimator: str | Estimator, k: int | None, native_k: int, native: Cal
         cls = REGISTRY[spec.name]
         if cls.enumerates:
             raise _enumerates(cls.name, k or native_k)
-        given = {**dict(spec.hparams), **hparams}
-        given = {key: cls.params[key].parse(v) if isinstance(v, str) and key in cls.params else v
-                 for key, v in given.items()}
-        if "k" in given:
-            if k is not None and given["k"] != k:
-                raise GradestError(f"k given twice ({given['k']} and {k}); give it once")
-            k = given.pop("k")
+        own = dict(spec.hparams)
+        for key in hparams:
+            if key not in cls.params or key == "k":
+                valid = ", ".join(name for name in cls.params if name != "k") or "none"
+                raise GradestError(f"estimator '{cls.name}' has no hyper-parameter '{key}' to pass by name; valid: "
+                                   f"{valid} (and k=)")
+            if key in own:
+                raise GradestError(f"{key} given twice ({key}={own[key]} in '{estimator}' and {key}={hparams[key]}); "
+                                   f"give it once")
+        if "k" in own:
+            if k is not None and own["k"] != k:
+                raise GradestError(f"k given twice ({own['k']} and {k}); give it once")
+            k = own.pop("k")
         k = native_k if k is None else k
         if k != 1 and not cls.supports_topk:
             why = f"this {where} routes num_experts_per_tok={k}" if k == native_k else f"k={k} was asked for"
             raise GradestError(f"estimator '{cls.name}' routes one expert per token but {why}; valid for k={k}: "
                                f"{', '.join(trainable(GATED, k))}; or pass k=1")
-        settings = {**native(cls), **given}
-        if cls.supports_topk:
-            settings["k"] = k
-        built = get_estimator(cls.name, **settings)
+        built = EstimatorSpec(spec.name, tuple(own.items())).build(k, hparams, native(cls))
     if built.enumerates:
         raise _enumerates(built.name, built.k)
     if GATED not in built.applies_to:
@@ -356,6 +359,17 @@ def patch(model: nn.Module, estimator: str | Estimator, *, k: int | None = None,
     for block in patched.blocks:
         block.install()
     return patched
+
+
+def native_hparams(model: nn.Module, cls: type[Estimator]) -> dict:
+    """The hyper-parameters of estimator class `cls` that `model`'s own routing fixes (its first MoE block's: see
+    the module docstring), for building the estimator that will route it."""
+    found = moe_blocks(model)
+    if not found:
+        raise GradestError(f"no mixture-of-experts block gradest.hf can route in {type(model).__name__}; valid: "
+                           f"a model of {supported_list()}")
+    _, first, arch = found[0]
+    return arch.family.native_hparams(arch.router_of(first), cls)
 
 
 # ---------------------------------------------------------------------------------------------- score function

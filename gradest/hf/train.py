@@ -12,9 +12,10 @@ import torch
 
 from gradest.errors import GradestError
 from gradest.estimators import Estimator
-from gradest.hf.models import (CAUSAL, CONFIG_ERRORS, SUPPORTED, config_error, config_from_directory,
-                               config_from_file, model_from_config, pretrained_model, training_config)
-from gradest.hf.patching import patch, routing_log_prob
+from gradest.hf.models import (CAUSAL, CONFIG_ERRORS, SUPPORTED, check_setting_keys, config_error,
+                               config_from_directory, config_from_file, model_from_config, pretrained_model,
+                               training_config)
+from gradest.hf.patching import native_hparams, patch, routing_log_prob
 from gradest.model import SwitchConfig, token_cross_entropy
 from gradest.tasks import DATA_SETTINGS, LanguageModelling
 
@@ -69,6 +70,7 @@ def hf_model_config(config, given: dict):
         raise GradestError(f"model_type '{name}' ({where}) {why}; valid: {', '.join(CAUSAL)}")
     if config.hf is not None:
         try:
+            check_setting_keys(name, settings)  # (before the call: model_type=... would collide with its argument)
             cfg = training_config(name, **settings)
         except CONFIG_ERRORS as error:
             raise GradestError(f"cannot build the Hugging Face config: {config_error(error)}") from None
@@ -116,7 +118,7 @@ class HFCausalLM(torch.nn.Module):
 
     per_layer_metrics = True  # metrics.csv has each patched block's routing too
 
-    def __init__(self, config, estimator: Estimator, vocab_size: int):
+    def __init__(self, config, estimator: Estimator | None, vocab_size: int):
         super().__init__()
         cfg = config.hf_transformers_config
         if config.hf_model is None:
@@ -127,8 +129,9 @@ class HFCausalLM(torch.nn.Module):
                 raise GradestError(f"the model in {config.hf_model}/ has vocab_size={cfg.vocab_size}, fewer than "
                                    f"the corpus's {vocab_size} characters; valid: vocab_size >= {vocab_size}")
             self.hf_model = pretrained_model(config.hf_model, cfg, dtype=torch.float32)
-        hparams = {key: value for key, value in config.hparams.items() if key in type(estimator).params}
-        self.patched = patch(self.hf_model, config.estimator, k=config.top_k, **hparams)
+        if estimator is None:  # built here, once: the model's own routing fixes some of its defaults
+            estimator = config.build_estimator(defaults=lambda cls: native_hparams(self.hf_model, cls))
+        self.patched = patch(self.hf_model, estimator)
         self.estimator = self.patched.estimator
         self.aux_coef = float(cfg.router_aux_loss_coef) if getattr(cfg, "output_router_logits", False) else 0.0
         self.last_aux = torch.zeros(())
