@@ -292,6 +292,14 @@ def compare(problems, estimators, samples, wrt, checkpoint, layer, draws, hf_nam
                 if value is not None]
     if hf_given and HF_PROBLEM not in problems:
         raise GradestError(f"{hf_given[0]} applies to --problem hf only")
+    if not any(name in PROBLEMS for name in problems):  # an option no chosen problem reads is refused, not ignored
+        switch = any(name in SWITCH_PROBLEMS for name in problems)
+        unread = [flag for flag, value in (("--tokens", tokens), ("--dim", dim), ("--sharpness", sharpness),
+                                           ("--experts", None if switch else experts)) if value is not None]
+        if unread:
+            raise GradestError(f"{unread[0]} applies to the synthetic problems ({', '.join(PROBLEMS)})"
+                               + (", and --experts to switch-*" if unread[0] == "--experts" else "")
+                               + f", not to --problem {','.join(problems)}")
     out = output_directory(out, Path("runs/compare"), "summary.csv")
     hparams = hyper_parameters(settings)
     synthetic = [name for name in problems if name in PROBLEMS]

@@ -78,3 +78,11 @@ def test_stdout_on_a_full_disk_is_one_line_and_exit_1():
                                 text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
     assert result.stderr.count("\n") == 1 and "cannot write" in result.stderr
+
+
+@pytest.mark.parametrize("problem, option", [("hf", ["--experts", "4"]), ("hf", ["--sharpness", "2"]),
+                                             ("switch-lm", ["--tokens", "8"]), ("switch-lm", ["--dim", "4"])])
+def test_compare_refuses_an_option_no_chosen_problem_reads(tmp_path, problem, option):
+    result = cli("compare", "--problem", problem, *option, "--out", tmp_path / "c")
+    assert result.exit_code == 2 and option[0] in result.output and "synthetic problems" in result.output
+    assert not (tmp_path / "c").exists()
