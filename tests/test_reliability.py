@@ -86,3 +86,10 @@ def test_compare_refuses_an_option_no_chosen_problem_reads(tmp_path, problem, op
     result = cli("compare", "--problem", problem, *option, "--out", tmp_path / "c")
     assert result.exit_code == 2 and option[0] in result.output and "synthetic problems" in result.output
     assert not (tmp_path / "c").exists()
+
+
+def test_doctor_top_k_beyond_the_experts_is_one_line(tmp_path):
+    pytest.importorskip("transformers")
+    result = cli("doctor", "--hf", "mixtral", "--top-k", "9", "--out", tmp_path / "d")
+    assert result.exit_code == 2 and "--top-k 9" in result.output and "1 <= k <=" in result.output, result.output
+    assert not (tmp_path / "d").exists()

@@ -326,6 +326,9 @@ def load_model(name: str | None = None, config_file: str | Path | None = None, m
             if name in NAMED and k is not None:
                 raise GradestError(f"{name} routes its own k experts per token; --top-k does not apply")
             config = built_config(name, k, settings)
+        n = getattr(config, SUPPORTED[config.model_type].experts_key, None) if config.model_type in SUPPORTED else None
+        if k is not None and isinstance(n, int) and not 1 <= k <= n:  # (before a model is built)
+            raise GradestError(f"--top-k {k} does not fit the model's {n} experts; valid: 1 <= k <= {n}")
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = model_from_config(config)
