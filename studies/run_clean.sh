@@ -3,11 +3,13 @@
 # every cell records a clean commit (run here, the new cells themselves would make the checkout dirty).
 #   studies/run_clean.sh studies/lm-convergence.toml [more specs...]
 # Uses the python on PATH (with gradest's requirements installed); JOBS=1 for one cell at a time, PROFILE=quick
-# for a profile other than full.
+# for a profile other than full, REV=<commit> to compute at an earlier commit (to finish a study at the commit
+# its first cells used).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 clone="$(mktemp -d)/gradest"
 git clone -q "$repo" "$clone"
+if [ -n "${REV:-}" ]; then git -C "$clone" checkout -q "$REV"; fi
 echo "cells computed at $(git -C "$clone" rev-parse --short HEAD), into $repo/studies/cells"
 for spec in "$@"; do
   spec="$(cd "$(dirname "$spec")" && pwd)/$(basename "$spec")"
