@@ -29,7 +29,7 @@ from gradest.io import directory_lock
 from gradest.config import RUN_SETTINGS, RunSetting, TrainConfig, hyper_parameters, key_values
 from gradest.errors import GradestError, one_line
 from gradest.estimators import CATEGORICAL, GATED, REGISTRY
-from gradest.estimators.base import parse_as, seed_value
+from gradest.estimators.base import integer_at_least, integer_between, parse_as, seed_value
 from gradest.estimators import expand_estimators
 from gradest.hf.models import CAUSAL
 from gradest.measure import WRT, compare as compare_estimators
@@ -103,6 +103,28 @@ class Checked(click.ParamType):
 SEED = Checked(click.INT, seed_value)
 
 
+def at_least(low: int) -> Checked:
+    """A count or a size of any command: the library's one declared range (an integer >= low, below 2**63)."""
+    return Checked(click.INT, integer_at_least(low))
+
+
+THREADS = Checked(click.INT, integer_between(1, 1024))  # threads or worker processes: more is a typo
+
+
+class PathType(click.Path):
+    """A path option; the empty string (`--out ""`, which would mean the working directory) is refused."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail(f"{value!r} is an empty path; valid: a path, e.g. runs/NAME (the working directory: .)",
+                      param, ctx)
+        return super().convert(value, param, ctx)
+
+
+DIRECTORY = PathType(file_okay=False, path_type=Path)
+FILE = PathType(dir_okay=False, path_type=Path)
+
+
 class CommaList(click.ParamType):
     """`2,4,8` read as a list, each item converted (and checked) by `item_type`."""
 
@@ -130,15 +152,15 @@ def config_options(lists: bool):
 
     several = " (comma list: every combination is measured)" if lists else ""
     options = [
-        click.option("--experts", type=kind(click.INT), default=None,
+        click.option("--experts", type=kind(at_least(2)), default=None,
                      help=f"experts n (poly: categories per latent) [default 2 for poly, "
                           f"{ProblemConfig.experts} otherwise]{several}" if lists else
                           f"experts n (poly: categories per latent) [default {SwitchConfig.experts} for a Switch "
                           f"Transformer; with --problem: 2 for poly, {ProblemConfig.experts} otherwise]"),
-        click.option("--tokens", type=click.INT, default=None,
+        click.option("--tokens", type=at_least(1), default=None,
                      help=f"tokens T (poly: latents m) [default {ProblemConfig.tokens}]"),
-        click.option("--dim", type=click.INT, default=None, help=f"input dimension [default {ProblemConfig.dim}]"),
-        click.option("--top-k", "top_k", type=kind(click.INT), default=None,
+        click.option("--dim", type=at_least(1), default=None, help=f"input dimension [default {ProblemConfig.dim}]"),
+        click.option("--top-k", "top_k", type=kind(at_least(1)), default=None,
                      help=f"experts per token k [default 1]{several}"),
         click.option("--sharpness", type=kind(click.FLOAT), default=None,
                      help=f"scale of the initial router logits [default {ProblemConfig.sharpness:g}]{several}"),
@@ -146,7 +168,7 @@ def config_options(lists: bool):
                      help="seeds the problem (data, teacher, initial parameters) and the routing noise"),
         click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
                      help="hyper-parameter for every chosen estimator that has it, e.g. --set tau=0.5 (repeatable)"),
-        click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+        click.option("--out", type=DIRECTORY, default=None,
                      help="directory to write the report into"),
     ]
 
@@ -210,9 +232,9 @@ def hf_model_options(prefix: str = "", tiny_note: str = "", seq2seq: bool = Fals
     options = [
         click.option("--hf", "hf_name", default=None, metavar="NAME",
                      help=f"{prefix}a tiny random model of this architecture ({names}){tiny_note}{full}"),
-        click.option("--hf-config", "hf_config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+        click.option("--hf-config", "hf_config", type=FILE, default=None,
                      help=f"{prefix}build the model from this transformers config.json (random weights)"),
-        click.option("--hf-model", "hf_model", type=click.Path(file_okay=False, path_type=Path), default=None,
+        click.option("--hf-model", "hf_model", type=DIRECTORY, default=None,
                      help=f"{prefix}a saved transformers {what} (local directory); its tokenizer is not used: "
                           f"the bundled text's character ids modulo its vocabulary are"),
     ]
@@ -227,7 +249,7 @@ def hf_model_options(prefix: str = "", tiny_note: str = "", seq2seq: bool = Fals
 # ---------------------------------------------------------------------------------------------------- commands
 @click.group(cls=OneLineErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="gradest")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
+@click.option("--threads", type=THREADS, default=None,
               help="torch CPU threads [default: torch's]. The synthetic problems are small: on a CPU shared with "
                    "other processes, --threads 1 can be many times faster.")
 def main(threads):
@@ -256,6 +278,30 @@ def list_estimators():
     click.echo(tabulate(rows, headers="keys", tablefmt="simple"))
 
 
+# `gradest compare`'s options that only some problems read, by parameter: (flag, the problems that read it). One
+# given on the command line with none of those problems chosen is refused, never silently ignored.
+PROBLEM_SCOPED = {
+    "experts": ("--experts", (*PROBLEMS, *SWITCH_PROBLEMS)), "tokens": ("--tokens", tuple(PROBLEMS)),
+    "dim": ("--dim", tuple(PROBLEMS)), "sharpness": ("--sharpness", tuple(PROBLEMS)),
+    "checkpoint": ("--checkpoint", tuple(SWITCH_PROBLEMS)), "layer": ("--layer", (*SWITCH_PROBLEMS, HF_PROBLEM)),
+    "draws": ("--draws", (*SWITCH_PROBLEMS, HF_PROBLEM)), "hf_batch": ("--batch-size", (HF_PROBLEM,)),
+    "hf_seq": ("--seq-len", (HF_PROBLEM,)),
+}
+
+
+def refuse_unread_options(ctx: click.Context, problems: list[str]) -> None:
+    """An option given on the command line that no chosen problem reads is refused, naming who reads it."""
+    for name, (flag, readers) in PROBLEM_SCOPED.items():
+        if ctx.get_parameter_source(name) in (None, click.core.ParameterSource.DEFAULT):
+            continue
+        if not any(problem in readers for problem in problems):
+            synthetic = [r for r in readers if r in PROBLEMS]
+            others = [r for r in readers if r not in PROBLEMS]
+            who = " and ".join(([f"the synthetic problems ({', '.join(synthetic)})"] if synthetic else [])
+                               + ([", ".join(others)] if others else []))
+            raise GradestError(f"{flag} applies to {who}, not to --problem {','.join(problems)}")
+
+
 @main.command()
 @click.option("--problem", "problems", type=CommaList(click.STRING, "PROBLEM"), default=",".join(PROBLEMS),
               show_default=True, help=f"problems to measure on, comma-separated; valid: {', '.join(ALL_PROBLEMS)} "
@@ -264,21 +310,21 @@ def list_estimators():
 @click.option("--estimators", default="all", show_default=True,
               help="'all' (every estimator that applies, with its variants) or a comma list of NAME[:KEY=VALUE..], "
                    "e.g. st:tau=0.5,reinforce:baseline=mean")
-@click.option("--samples", type=click.IntRange(min=3), default=DEFAULT_SAMPLES, show_default=True,
+@click.option("--samples", type=at_least(3), default=DEFAULT_SAMPLES, show_default=True,
               help="gradient samples K per estimator")
 @click.option("--wrt", type=click.Choice(WRT), default="router", show_default=True,
               help="what the gradient is taken with respect to (switch-*: logits or router)")
-@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+@click.option("--checkpoint", type=PathType(path_type=Path), default=None,
               help="switch-*: probe the model of this `gradest run` directory instead of a tiny model at "
                    "initialisation")
-@click.option("--layer", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--layer", type=at_least(0), default=0, show_default=True,
               help="switch-*: which MoE layer to probe (0 = the first)")
-@click.option("--draws", type=click.IntRange(min=3), default=64, show_default=True,
+@click.option("--draws", type=at_least(3), default=64, show_default=True,
               help="switch-*, hf: draws S of the Rao-Blackwellised reference (when enumeration is too large)")
 @hf_model_options("hf: ", "; k experts per token from --top-k [default 2], seeded by --seed", seq2seq=True)
-@click.option("--batch-size", "hf_batch", type=click.IntRange(min=1), default=2, show_default=True,
+@click.option("--batch-size", "hf_batch", type=at_least(1), default=2, show_default=True,
               help="hf: sequences in the fixed batch of the bundled tiny-shakespeare")
-@click.option("--seq-len", "hf_seq", type=click.IntRange(min=1), default=8, show_default=True,
+@click.option("--seq-len", "hf_seq", type=at_least(1), default=8, show_default=True,
               help="hf: tokens per sequence")
 @config_options(lists=True)
 def compare(problems, estimators, samples, wrt, checkpoint, layer, draws, hf_name, hf_config, hf_model, hf_batch,
@@ -292,14 +338,7 @@ def compare(problems, estimators, samples, wrt, checkpoint, layer, draws, hf_nam
                 if value is not None]
     if hf_given and HF_PROBLEM not in problems:
         raise GradestError(f"{hf_given[0]} applies to --problem hf only")
-    if not any(name in PROBLEMS for name in problems):  # an option no chosen problem reads is refused, not ignored
-        switch = any(name in SWITCH_PROBLEMS for name in problems)
-        unread = [flag for flag, value in (("--tokens", tokens), ("--dim", dim), ("--sharpness", sharpness),
-                                           ("--experts", None if switch else experts)) if value is not None]
-        if unread:
-            raise GradestError(f"{unread[0]} applies to the synthetic problems ({', '.join(PROBLEMS)})"
-                               + (", and --experts to switch-*" if unread[0] == "--experts" else "")
-                               + f", not to --problem {','.join(problems)}")
+    refuse_unread_options(click.get_current_context(), problems)
     out = output_directory(out, Path("runs/compare"), "summary.csv")
     hparams = hyper_parameters(settings)
     synthetic = [name for name in problems if name in PROBLEMS]
@@ -338,18 +377,18 @@ def compare(problems, estimators, samples, wrt, checkpoint, layer, draws, hf_nam
 
 @main.command()
 @hf_model_options()
-@click.option("--top-k", "top_k", type=click.IntRange(min=1), default=None,
+@click.option("--top-k", "top_k", type=at_least(1), default=None,
               help="experts per token of a model built by --hf/--hf-config [default: the config's; --hf: 2]")
-@click.option("--text", "text_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--text", "text_file", type=FILE, default=None,
               help="text to measure on (UTF-8 bytes modulo the vocabulary) [default: the bundled tiny-shakespeare]")
-@click.option("--batches", type=click.IntRange(min=1), default=4, show_default=True, help="batches of text")
-@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True, help="sequences per batch")
-@click.option("--seq-len", type=click.IntRange(min=1), default=16, show_default=True, help="tokens per sequence")
-@click.option("--draws", type=click.IntRange(min=3), default=16, show_default=True,
+@click.option("--batches", type=at_least(1), default=4, show_default=True, help="batches of text")
+@click.option("--batch-size", type=at_least(1), default=2, show_default=True, help="sequences per batch")
+@click.option("--seq-len", type=at_least(1), default=16, show_default=True, help="tokens per sequence")
+@click.option("--draws", type=at_least(3), default=16, show_default=True,
               help="draws S of the Rao-Blackwellised reference (when enumeration is too large)")
 @click.option("--seed", type=SEED, default=0, show_default=True,
               help="seeds a built model's weights, the text windows and the reference's draws")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out", type=DIRECTORY, default=None,
               help="report directory [default: runs/doctor, or runs/doctor-2, ... if that holds an earlier report]")
 def doctor(hf_name, hf_config, hf_model, top_k, text_file, batches, batch_size, seq_len, draws, seed, out):
     """Check a Hugging Face MoE model's native router gradient, layer by layer, against the exact gradient of the
@@ -439,21 +478,21 @@ MODEL_OPTIONS = ("--experts", "--omega/--no-omega", "--model")  # the Switch Tra
 @click.option("--problem", default=None, help=f"train a synthetic problem instead of a Switch Transformer (next to "
                                               f"the exact gradient; --steps {SYNTHETIC_STEPS} and --lr "
                                               f"{SYNTHETIC_LR:g} by default); valid: {', '.join(PROBLEMS)}")
-@click.option("--experts", type=click.INT, default=None,
+@click.option("--experts", type=at_least(2), default=None,
               help=f"experts n [default {SwitchConfig.experts} for a Switch Transformer; with --problem: 2 for "
                    f"poly, {ProblemConfig.experts} otherwise]")
-@click.option("--tokens", type=click.INT, default=None, help=f"--problem: tokens T [default {ProblemConfig.tokens}]")
-@click.option("--dim", type=click.INT, default=None, help=f"--problem: input dimension [default {ProblemConfig.dim}]")
+@click.option("--tokens", type=at_least(1), default=None, help=f"--problem: tokens T [default {ProblemConfig.tokens}]")
+@click.option("--dim", type=at_least(1), default=None, help=f"--problem: input dimension [default {ProblemConfig.dim}]")
 @click.option("--sharpness", type=click.FLOAT, default=None,
               help=f"--problem: scale of the initial router logits [default {ProblemConfig.sharpness:g}]")
 @click.option("--omega/--no-omega", default=None,
               help="scale each MoE layer's output by a learnable omega [default: the estimator's, see gradest list]")
 @click.option("--model", "model_settings", multiple=True, metavar="KEY=VALUE",
               help="Switch Transformer setting, e.g. --model n_layer=6 --model d_model=256 (see SwitchConfig)")
-@click.option("--resume", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--resume", type=DIRECTORY, default=None,
               help="continue the run whose checkpoint is in this directory, with its own settings: only --steps "
                    "and --device may be given with it")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out", type=DIRECTORY, default=None,
               help="the run's directory [default: runs/<estimator>-<task>-n<experts>-k<k>-seed<seed>]")
 @click.pass_context
 def run(ctx, problem, experts, tokens, dim, sharpness, omega, model_settings, resume, out, **options):
@@ -650,11 +689,11 @@ def file_name(label: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ studies
-SPEC = click.Path(dir_okay=False, path_type=Path)
+SPEC = FILE
 PROFILE_OPTION = click.option("--profile", default=None,
                               help="the spec's profile: quick (CI), full (about an hour on 2 CPU cores) or paper "
                                    "(GPU) [default: full, else the spec's base grid]")
-RESULTS_OPTION = click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=None,
+RESULTS_OPTION = click.option("--results", type=DIRECTORY, default=None,
                               help="the results cache [default: $GRADEST_RESULTS, else results/]")
 
 
@@ -666,12 +705,12 @@ def study():
 @study.command("run")
 @click.argument("spec", type=SPEC)
 @PROFILE_OPTION
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--jobs", type=THREADS, default=1, show_default=True,
               help="cells run in parallel, each in its own process with one torch thread")
 @click.option("--shard", "shard_spec", metavar="i/N", default=None,
               help="run only the cells whose index in the hash-sorted list is i mod N (0 <= i < N), e.g. for a "
                    "Slurm array")
-@click.option("--threads", "cell_threads", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--threads", "cell_threads", type=THREADS, default=1, show_default=True,
               help="torch threads of each cell, however many run at once; recorded in each cell's done.json (the "
                    "thread count changes the last bits of a run's numbers)")
 @RESULTS_OPTION
@@ -706,7 +745,7 @@ def study_status(spec, profile, results):
 @click.argument("spec", type=SPEC)
 @PROFILE_OPTION
 @RESULTS_OPTION
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out", type=DIRECTORY, default=None,
               help="where to write the report [default: reports/<study name>/ for the committed profile (full, "
                    "else the base grid), reports/<study name>/<profile>/ for any other]")
 def study_report(spec, profile, results, out):
@@ -722,7 +761,7 @@ def study_report(spec, profile, results, out):
 
 
 @main.command("figures")
-@click.option("--reports", "reports_dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--reports", "reports_dir", type=DIRECTORY,
               default=Path("reports"), show_default=True, help="the directory of committed reports")
 def figures(reports_dir):
     """Rebuild the tables, figures and README.md of every report under --reports (each REPORTS/<study>/ or

@@ -22,7 +22,7 @@ import torch
 from gradest.errors import GradestError
 from gradest.estimators import GATED, Estimator, expand_estimators, trainable
 from gradest.estimators.base import (MAX_STEPS, Constraint, check_settings, integer_at_least, integer_between,
-                                     nonnegative, one_of, optional, positive, seed_value, unit_interval)
+                                     learning_rate, nonnegative, one_of, optional, positive, seed_value, unit_interval)
 from gradest.model import SwitchConfig
 from gradest.presets import PRESETS
 from gradest.tasks import DATA_SETTINGS
@@ -137,7 +137,7 @@ for _setting in (
     RunSetting("steps", 600, integer_between(1, MAX_STEPS), "optimiser steps; with --resume, the steps to continue "
                "to (more than the run's extend it)", int, resumable=True),
     RunSetting("batch_size", 32, integer_at_least(1), "sequences per step", int),
-    RunSetting("lr", 2e-3, positive, "peak learning rate (AdamW)", float),
+    RunSetting("lr", 2e-3, learning_rate, "peak learning rate (AdamW)", float),
     RunSetting("warmup", 50, integer_at_least(0), "linear warm-up steps: step s (0-based) runs at "
                "lr * (s + 1) / warmup", int),
     RunSetting("schedule_steps", None, optional(integer_at_least(1), "steps"), "the steps the cosine decays over "

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from gradest.errors import GradestError
 from gradest.estimators import CATEGORICAL, GATED, Estimator, Objective, Routing
-from gradest.estimators.base import seed_value
+from gradest.estimators.base import integer_at_least, positive_at_most, seed_value
 
 
 @dataclass
@@ -42,17 +42,17 @@ class ProblemConfig:
             raise GradestError(f"invalid seed {self.seed!r}; valid: {seed_value.text}")
         if self.problem not in PROBLEMS:
             raise GradestError(f"unknown problem '{self.problem}'; valid: {', '.join(PROBLEMS)}")
-        for name in ("tokens", "dim", "out_dim", "classes", "top_k"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise GradestError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if not isinstance(self.experts, int) or self.experts < 2:
-            raise GradestError(f"experts must be an integer >= 2 (routing needs a choice), got n={self.experts!r}")
+        for name in ("tokens", "dim", "out_dim", "classes", "top_k", "experts"):
+            size = SIZES[name]
+            if not size(getattr(self, name)):
+                why = " (routing needs a choice)" if name == "experts" else ""
+                raise GradestError(f"{name} must be {size.text}{why}, got {getattr(self, name)!r}")
         if self.top_k > self.experts:
             raise GradestError(f"top_k={self.top_k} is larger than experts={self.experts}; valid: 1 <= top_k <= "
                                f"{self.experts}")
         for name in ("sharpness", "power"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
-                raise GradestError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
+            if not SCALES[name](getattr(self, name)):
+                raise GradestError(f"{name} must be {SCALES[name].text}, got {getattr(self, name)!r}")
         if not math.isfinite(self.center):
             raise GradestError(f"center must be a finite number, got {self.center!r}")
 
@@ -64,6 +64,12 @@ class ProblemConfig:
         """The problem settings of a flat configuration (a study cell's): every field but the seed."""
         return {f.name: config[f.name] for f in fields(cls) if f.name != "seed"}
 
+
+# The declared range of each size of a problem (`gradest compare`'s options and a study cell's settings alike)
+SIZES = {"tokens": integer_at_least(1), "dim": integer_at_least(1), "out_dim": integer_at_least(1),
+         "classes": integer_at_least(1), "top_k": integer_at_least(1), "experts": integer_at_least(2)}
+# logits scaled by 1e300 overflow float64 in the first softmax: a scale or exponent is kept far from that
+SCALES = {"sharpness": positive_at_most(1e6), "power": positive_at_most(1e6)}
 
 # Problem-specific defaults that differ from ProblemConfig's (for `gradest compare` and compare studies alike):
 # ReinMax's polynomial programming is binary.

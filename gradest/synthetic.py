@@ -9,7 +9,6 @@ follows the exact gradient from the same start.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Callable, Iterable
 
@@ -18,7 +17,7 @@ import torch
 
 from gradest.errors import GradestError
 from gradest.estimators import Estimator, get_estimator
-from gradest.estimators.base import MAX_STEPS, check_settings, integer_between
+from gradest.estimators.base import MAX_STEPS, NonFiniteLogits, check_settings, integer_between, learning_rate
 from gradest.problems import Problem, ProblemConfig, make_problem
 
 SYNTHETIC_STEPS = 300  # `gradest run --problem P` defaults
@@ -40,8 +39,8 @@ def train_synthetic(config: ProblemConfig, estimator: Estimator, steps: int = SY
     routing noise comes from a generator seeded with `seed`, so the same arguments give the same numbers.
     """
     check_settings("run", {"steps": steps}, {"steps": integer_between(1, MAX_STEPS)})
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise GradestError(f"lr must be a finite number > 0, got {lr!r}")
+    if not learning_rate(lr):
+        raise GradestError(f"lr must be {learning_rate.text}, got {lr!r}")
     problem = make_problem(config)
     estimator.check(problem.n, problem.kind)
     exact = get_estimator("exact", k=config.top_k)
@@ -54,6 +53,11 @@ def train_synthetic(config: ProblemConfig, estimator: Estimator, steps: int = SY
                          "objective_exact_run": reference["objective"],
                          "inference_loss_exact_run": reference["inference_loss"],
                          "seconds": trained["seconds"]})
+
+
+def diverged(estimator: Estimator, step: int, lr: float, what: str) -> GradestError:
+    return GradestError(f"the {estimator.label} run diverged at step {step} ({what}); nothing was written; try a "
+                        f"lower --lr, e.g. --lr {lr / 10:g} (a tenth of {lr:g})")
 
 
 def _train(problem: Problem, estimator: Estimator, steps: int, lr: float, seed: int,
@@ -80,9 +84,14 @@ def _train(problem: Problem, estimator: Estimator, steps: int, lr: float, seed: 
         start = time.perf_counter()
         optimizer.zero_grad()
         noise = torch.rand(noise_shape, generator=generator, dtype=torch.float64).to(problem.device)
-        loss, _ = problem.loss(params, estimator, noise=noise)
+        try:
+            loss, _ = problem.loss(params, estimator, noise=noise)
+        except NonFiniteLogits:  # parameters blown up by the last update reach the router first
+            raise diverged(estimator, step, lr, "router logits NaN or inf") from None
         loss.sum().backward()
         optimizer.step()
+        if not all(torch.isfinite(p).all() for p in params.values()):
+            raise diverged(estimator, step + 1, lr, "parameters NaN or inf")
         elapsed += time.perf_counter() - start
         record()
     return history

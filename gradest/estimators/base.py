@@ -38,10 +38,29 @@ def _is_real(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+# The largest integer any count, size or seed may be: torch's and numpy's int64, and a study cell's JSON. A larger
+# one is refused by the setting's constraint (one line), not by an OverflowError deep in torch.
+MAX_INT = 2 ** 63 - 1
+# A learning rate beyond this never trains (a test drives 1e6 to divergence on purpose); float32 takes up to 3.4e38,
+# so a larger value would overflow in the optimiser before any step could show the divergence.
+MAX_LR = 1e6
+
+
+def _is_integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 positive = Constraint(lambda v: _is_real(v) and v > 0, "a number > 0")
 nonnegative = Constraint(lambda v: _is_real(v) and v >= 0, "a number >= 0")
 unit_interval = Constraint(lambda v: _is_real(v) and 0 <= v < 1, "a number in [0, 1)")
-positive_integer = Constraint(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1")
+
+
+def positive_at_most(high: float) -> Constraint:
+    """A number > 0 that must stay far from float overflow (a scale, a rate)."""
+    return Constraint(lambda v: _is_real(v) and 0 < v <= high, f"a number > 0 and <= {high:g}")
+
+
+learning_rate = positive_at_most(MAX_LR)
 boolean = Constraint(lambda v: isinstance(v, bool), "true or false")
 
 
@@ -50,16 +69,17 @@ def one_of(*choices: str) -> Constraint:
 
 
 def integer_at_least(low: int) -> Constraint:
-    return Constraint(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low, f"an integer >= {low}")
+    """A count or a size: an integer >= `low` (and, like every integer, at most MAX_INT)."""
+    return Constraint(lambda v: _is_integer(v) and low <= v <= MAX_INT, f"an integer >= {low} (below 2**63)")
 
 
 def integer_between(low: int, high: int) -> Constraint:
-    return Constraint(lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high,
-                      f"an integer from {low:,} to {high:,}")
+    return Constraint(lambda v: _is_integer(v) and low <= v <= high, f"an integer from {low:,} to {high:,}")
 
 
+positive_integer = integer_at_least(1)
 # Every command's seed (torch.Generator.manual_seed takes up to 2**64 - 1; numpy's and a cell's JSON, 2**63 - 1)
-seed_value = integer_between(0, 2 ** 63 - 1)
+seed_value = integer_between(0, MAX_INT)
 
 
 # A run keeps a row of metrics per step in memory: more steps than this is a typo, not a plan (10 million
