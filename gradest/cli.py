@@ -40,7 +40,7 @@ from gradest.problems import PROBLEM_DEFAULTS, PROBLEMS, ProblemConfig
 from gradest.figures import atomic_savefig, training_figure
 from gradest.report import summary_text, training_summary, write_compare_report, write_run_report
 from gradest.synthetic import SYNTHETIC_LR, SYNTHETIC_STEPS, train_synthetic
-from gradest.train import Interrupted, Trainer, load_checkpoint
+from gradest.train import Interrupted, Trainer, config_of, load_checkpoint
 
 SWITCH_PROBLEMS = {problem: task for task, problem in TASK_PROBLEM.items()}  # switch-lm -> lm, switch-mt -> mt
 HF_PROBLEM = "hf"  # the router-gradient probe on a Hugging Face causal LM (gradest.hf.probe)
@@ -566,7 +566,7 @@ def resume_run(resume: Path, settings: dict, model: dict, synthetic: dict,
     and nothing is written). Any other option must have the run's own value: the run's settings are in its
     checkpoint, and an option that silently did nothing would also leave config.json claiming the run had it."""
     state = load_checkpoint(resume)
-    config = TrainConfig(**state["config"])
+    config = config_of(state["config"], resume / "checkpoint.pt")
     changed = [f"{show(flag, value)} (the run's: {show(flag, own)})" for name, value in settings.items()
                for flag, own in [(RUN_SETTINGS[name].flag, getattr(config, name))]
                if not RUN_SETTINGS[name].resumable and value != own]

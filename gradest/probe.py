@@ -736,10 +736,18 @@ def switch_probe(task: str = "lm", *, estimators="all", samples: int = 256, seed
         if config:
             raise GradestError("config overrides do not apply to a checkpoint's model")
         if trainer is None:
-            from gradest.train import Trainer
+            from gradest.train import Trainer, load_checkpoint
             path = Path(checkpoint)
+            run = path.parent if path.is_file() else path
+            state = load_checkpoint(run)
+            hf = [f"{key}={state['config'][key]}" for key in ("hf", "hf_config", "hf_model")
+                  if state["config"].get(key) is not None]
+            if hf:
+                raise GradestError(f"--checkpoint {checkpoint} is a Hugging Face run ({hf[0]}); the switch-{task} "
+                                   f"probe reads a Switch Transformer run; valid: a `gradest run` directory trained "
+                                   f"without --hf, --hf-config or --hf-model")
             with torch.random.fork_rng():  # a trainer seeds and restores the global RNG
-                trainer = Trainer.resume(path.parent if path.is_file() else path)
+                trainer = Trainer.resume(run, state=state)
         if trainer.config.task != task:
             raise GradestError(f"the checkpoint is a '{trainer.config.task}' run, not '{task}'")
         model = trainer.model

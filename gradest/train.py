@@ -137,7 +137,53 @@ def load_checkpoint(out) -> dict:
         what = "empty" if path.stat().st_size == 0 else "truncated or not a gradest checkpoint"
         raise GradestError(f"{path} is not a readable checkpoint ({what}); delete the run directory {out}/ to start "
                            f"over, or resume another run")
+    mismatch = checkpoint_mismatch(state)
+    if mismatch:
+        raise misfit(path, mismatch)
     return state
+
+
+def misfit(path: Path, mismatch: str) -> GradestError:
+    return GradestError(f"{path} does not fit this gradest ({mismatch}): it was written by another version or "
+                        f"changed since; resume it with the gradest that wrote it, or start a new run")
+
+
+def checkpoint_mismatch(state: dict) -> str | None:
+    """What in a loaded checkpoint does not have the shape this gradest writes (None: nothing): its step, rows and
+    record of settings (every setting a run always records present; unknown ones are named by TrainConfig)."""
+    from gradest.config import MODEL_BY_NAME, RUN_SETTINGS
+    step, config = state["step"], state["config"]
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+        return f"its step is {step!r}; valid: an integer >= 0"
+    if not isinstance(state["rows"], list):
+        return f"its metrics are {type(state['rows']).__name__}, not a list of rows"
+    if not isinstance(config, dict):
+        return f"its settings are {type(config).__name__}, not a table"
+    required = [*(name for name, setting in RUN_SETTINGS.items() if setting.stored == "always"), *MODEL_BY_NAME,
+                "model"]
+    missing = [name for name in required if name not in config]
+    if missing:
+        return f"setting {missing[0]} is missing from its record"
+    if not isinstance(config["model"], dict):
+        return f"its model settings are {config['model']!r}, not a table"
+    return None
+
+
+def config_of(settings: dict, path: Path) -> TrainConfig:
+    """The TrainConfig of a checkpoint's settings; settings this gradest does not take are one line naming the
+    checkpoint."""
+    try:
+        return TrainConfig(**settings)
+    except GradestError as error:
+        raise misfit(path, f"its settings: {error}") from None
+
+
+def state_mismatch(error: Exception) -> str:
+    """The first mismatch torch names when a state does not load into the model or optimiser built from the
+    checkpoint's settings (`size mismatch for head.weight: ...`, `Missing key(s) in state_dict: ...`)."""
+    lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()] or [str(error).strip()]
+    first = lines[0]
+    return first if len(first) <= 160 else first[:160] + " ..."
 
 
 class TrainableModel(Protocol):
@@ -406,8 +452,14 @@ class Trainer:
             settings["steps"] = steps
         if device is not None:
             settings["device"] = device
-        trainer = cls(TrainConfig(**settings), Path(out))
-        trainer.load_state_dict(state)
+        path = Path(out) / "checkpoint.pt"
+        trainer = cls(config_of(settings, path), Path(out))
+        try:
+            trainer.load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as error:
+            if isinstance(error, GradestError):
+                raise
+            raise misfit(path, state_mismatch(error)) from None
         trainer.resumed_from = done
         return trainer
 

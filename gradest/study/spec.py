@@ -200,6 +200,11 @@ def load_study(path) -> Study:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise GradestError(f"no study spec at {path}") from None
+    except UnicodeDecodeError as error:
+        raise GradestError(f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+                           f"{error.start}); valid: a TOML study spec, saved as UTF-8") from None
+    except OSError as error:  # a directory, no permission, a symlink loop
+        raise GradestError(f"cannot read the study spec {path}: {error.strerror or error}") from None
     except tomllib.TOMLDecodeError as error:
         raise GradestError(f"{path} is not valid TOML: {error}") from None
     return parse_study(data, path)
