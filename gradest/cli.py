@@ -40,7 +40,7 @@ from gradest.problems import PROBLEM_DEFAULTS, PROBLEMS, ProblemConfig
 from gradest.figures import atomic_savefig, training_figure
 from gradest.report import summary_text, training_summary, write_compare_report, write_run_report
 from gradest.synthetic import SYNTHETIC_LR, SYNTHETIC_STEPS, train_synthetic
-from gradest.train import Interrupted, Trainer, config_of, load_checkpoint
+from gradest.train import RUN_FILES, Interrupted, Trainer, config_of, load_checkpoint, remove_stale_temporaries
 
 SWITCH_PROBLEMS = {problem: task for task, problem in TASK_PROBLEM.items()}  # switch-lm -> lm, switch-mt -> mt
 HF_PROBLEM = "hf"  # the router-gradient probe on a Hugging Face causal LM (gradest.hf.probe)
@@ -611,14 +611,19 @@ def train(ctx: click.Context, trainer: Trainer, out: Path):
             click.echo(trainer.evaluation_line(row, time.perf_counter() - start))
 
     # one process trains a run directory: a second `--out` the same one is refused before it writes anything
-    with directory_lock(out) if trainer.rank == 0 else contextlib.nullcontext():
+    with NewRunKeptWhole(trainer, out) as kept, \
+            directory_lock(out) if trainer.rank == 0 else contextlib.nullcontext():
         try:
             with report_errors(out):
                 metrics = trainer.run(progress=lambda steps: progress_bar(steps, trainer.estimator.label),
-                                      command=command_line(), on_eval=on_eval, handle_signals=True)
+                                      command=command_line(), on_eval=on_eval, handle_signals=True,
+                                      stop_now=kept.stop_now)
         except Interrupted as stop:
             if trainer.rank == 0:
-                click.echo(f"interrupted at step {stop.step}; resume with: {resume_command(trainer, out)}", err=True)
+                click.echo(f"interrupted at step {stop.step}; resume with: {resume_command(trainer, out)}"
+                           if trainer.saved_step is not None else
+                           "interrupted before the first step ended: nothing was kept; start the run again with the "
+                           "same command", err=True)
             trainer.close()
             ctx.exit(128 + stop.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
         with report_errors(out):
@@ -630,6 +635,50 @@ def train(ctx: click.Context, trainer: Trainer, out: Path):
                                f"{len(trainer.model.patched.blocks)} MoE blocks routed by {trainer.estimator.label})")
                 click.echo(training_summary(trainer, metrics, out))
     trainer.close()
+
+
+class NewRunKeptWhole:
+    """A new run that ends before its first checkpoint (a setting that fails at the first step, a divergence, a
+    signal, a full disk) leaves nothing behind: the files it wrote, and its directory if it made it, are removed.
+    A run with a checkpoint keeps it (and what was written with it)."""
+
+    def __init__(self, trainer: Trainer, out: Path):
+        self.trainer, self.out = trainer, out
+        self.made = not out.exists()
+        self.before = {path.name for path in out.iterdir()} if not self.made and out.is_dir() else set()
+
+    def discard(self):
+        if self.trainer.rank != 0 or self.trainer.resumed_from is not None or self.trainer.saved_step is not None:
+            return
+        for name in (*RUN_FILES, ".lock"):
+            if name not in self.before or name == "config.json":
+                (self.out / name).unlink(missing_ok=True)
+        remove_stale_temporaries(self.out)
+        if self.made:
+            with contextlib.suppress(OSError):
+                self.out.rmdir()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if kind is not None:
+            self.discard()
+        return False
+
+    def stop_now(self, signum: int):
+        """A signal before the first step of this process ended: end the process now (see Trainer.run)."""
+        trainer = self.trainer
+        if trainer.saved_step is not None:
+            line = f"interrupted at step {trainer.saved_step}; resume with: {resume_command(trainer, self.out)}"
+        else:
+            self.discard()
+            line = "interrupted before the first step ended: nothing was kept; start the run again with the same " \
+                   "command"
+        with contextlib.suppress(OSError):
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+        os._exit(128 + signum)
 
 
 def resume_command(trainer: Trainer, out: Path) -> str:

@@ -278,4 +278,8 @@ class TrainConfig:
         if estimator.enumerates:
             raise GradestError(f"estimator '{estimator.name}' cannot train an MoE layer (it needs one pass of the "
                                f"layers above per expert tuple); valid: {', '.join(trainable(GATED, self.top_k))}")
+        if estimator.min_batch > self.batch_size:  # (checked with the other settings, before anything is written)
+            raise GradestError(f"estimator '{estimator.label}' needs a batch of at least {estimator.min_batch} "
+                               f"sequences, got batch_size={self.batch_size}; valid: batch_size >= "
+                               f"{estimator.min_batch} (--batch-size)")
         return estimator

@@ -85,12 +85,17 @@ class Diverged(GradestError):
 
 
 @contextlib.contextmanager
-def stop_signals(enabled: bool = True):
+def stop_signals(enabled: bool = True, at_once=None):
     """While training: SIGINT and SIGTERM set a flag (the list this yields gets the signal's number) that the loop
     checks between steps, so a stop never leaves a step half done and always leaves a checkpoint. A second signal
     stops at once (KeyboardInterrupt; the atomic writes keep the last checkpoint whole). The previous handlers are
     restored afterwards. Only the main thread may set handlers (elsewhere nothing changes), and a signal ignored
-    (SIG_IGN: nohup) stays ignored. Not `enabled`: nothing changes (the list stays empty)."""
+    (SIG_IGN: nohup) stays ignored. Not `enabled`: nothing changes (the list stays empty).
+
+    `at_once(signum)`, if given, is called the moment a signal arrives, from a thread of its own: a Python handler
+    runs only when the main thread is back in Python, and a large model's first step is minutes inside torch. It
+    may end the process there (os._exit), e.g. while no step has finished, when finishing one would keep nothing
+    the checkpoint on disk does not hold; returning leaves the signal to the loop."""
     received = []
 
     def handle(signum, frame):
@@ -99,15 +104,48 @@ def stop_signals(enabled: bool = True):
         received.append(signum)
 
     previous = {}
+    watcher = None
     if enabled and threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
             if signal.getsignal(signum) is not signal.SIG_IGN:
                 previous[signum] = signal.signal(signum, handle)
+        if at_once is not None and previous:
+            watcher = SignalWatcher(at_once)
     try:
         yield received
     finally:
+        if watcher is not None:
+            watcher.stop()
         for signum, handler in previous.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+
+
+class SignalWatcher:
+    """Calls `callback(signum)` from a thread as soon as a signal with a Python handler arrives: the C-level handler
+    writes its number to the wakeup fd at once, whatever the main thread is doing (torch releases the GIL)."""
+
+    STOP = 255  # no signal has this number
+
+    def __init__(self, callback):
+        self.read, self.write = os.pipe()
+        os.set_blocking(self.write, False)
+        self.previous = signal.set_wakeup_fd(self.write, warn_on_full_buffer=False)
+        self.thread = threading.Thread(target=self.watch, args=(callback,), daemon=True)
+        self.thread.start()
+
+    def watch(self, callback):
+        while True:
+            data = os.read(self.read, 1)
+            if not data or data[0] == self.STOP:
+                return
+            callback(data[0])
+
+    def stop(self):
+        signal.set_wakeup_fd(self.previous)
+        os.write(self.write, bytes([self.STOP]))
+        self.thread.join()
+        os.close(self.read)
+        os.close(self.write)
 
 
 RUN_FILES = ("checkpoint.pt", "metrics.csv", "config.json", "loss.png")  # what a run writes into its directory
@@ -481,19 +519,27 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ the loop
     def run(self, progress=None, command: list[str] | None = None, until: int | None = None, on_eval=None,
-            handle_signals: bool = False) -> pd.DataFrame:
+            handle_signals: bool = False, stop_now=None) -> pd.DataFrame:
         """Train to config.steps (or stop after step `until`, as an interrupted run would, checkpoint saved).
         `on_eval(row)` is called (on rank 0) with the row of every evaluated step.
 
         `handle_signals` (`gradest run`): SIGINT or SIGTERM stop the run after the step under way, its checkpoint
         and metrics written, by raising Interrupted. The caller's choice, because a process pool's worker (the study
-        runner's) is ended by SIGTERM and must then die, not go on to its next queued task."""
+        runner's) is ended by SIGTERM and must then die, not go on to its next queued task. `stop_now(signum)`: called
+        (from another thread) on a signal that arrives before this process has finished a step, to end the process
+        at once (see stop_signals)."""
         if self.rank == 0:
             remove_stale_temporaries(self.out)
             self.write_config(command)
         steps = range(self.step, min(self.config.steps, until or self.config.steps))
         bar = progress(steps) if progress and self.rank == 0 else steps
-        with stop_signals(handle_signals) as received:
+        first = self.step
+
+        def at_once(signum):  # before the first step of this process ends: stop now, nothing to finish
+            if self.step == first and self.world == 1 and signum in (signal.SIGINT, signal.SIGTERM):
+                stop_now(signum)
+
+        with stop_signals(handle_signals, at_once=at_once if stop_now is not None else None) as received:
             for _ in bar:
                 row = self.train_step()
                 last = self.step == self.config.steps
