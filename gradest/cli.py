@@ -205,6 +205,28 @@ def report_errors(out: Path):
         raise click.ClickException(f"cannot write the report into {out}/: {error.strerror or error}") from error
 
 
+@contextlib.contextmanager
+def written_whole(out: Path):
+    """A report's files (compare, doctor, a synthetic run) are all written or none is: each file is written
+    atomically, and when one fails (a full disk, permissions) the files this report had written already, and
+    `out` if it made it, are removed, so no half report is left for a later command to refuse as results. The
+    error is one line, exit code 1 (report_errors)."""
+    made = not out.exists()
+    before = {path.name for path in out.iterdir()} if not made and out.is_dir() else set()
+    try:
+        with report_errors(out):
+            yield
+    except BaseException:
+        if out.is_dir():
+            for path in out.iterdir():
+                if path.name not in before and path.is_file():
+                    path.unlink(missing_ok=True)
+            if made:
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+        raise
+
+
 def output_directory(out: Path | None, default: Path, marker: str) -> Path:
     """Where a command writes its results, never over earlier ones: `--out`, refused if it already holds results
     (the file `marker`); without `--out`, `default`, or the first of `default-2`, `default-3`, ... that holds none."""
@@ -364,7 +386,7 @@ def compare(problems, estimators, samples, wrt, checkpoint, layer, draws, hf_nam
                                            seq_len=hf_seq, top_k=k, estimators=chosen, samples=samples, seed=seed,
                                            draws=draws, wrt=wrt, settings=hparams, progress=progress))
     results = pd.concat(frames, ignore_index=True)
-    with report_errors(out):
+    with written_whole(out):
         write_compare_report(results, out, {
             "command": "compare", "problems": [config.to_dict() for config in configs],
             "switch_problems": [name for name in problems if name in SWITCH_PROBLEMS], "estimators": estimators,
@@ -410,7 +432,7 @@ def doctor(hf_name, hf_config, hf_model, top_k, text_file, batches, batch_size, 
     result = diagnose(model, batch, draws=draws, seed=seed,
                       progress=functools.partial(progress_bar, description="layers"))
     label = str(hf_model or hf_config or hf_name)
-    with report_errors(out):
+    with written_whole(out):
         write_doctor_report(result, out, {
             "command": "doctor", "model": label, "model_type": model.config.model_type, "top_k": top_k,
             "text": None if text_file is None else str(text_file), "batches": batches, "batch_size": batch_size,
@@ -717,7 +739,7 @@ def run_synthetic(problem: str, settings: dict, experts, tokens, dim, sharpness,
     start = time.perf_counter()
     metrics = train_synthetic(config, estimator, steps=steps, lr=lr, seed=seed, progress=progress_bar)
     seconds = time.perf_counter() - start
-    with report_errors(out):
+    with written_whole(out):
         write_run_report(metrics, out, {"command": "run", "problem": config.to_dict(), "estimator": estimator.label,
                                         "hparams": estimator.hparams, "steps": steps, "lr": lr, "seed": seed,
                                         "out": str(out)}, estimator.label, command_line())
