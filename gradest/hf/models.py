@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from gradest.errors import GradestError
+from gradest.estimators.base import integer_at_least
 from gradest.hf.families import DeepSeekV3, Family, GptOss, PhiMoE, SoftmaxTopK, SwitchTransformers
 
 try:  # a config field of the wrong type: transformers 5 validates configs with huggingface_hub's strict dataclasses
@@ -278,6 +279,32 @@ def config_from_directory(path: str | Path, settings: dict | None = None):
         raise GradestError(f"cannot load the config in {path}/: {config_error(error)}") from None
 
 
+def check_config(config, where: str) -> None:
+    """A config's sizes that transformers takes but its model cannot run (a shape error mid-forward, or a model
+    without layers or experts), refused in one line before a model is built or anything written: every layer
+    and head count, and the expert count, at least 1; the attention heads split the hidden size (unless the config
+    sets head_dim) and are a multiple of the key-value heads."""
+    arch = SUPPORTED.get(config.model_type)
+    counts = [key for key in ("num_hidden_layers", "num_layers", "num_decoder_layers", "num_attention_heads",
+                              "num_heads", "num_key_value_heads", "hidden_size", "d_model", "intermediate_size",
+                              "moe_intermediate_size", *([arch.experts_key] if arch else []))
+              if getattr(config, key, None) is not None]
+    for key in counts:
+        value = getattr(config, key)
+        if not integer_at_least(1)(value):
+            what = ("the model needs at least one expert" if arch and key == arch.experts_key else
+                    "the model needs at least one" if "layers" in key else "a size")
+            raise GradestError(f"{where}: {key}={value!r} ({what}); valid: {key} >= 1, an integer")
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    kv = getattr(config, "num_key_value_heads", None)
+    if hidden and heads and getattr(config, "head_dim", None) is None and hidden % heads:
+        raise GradestError(f"{where}: num_attention_heads={heads} does not divide hidden_size={hidden}; valid: "
+                           + ", ".join(str(h) for h in range(1, hidden + 1) if hidden % h == 0)[:200])
+    if heads and kv and heads % kv:
+        raise GradestError(f"{where}: num_key_value_heads={kv} does not divide num_attention_heads={heads}; valid: "
+                           f"num_key_value_heads in " + ", ".join(str(h) for h in range(1, heads + 1) if heads % h == 0))
+
+
 # --------------------------------------------------------------------------------------------------- models
 def model_from_config(config) -> nn.Module:
     """A randomly initialised model of `config`: a causal LM, or Switch's encoder-decoder."""
@@ -326,6 +353,7 @@ def load_model(name: str | None = None, config_file: str | Path | None = None, m
             if name in NAMED and k is not None:
                 raise GradestError(f"{name} routes its own k experts per token; --top-k does not apply")
             config = built_config(name, k, settings)
+        check_config(config, str(config_file or f"--hf {name}"))
         n = getattr(config, SUPPORTED[config.model_type].experts_key, None) if config.model_type in SUPPORTED else None
         if k is not None and isinstance(n, int) and not 1 <= k <= n:  # (before a model is built)
             raise GradestError(f"--top-k {k} does not fit the model's {n} experts; valid: 1 <= k <= {n}")

@@ -12,7 +12,7 @@ import torch
 
 from gradest.errors import GradestError
 from gradest.estimators import Estimator
-from gradest.hf.models import (CAUSAL, CONFIG_ERRORS, SUPPORTED, check_setting_keys, config_error,
+from gradest.hf.models import (CAUSAL, CONFIG_ERRORS, SUPPORTED, check_config, check_setting_keys, config_error,
                                config_from_directory, config_from_file, model_from_config, pretrained_model,
                                training_config)
 from gradest.hf.patching import native_hparams, patch, routing_log_prob
@@ -74,6 +74,7 @@ def hf_model_config(config, given: dict):
             cfg = training_config(name, **settings)
         except CONFIG_ERRORS as error:
             raise GradestError(f"cannot build the Hugging Face config: {config_error(error)}") from None
+    check_config(cfg, f"the Hugging Face config ({where})")
     if config.hf_model is None:
         for key in HF_SPECIAL_TOKENS:
             setattr(cfg, key, None)
