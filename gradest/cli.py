@@ -33,6 +33,7 @@ from gradest.estimators.base import integer_at_least, integer_between, parse_as,
 from gradest.estimators import expand_estimators
 from gradest.hf.models import CAUSAL
 from gradest.measure import WRT, compare as compare_estimators
+from gradest.memory import check_probe, check_training, model_probe_peak
 from gradest.model import SwitchConfig
 from gradest.presets import apply_preset
 from gradest.probe import TASK_PROBLEM, switch_probe
@@ -428,6 +429,8 @@ def doctor(hf_name, hf_config, hf_model, top_k, text_file, batches, batch_size, 
             raise GradestError(f"--text {text_file} is empty")
     out = output_directory(out, Path("runs/doctor"), "layers.csv")
     model = load_model(hf_name, hf_config, hf_model, k=top_k, seed=seed)
+    check_probe(model_probe_peak(model, batches * batch_size, seq_len, draws),
+                f"gradest doctor on {batches * batch_size} sequences of {seq_len} tokens")
     batch = doctor_batch(model.config.vocab_size, batches, batch_size, seq_len, text, data_seed=seed)
     result = diagnose(model, batch, draws=draws, seed=seed,
                       progress=functools.partial(progress_bar, description="layers"))
@@ -565,6 +568,7 @@ def start_run(settings: dict, model: dict, out: Path | None) -> tuple[Trainer, P
     given = {**settings, **{key: value for key, value in model.items() if value is not None}}
     config = TrainConfig(**apply_preset(settings.get("preset"), given))
     check_device(config.device)  # a bad value is named before anything about the directory
+    check_training(config)  # a run that cannot fit in memory, before its model is built
     if out is not None:
         refuse_a_run_in(out)
     trainer = Trainer(config, out or Path("runs"))  # (its model builds the estimator; nothing is written yet)
@@ -793,12 +797,27 @@ def study_run(spec, profile, jobs, shard_spec, cell_threads, results):
     from gradest.study import load_study, results_root, run_study
     spec_ = load_study(spec)
     profile = spec_.resolve_profile(profile)
+    check_study_memory(spec_, profile, results)
     summary = run_study(spec_, profile, results, jobs, shard_spec, command=command_line(), threads=cell_threads)
     click.echo(summary.text(spec_.name, profile))
     click.echo(f"results in {results_root(results) / spec_.kind}/ (cells shared by every study)")
     if summary.failed:
         raise click.ClickException(f"{len(summary.failed)} cell(s) failed (error.json in each); the others are "
                                    f"done; run the study again to retry them")
+
+
+def check_study_memory(spec, profile: str | None, results) -> None:
+    """Every cell still to run must fit in this machine's memory (each kind's estimate, gradest.memory): a cell
+    that cannot is refused, naming it, when the study starts, not recorded as failed after the others ran."""
+    from gradest.study import results_root
+    from gradest.study.kind import cell_kind
+    for cell in spec.cells(profile, results_root(results)):
+        if not cell.done:
+            try:
+                cell_kind(cell.kind).check_memory(cell.config)
+            except GradestError as error:
+                raise GradestError(f"study '{spec.name}' (profile {profile or 'base'}), cell {cell.hash}: "
+                                   f"{error}") from None
 
 
 @study.command("status")

@@ -258,6 +258,11 @@ def compare(configs: list[ProblemConfig], estimators: list[str] | str = "all", s
             wrt: str = "router", seed: int = 0, settings: dict | None = None, progress=None) -> pd.DataFrame:
     """Every estimator on every problem configuration, one row each (docs/estimators.md §4), as a DataFrame. Rows whose
     estimator samples from the common objective share one exact reference."""
+    from gradest.memory import check_compare
+    from gradest.problems import PROBLEMS
+    # (before a problem is built: a problem of 2**40 tokens would take the memory itself)
+    check_compare(configs, lambda config: expand_estimators(estimators, PROBLEMS[config.problem].kind, config.top_k,
+                                                            settings), samples, wrt)
     jobs = []
     for config in configs:
         problem = make_problem(config)

@@ -771,6 +771,9 @@ def switch_probe(task: str = "lm", *, estimators="all", samples: int = 256, seed
                                       base, source.pad_id)
     if seq_len > model.config.block_size:
         raise GradestError(f"seq_len={seq_len} is longer than the model's block_size={model.config.block_size}")
+    from gradest.memory import check_probe, model_probe_peak
+    check_probe(model_probe_peak(model, batch_size, seq_len, samples),
+                f"the probe on {batch_size} sequences of {seq_len} tokens (K={samples})")
     batch = lm_probe_batch(source, batch_size, seq_len, data_seed) if task == "lm" else \
         mt_probe_batch(source, batch_size, seq_len)
     return probe(model, batch, layer, estimators, samples, wrt=wrt, reference=reference, draws=draws, seed=seed,

@@ -41,6 +41,8 @@ def train_synthetic(config: ProblemConfig, estimator: Estimator, steps: int = SY
     check_settings("run", {"steps": steps}, {"steps": integer_between(1, MAX_STEPS)})
     if not learning_rate(lr):
         raise GradestError(f"lr must be {learning_rate.text}, got {lr!r}")
+    from gradest.memory import check_compare
+    check_compare([config], lambda _: [estimator], 1, "all")  # one sample a step, every parameter
     problem = make_problem(config)
     estimator.check(problem.n, problem.kind)
     exact = get_estimator("exact", k=config.top_k)

@@ -262,5 +262,8 @@ def hf_probe_command(name: str | None = None, config_file=None, model_dir=None, 
     seed = options.get("seed", 0)
     built = model_dir is None and name not in NAMED
     model = load_model(name, config_file, model_dir, k=top_k if built else None, seed=seed, settings=model_settings)
+    from gradest.memory import check_probe, model_probe_peak
+    check_probe(model_probe_peak(model, batch_size, seq_len, options.get("samples", 256)),
+                f"the probe on {batch_size} sequences of {seq_len} tokens (K={options.get('samples', 256)})")
     batch = model_batch(model, batch_size, seq_len, data_seed)
     return hf_probe(model, batch, layer, top_k=None if built else top_k, **options)

@@ -31,7 +31,9 @@ class CellKind:
                       and figures written in `out`; given None, rendered from the data files already in `out`
                       (`gradest figures`);
       optional_types  () -> {setting: type}: the type a spec may give a setting whose default None means "unset"
-                      (TOML has no null).
+                      (TOML has no null);
+      check_memory    (config) -> None: refuses (a one-line GradestError) a cell whose estimated peak memory
+                      (gradest.memory) exceeds this machine's, when `study run` starts, before any cell runs.
     """
 
     name: str
@@ -40,6 +42,7 @@ class CellKind:
     run: Callable[[dict, Path], dict]
     report: Callable[..., Sections]
     optional_types: Callable[[], dict] = dict
+    check_memory: Callable[[dict], None] = lambda config: None
 
 
 CELL_KINDS: dict[str, CellKind] = {}

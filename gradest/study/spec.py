@@ -29,6 +29,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from gradest.errors import GradestError
+from gradest.estimators.base import MAX_INT
 from gradest.study.kind import cell_kind
 
 FORMAT = 1  # bump when a cell's outputs change meaning: every cell is then run again
@@ -173,9 +174,10 @@ def check_types(table: dict, defaults: dict, optional_types: dict | None = None,
 
 
 def check_range(config: dict, key: str, low: int, high: int | None = None, why: str = ""):
+    """An integer setting in low..high (every integer below 2**63: gradest.estimators.base.MAX_INT)."""
     value = config[key]
-    if value < low or (high is not None and value > high):
-        valid = f"in {low}..{high}" if high is not None else f">= {low}"
+    if value < low or value > (MAX_INT if high is None else high):
+        valid = f"in {low}..{high}" if high is not None else f">= {low}" + (" and below 2**63" if value > low else "")
         raise GradestError(f"{key} must be {valid}{why}, got {value!r}")
 
 

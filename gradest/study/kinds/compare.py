@@ -44,6 +44,14 @@ def resolve(config: dict, given=()) -> dict:
     return config
 
 
+def check_memory(config: dict) -> None:
+    from gradest.memory import check_compare
+    problem = ProblemConfig(**ProblemConfig.settings(config), seed=config["seed"])
+    estimators = "all" if config["estimator"] == "all" else [config["estimator"]]
+    check_compare([problem], lambda c: expand_estimators(estimators, PROBLEMS[c.problem].kind, c.top_k,
+                                                         config["hparams"]), config["samples"], config["wrt"])
+
+
 def run(config: dict, directory: Path) -> dict:
     problem = ProblemConfig(**ProblemConfig.settings(config), seed=config["seed"])
     estimators = "all" if config["estimator"] == "all" else [config["estimator"]]
@@ -204,4 +212,5 @@ def report(study: Study, done: list[Cell] | None, out: Path, profile: str | None
     return estimator_report(done, out, COMPARE_KEYS)
 
 
-register_cell_kind(CellKind("compare", defaults=defaults, resolve=resolve, run=run, report=report))
+register_cell_kind(CellKind("compare", defaults=defaults, resolve=resolve, run=run, report=report,
+                            check_memory=check_memory))

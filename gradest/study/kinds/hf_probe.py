@@ -59,6 +59,16 @@ def resolve(config: dict, given=()) -> dict:
     return config
 
 
+def check_memory(config: dict) -> None:
+    from gradest import hf
+    from gradest.memory import check_probe, config_probe_peak, hf_parameters
+    cfg = hf.built_config(config["hf"], config["top_k"], config["hf_settings"])
+    parameters = hf_parameters(cfg, hf.SUPPORTED[cfg.model_type].experts_key)
+    check_probe(config_probe_peak(cfg, parameters, config["batch_size"], config["seq_len"], config["samples"]),
+                f"the probe of {config['hf']} on {config['batch_size']} sequences of {config['seq_len']} tokens "
+                f"(K={config['samples']})", config.get("device") or "cpu")
+
+
 def run(config: dict, directory: Path) -> dict:
     """`gradest compare --problem hf` on the cell's model (`gradest.hf.models.load_model`: built by name at random
     initialisation, seeded by `seed`); its rows' problem is `hf-<hf>`. The cell's time and its process's peak memory
@@ -85,4 +95,4 @@ def run(config: dict, directory: Path) -> dict:
 
 
 register_cell_kind(CellKind("hf-probe", defaults=defaults, resolve=resolve, run=run, report=report,
-                            optional_types=lambda: {"top_k": int, "device": str}))
+                            optional_types=lambda: {"top_k": int, "device": str}, check_memory=check_memory))

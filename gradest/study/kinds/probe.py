@@ -94,6 +94,16 @@ def probe_train_config(config: dict) -> dict | None:
     return merge(base, config["train"])
 
 
+def check_memory(config: dict) -> None:
+    from gradest.memory import check_probe, check_training, config_probe_peak, switch_parameters
+    model = _probe_model(config)
+    if config["train"]:
+        check_training(TrainConfig(**train_kind.train_fields(probe_train_config(config))))
+    check_probe(config_probe_peak(model, switch_parameters(model), config["batch_size"], config["seq_len"],
+                                  config["samples"]), f"the probe on {config['batch_size']} sequences of "
+                f"{config['seq_len']} tokens (K={config['samples']})")
+
+
 def run(config: dict, directory: Path) -> dict:
     """The probe of `probe.switch_probe`, on the tiny model or, with a `train` table, on that run's model at
     initialisation (stage "init") or after training (stage "trained": the train cell is run first unless cached)."""
@@ -129,4 +139,5 @@ def report(study: Study, done: list[Cell] | None, out: Path, profile: str | None
     return estimator_report(done, out, PROBE_KEYS)
 
 
-register_cell_kind(CellKind("probe", defaults=defaults, resolve=resolve, run=run, report=report))
+register_cell_kind(CellKind("probe", defaults=defaults, resolve=resolve, run=run, report=report,
+                            check_memory=check_memory))

@@ -62,6 +62,11 @@ def resolve(config: dict, given=()) -> dict:
     return {key: value for key, value in config.items() if not (key in optional and value == optional[key])}
 
 
+def check_memory(config: dict) -> None:
+    from gradest.memory import check_training
+    check_training(TrainConfig(**train_fields(config)))
+
+
 def run(config: dict, directory: Path) -> dict:
     """A Trainer run in `directory/run`, continued from its checkpoint when a previous attempt was killed."""
     out = directory / "run"
@@ -501,4 +506,4 @@ def _tests(finals: pd.DataFrame, group_rows: list[dict], group_keys: list[str], 
 
 
 register_cell_kind(CellKind("train", defaults=defaults, resolve=resolve, run=run, report=report,
-                            optional_types=optional_types))
+                            optional_types=optional_types, check_memory=check_memory))
