@@ -155,11 +155,10 @@ def compare_peak(config, estimator, samples: int, wrt: str) -> int:
     width = max(n, config.dim, config.out_dim, config.classes)
     noise = estimator.noise_dim(n)
     parameters = problem_parameters(config, wrt)
-    one_sample = t * (n * width + noise)
-    chunk = max(CHUNK_ELEMENTS, one_sample)
-    measured = samples * (t * noise + 4 * parameters) + SAVED * chunk
+    chunk = min(samples, max(1, CHUNK_ELEMENTS // (t * n * width)))  # samples a pass takes (measure's split)
+    measured = samples * (t * noise + 4 * parameters) + SAVED * chunk * t * (n * width + noise)
     tuples = enumerated_tuples(n, config.top_k)
-    reference = SAVED * t * tuples * (config.top_k + width) + 4 * parameters
+    reference = SAVED * t * tuples * (config.top_k * (n + 1) + width) + 4 * parameters  # stage softmaxes, gates
     data = t * (config.dim + n * width) + n * config.dim * (1 + width)
     return (max(measured, reference) + data) * FLOAT64 + BASE
 
