@@ -21,7 +21,7 @@ FLOAT32, FLOAT64, INT64 = 4, 8, 8
 SAVED = 10  # activation tensors of one layer's width autograd keeps per token (norms, attention, FFN, residuals)
 CHUNK_ELEMENTS = 2 ** 24  # gradest.measure.gradient_samples's default chunk (elements per activation tensor)
 PROBE_CHUNK = 2 ** 22  # gradest.probe's max_elements
-BASE = 64 * 2 ** 20  # tensors of every run beside the model's (data, buffers, the allocator's slack)
+BASE = 256 * 2 ** 20  # what a process adds beside the model: its data, torch's thread pools and kernels' buffers, slack
 
 
 def available_bytes(device: str = "cpu") -> int | None:
@@ -81,12 +81,20 @@ def training_peak(parameters: int, batch: int, length: int, layers: int, width: 
                   vocab: int, k: int = 1) -> int:
     """Bytes of a training step: float32 parameters with their gradients and AdamW's two moments, and the
     activations of `batch` x `length` tokens kept for the backward pass in `layers` layers (`SAVED` tensors of
-    the model's `width`, the FFN's `hidden` times the experts per token, the `heads` attention score matrices of
-    length x length) and the logits over `vocab`."""
+    the model's `width`, the FFN's `hidden` times the experts per token), one layer's attention scores and the
+    logits over `vocab`."""
     tokens = batch * length
-    per_layer = tokens * (SAVED * width + 3 * hidden * max(k, 1)) + 2 * batch * heads * length * length
+    per_layer = tokens * (SAVED * width + 3 * hidden * max(k, 1))
     logits = 3 * tokens * vocab
-    return 4 * parameters * FLOAT32 + (layers * per_layer + logits) * FLOAT32 + 4 * tokens * INT64 + BASE
+    return 4 * parameters * FLOAT32 + (layers * per_layer + attention(batch, heads, length) + logits) * FLOAT32 \
+        + 4 * tokens * INT64 + BASE
+
+
+def attention(batch: int, heads: int, length: int) -> int:
+    """Elements of one layer's attention scores and their softmax (batch x heads x length x length each): torch's
+    fused attention keeps none for the backward pass on a causal LM, but the unfused path (a padding mask) builds
+    them, one layer at a time."""
+    return 2 * batch * heads * length * length
 
 
 def switch_training_peak(config) -> int:
@@ -179,12 +187,11 @@ def check_compare(configs, estimators_of, samples: int, wrt: str) -> None:
 def probe_peak(parameters: int, batch: int, length: int, layers: int, width: int, hidden: int, heads: int,
                vocab: int, samples: int, layer_parameters: int, noise: int) -> int:
     """Bytes of the router-gradient probe (gradest.probe, gradest.hf.probe, `gradest doctor`): the model in
-    float32, a forward of the batch with its activations kept (attention scores included) in float64 at worst,
+    float32, a forward of the batch with its activations kept (and one layer's attention scores) in float64 at worst,
     the K per-sample gradients of the layer's router and their noise, and the chunked passes of the reference
     (PROBE_CHUNK elements per activation)."""
     tokens = batch * length
-    forward = layers * (tokens * (SAVED * width + 3 * hidden) + 2 * batch * heads * length * length) \
-        + 3 * tokens * vocab
+    forward = layers * tokens * (SAVED * width + 3 * hidden) + attention(batch, heads, length) + 3 * tokens * vocab
     return (2 * parameters * FLOAT32 + (forward + samples * (4 * layer_parameters + tokens * noise)
                                         + SAVED * PROBE_CHUNK) * FLOAT64 + BASE)
 

@@ -93,3 +93,107 @@ def test_doctor_top_k_beyond_the_experts_is_one_line(tmp_path):
     result = cli("doctor", "--hf", "mixtral", "--top-k", "9", "--out", tmp_path / "d")
     assert result.exit_code == 2 and "--top-k 9" in result.output and "1 <= k <=" in result.output, result.output
     assert not (tmp_path / "d").exists()
+
+
+def test_a_full_disk_during_compare_leaves_no_half_report(tmp_path, monkeypatch):
+    """The third file of the report fails with ENOSPC: one line, exit code 1, nothing of the report left (the
+    directory it made is gone), so the same command runs again to the same --out."""
+    import errno
+    import gradest.figures
+    import gradest.io
+    real, calls = gradest.io.atomic_write, []
+
+    def full(path, write):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, write)
+
+    monkeypatch.setattr(gradest.io, "atomic_write", full)
+    monkeypatch.setattr(gradest.figures, "atomic_write", full)
+    args = ["compare", "--problem", "moe-regression", "--estimators", "switch", "--samples", "5", "--out",
+            tmp_path / "c"]
+    result = cli(*args)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.strip().splitlines() == [f"error: cannot write the report into {tmp_path / 'c'}/: No space "
+                                                  f"left on device"]
+    assert not (tmp_path / "c").exists()
+    monkeypatch.setattr(gradest.io, "atomic_write", real)
+    monkeypatch.setattr(gradest.figures, "atomic_write", real)
+    assert cli(*args).exit_code == 0 and (tmp_path / "c" / "summary.csv").is_file()
+
+
+def test_a_signal_during_the_first_step_stops_at_once(tmp_path):
+    """A signal that arrives while the first step of the process runs reaches `stop_now` at once, from the watcher
+    thread, while the main thread is still inside the step (here: waiting for it); the handlers are restored."""
+    import signal
+    import threading
+    from gradest.config import TrainConfig
+    from gradest.train import Trainer
+    trainer = Trainer(TrainConfig(estimator="switch", steps=2, batch_size=2, block_size=8,
+                                  model={"n_layer": 2, "d_model": 8, "d_ff": 16, "n_head": 2}), tmp_path / "run")
+    reached, stopped = threading.Event(), []
+
+    def step():  # a first step minutes long, inside torch: it ends when the signal has been seen
+        signal.raise_signal(signal.SIGTERM)
+        assert reached.wait(timeout=300)
+        raise KeyboardInterrupt  # (stop_now would have ended the process)
+
+    def stop_now(signum):
+        stopped.append(signum)
+        reached.set()
+
+    trainer.train_step = step
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(handle_signals=True, stop_now=stop_now)
+    assert stopped == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.slow
+def test_sigterm_in_the_first_step_of_a_large_run_stops_it_and_leaves_nothing(tmp_path):
+    import signal
+    import time
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "gradest.cli", "--threads", "1", "run", "--estimator",
+                                "switch", "--steps", "3", "--batch-size", "16", "--model", "block_size=512",
+                                "--model", "n_layer=8", "--model", "d_model=256", "--model", "d_ff=1024", "--out",
+                                str(out)],  # a first step of seconds on one thread, about 2 GB
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (out / "config.json").exists() and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 143, stderr
+    assert stderr.strip().splitlines() == ["interrupted before the first step ended: nothing was kept; start the run "
+                                           "again with the same command"]
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_model_or_kind_is_one_line(tmp_path):
+    """A real run's checkpoint whose record says another d_model (the weights do not load), and a Hugging Face
+    run's checkpoint given to the Switch probe, are one line naming the mismatch; nothing is written."""
+    import torch
+    tiny = ["--steps", "1", "--batch-size", "2", "--model", "n_layer=2", "--model", "d_model=16", "--model",
+            "d_ff=32", "--model", "n_head=2", "--model", "block_size=16"]
+    assert cli("run", "--estimator", "switch", *tiny, "--out", tmp_path / "run").exit_code == 0
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    state["config"]["model"]["d_model"] = 32
+    torch.save(state, path)
+    before = digest(tmp_path)
+    for args in (["run", "--resume", tmp_path / "run", "--steps", "3"],
+                 ["compare", "--problem", "switch-lm", "--checkpoint", tmp_path / "run", "--samples", "5", "--out",
+                  tmp_path / "c"]):
+        result = cli(*args)
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+        assert "size mismatch" in result.output and "checkpoint.pt does not fit" in result.output
+    assert digest(tmp_path) == before and not (tmp_path / "c").exists()
+    pytest.importorskip("transformers")
+    assert cli("run", "--hf", "mixtral", "--estimator", "topk", "--steps", "1", "--batch-size", "2", "--model",
+               "block_size=8", "--out", tmp_path / "hf").exit_code == 0
+    result = cli("compare", "--problem", "switch-lm", "--checkpoint", tmp_path / "hf", "--samples", "5", "--out",
+                 tmp_path / "c")
+    assert result.exit_code == 2 and "is a Hugging Face run (hf=mixtral)" in result.output, result.output
+    assert not (tmp_path / "c").exists()
