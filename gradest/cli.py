@@ -637,8 +637,9 @@ def train(ctx: click.Context, trainer: Trainer, out: Path):
             click.echo(trainer.evaluation_line(row, time.perf_counter() - start))
 
     # one process trains a run directory: a second `--out` the same one is refused before it writes anything
-    with NewRunKeptWhole(trainer, out) as kept, \
-            directory_lock(out) if trainer.rank == 0 else contextlib.nullcontext():
+    made = not out.exists()  # (a run refused by the lock, another process's, removes nothing of that run)
+    with directory_lock(out) if trainer.rank == 0 else contextlib.nullcontext(), \
+            NewRunKeptWhole(trainer, out, made) as kept:
         try:
             with report_errors(out):
                 metrics = trainer.run(progress=lambda steps: progress_bar(steps, trainer.estimator.label),
@@ -668,10 +669,9 @@ class NewRunKeptWhole:
     signal, a full disk) leaves nothing behind: the files it wrote, and its directory if it made it, are removed.
     A run with a checkpoint keeps it (and what was written with it)."""
 
-    def __init__(self, trainer: Trainer, out: Path):
-        self.trainer, self.out = trainer, out
-        self.made = not out.exists()
-        self.before = {path.name for path in out.iterdir()} if not self.made and out.is_dir() else set()
+    def __init__(self, trainer: Trainer, out: Path, made: bool):
+        self.trainer, self.out, self.made = trainer, out, made  # made: the directory is this run's
+        self.before = {path.name for path in out.iterdir()} - {".lock"} if not made and out.is_dir() else set()
 
     def discard(self):
         if self.trainer.rank != 0 or self.trainer.resumed_from is not None or self.trainer.saved_step is not None:
