@@ -105,14 +105,13 @@ def switch_training_peak(config) -> int:
                          m.vocab_size, config.top_k)
 
 
-def hf_parameters(cfg, experts_key: str) -> int:
-    """Parameters of a transformers MoE model from its config's sizes (every layer counted as an MoE layer, with
-    its shared expert if it has one: an upper bound)."""
+def hf_parameters(cfg, n: int) -> int:
+    """Parameters of a transformers MoE model of `n` experts from its config's sizes (every layer counted as an MoE
+    layer, with its shared expert if it has one: an upper bound)."""
     h = getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", 0)
     inter = getattr(cfg, "moe_intermediate_size", None) or getattr(cfg, "intermediate_size", None) \
         or getattr(cfg, "d_ff", 0)
     dense = getattr(cfg, "intermediate_size", None) or getattr(cfg, "shared_expert_intermediate_size", None) or inter
-    n = getattr(cfg, experts_key, 0) or 0
     layers = (getattr(cfg, "num_hidden_layers", None) or
               (getattr(cfg, "num_layers", 0) or 0) + (getattr(cfg, "num_decoder_layers", 0) or 0))
     per_layer = 4 * h * h + n * 3 * h * inter + h * n + 3 * h * dense + 4 * h
@@ -121,13 +120,12 @@ def hf_parameters(cfg, experts_key: str) -> int:
 
 def hf_training_peak(config) -> int:
     """`training_peak` of a Hugging Face TrainConfig (its transformers config in hf_transformers_config)."""
-    from gradest.hf.models import SUPPORTED
     cfg = config.hf_transformers_config
     h = getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", 0)
     inter = getattr(cfg, "moe_intermediate_size", None) or getattr(cfg, "intermediate_size", 0)
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "num_heads", 1)
     layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "num_layers", 1)
-    return training_peak(hf_parameters(cfg, SUPPORTED[cfg.model_type].experts_key), config.batch_size,
+    return training_peak(hf_parameters(cfg, config.model.experts), config.batch_size,
                          config.model.block_size, layers, h, inter, heads, cfg.vocab_size, config.top_k)
 
 

@@ -21,8 +21,8 @@ from torch import Tensor
 
 from gradest.errors import GradestError
 from gradest.estimators import Estimator
-from gradest.estimators.base import (Constraint, boolean, check_settings, integer_at_least, nonnegative, one_of,
-                                     optional, positive, unit_interval)
+from gradest.estimators.base import (Constraint, boolean, check_settings, coefficient, integer_at_least, one_of,
+                                     optional, positive_at_most, unit_interval)
 from gradest.moe import ACTIVATIONS, BALANCE_PROBS, MoE
 
 
@@ -77,8 +77,8 @@ MODEL_SETTINGS = {
     "vocab_size": integer_at_least(1), "block_size": integer_at_least(1), "n_layer": integer_at_least(1),
     "n_encoder_layer": integer_at_least(0), "n_head": integer_at_least(1), "d_model": integer_at_least(1),
     "d_ff": integer_at_least(1), "experts": integer_at_least(2), "moe_every": integer_at_least(0),
-    "dropout": unit_interval, "expert_dropout": unit_interval, "balance_coef": nonnegative,
-    "z_loss_coef": nonnegative, "capacity_factor": optional(positive, "no token dropping"),
+    "dropout": unit_interval, "expert_dropout": unit_interval, "balance_coef": coefficient,
+    "z_loss_coef": coefficient, "capacity_factor": optional(positive_at_most(1e6), "no token dropping"),
     "omega": optional(boolean, "the estimator's default"), "post_ln": boolean, "router_bias": boolean,
     "moe_first": boolean, "balance_probs": one_of(*BALANCE_PROBS),
     "pad_id": Constraint(lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),

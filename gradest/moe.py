@@ -22,16 +22,16 @@ from torch import Tensor, nn
 
 from gradest.errors import GradestError
 from gradest.estimators import GATED, Estimator, Routing, trainable
-from gradest.estimators.base import (check_settings, integer_at_least, nonnegative, one_of, optional, positive,
-                                     unit_interval)
+from gradest.estimators.base import (check_settings, coefficient, integer_at_least, one_of, optional,
+                                     positive_at_most, unit_interval)
 
 # the experts' activation (the SparseMixer code's is fairseq's default, ReLU)
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
 # where the balance loss's P_i comes from: see `MoE.balance_distribution`
 BALANCE_PROBS = ("softmax", "sampled", "routed")
 LAYER_SETTINGS = {"d_model": integer_at_least(1), "d_ff": integer_at_least(1), "experts": integer_at_least(2),
-                  "balance_coef": nonnegative, "balance_probs": one_of(*BALANCE_PROBS),
-                  "z_loss_coef": nonnegative, "capacity_factor": optional(positive, "no token dropping"),
+                  "balance_coef": coefficient, "balance_probs": one_of(*BALANCE_PROBS),
+                  "z_loss_coef": coefficient, "capacity_factor": optional(positive_at_most(1e6), "no token dropping"),
                   "expert_dropout": unit_interval, "activation": one_of(*ACTIVATIONS)}
 
 

@@ -61,6 +61,10 @@ def positive_at_most(high: float) -> Constraint:
 
 
 learning_rate = positive_at_most(MAX_LR)
+# a softmax temperature: logits divided by 1e-300 are inf, and the step after is NaN, whatever the learning rate
+temperature_value = Constraint(lambda v: _is_real(v) and 1e-6 <= v <= 1e6, "a number > 0, from 1e-06 to 1e+06")
+# a loss's weight (load balance, z-loss): beyond 1e6 it is all the loss there is, and 1e308 overflows it
+coefficient = Constraint(lambda v: _is_real(v) and 0 <= v <= 1e6, "a number >= 0 and <= 1e+06")
 boolean = Constraint(lambda v: isinstance(v, bool), "true or false")
 
 

@@ -7,7 +7,8 @@ import itertools
 import torch
 
 from gradest.estimators.base import (CATEGORICAL, GATED, MASKS, Estimator, Objective, Routing, hparam, nonnegative,
-                                     one_of, positive, positive_integer, register)
+                                     one_of, positive_integer, register,
+                                     temperature_value)
 
 
 @register
@@ -28,7 +29,7 @@ class Exact(Estimator):
     k: int = hparam(1, positive_integer, "experts per token")
     mask: str = hparam("none", one_of(*MASKS), "sparsity mask of the objective's softmax")
     jitter_eps: float = hparam(0.1, nonnegative, "mask width r (used when mask is not none)")
-    temperature: float = hparam(1.0, positive, "softmax temperature of the objective's sampling")
+    temperature: float = hparam(1.0, temperature_value, "softmax temperature of the objective's sampling")
 
     @classmethod
     def of(cls, objective: Objective) -> "Exact":

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import torch
 
-from gradest.estimators.base import (CATEGORICAL, GATED, Estimator, Routing, hparam, inverse_cdf, positive, register,
-                                     softmax)
+from gradest.estimators.base import (CATEGORICAL, GATED, Estimator, Routing, hparam, inverse_cdf, register, softmax,
+                                     temperature_value)
 
 
 class StraightThroughFamily(Estimator):
     dense = True
     applies_to = frozenset({GATED, CATEGORICAL})
-    tau: float = hparam(1.0, positive, "temperature of the relaxation softmax(z / tau)")
+    tau: float = hparam(1.0, temperature_value, "temperature of the relaxation softmax(z / tau)")
 
     def relaxed_onehot(self, logits, noise):
         """h~: forward value onehot(D), D ~ softmax(z); backward the estimator's."""

@@ -63,7 +63,7 @@ def check_memory(config: dict) -> None:
     from gradest import hf
     from gradest.memory import check_probe, config_probe_peak, hf_parameters
     cfg = hf.built_config(config["hf"], config["top_k"], config["hf_settings"])
-    parameters = hf_parameters(cfg, hf.SUPPORTED[cfg.model_type].experts_key)
+    parameters = hf_parameters(cfg, getattr(cfg, hf.SUPPORTED[cfg.model_type].experts_key))
     check_probe(config_probe_peak(cfg, parameters, config["batch_size"], config["seq_len"], config["samples"]),
                 f"the probe of {config['hf']} on {config['batch_size']} sequences of {config['seq_len']} tokens "
                 f"(K={config['samples']})", config.get("device") or "cpu")
