@@ -35,7 +35,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import pandas as pd
 import torch
@@ -155,6 +155,10 @@ class TrainableModel(Protocol):
 
     def zero_moe(self, zero: bool) -> None:
         """Make every MoE layer output 0 (REINFORCE's zero-output baseline) until called with False."""
+
+    def update_expert_bias(self, total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """After each optimiser step: auxiliary-loss-free balancing's update of the selection biases from the last
+        forward's loads, summed over ranks by `total` (nothing to do for a model without it)."""
 
     def routing_stats(self) -> list[dict]:
         """Each MoE layer's routing in the last forward: tokens_per_expert, argmax_fraction, router_entropy."""
@@ -288,6 +292,7 @@ class Trainer:
                 raise self.diverged(self.step + 1, f"{name.replace('_', ' ')} {row[name]}")
         self.optimizer.step()
         self.scheduler.step()
+        self.model.update_expert_bias(self.sum_over_ranks if self.world > 1 else None)
         self.step += 1
         self.seconds += time.perf_counter() - start
         tokens = batch[-1].numel() * self.world
@@ -307,6 +312,12 @@ class Trainer:
             loss = self.loss(batch, forward_model=self.model)[0]
             torch.autograd.grad(loss, parameters, allow_unused=True)
         return int(counter.get_total_flops()) * self.world
+
+    def sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """A tensor summed over the ranks (each rank's loads of its share of the batch)."""
+        values = values.to(self.config.device)
+        dist.all_reduce(values)
+        return values
 
     def mean_over_ranks(self, values: dict) -> dict:
         """Each logged number averaged over the ranks (each saw its share of the batch)."""
