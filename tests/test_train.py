@@ -167,10 +167,12 @@ def test_bad_flags_give_one_line_and_exit_2(args, words):
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_equal_one_process(tmp_path):
+@pytest.mark.parametrize("balancing", [[], ["--model=balance_bias_rate=0.01"]], ids=["plain", "bias-balanced"])
+def test_two_gloo_processes_equal_one_process(tmp_path, balancing):
     """torchrun with 2 gloo processes on the CPU trains like one process on the same global batch: per-step
     losses, gradient norms and the final parameters agree to float32 rounding. (Deterministic routing and no
-    load-balancing loss, the two things computed per rank.)"""
+    load-balancing loss, the two things computed per rank.) With auxiliary-loss-free balancing the selection biases
+    (in the checkpoint) agree too: each rank's loads are summed over the ranks before the update."""
     import socket
     import subprocess
     import sys
@@ -178,7 +180,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
     args = ["run", "--estimator", "topk", "--steps", "4", "--batch-size", "8", "--experts", "4",
-            "--model=balance_coef=0"] + [f"--model={k}={v}" for k, v in TINY.items()]
+            "--model=balance_coef=0", *balancing] + [f"--model={k}={v}" for k, v in TINY.items()]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                           "--master-port", port, "-m", "gradest.cli", *args, "--out", str(tmp_path / "two")],
@@ -195,6 +197,9 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     params = [torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)["model"] for name in ("one", "two")]
     for key in params[0]:
         torch.testing.assert_close(params[0][key], params[1][key], rtol=1e-4, atol=1e-6, msg=key)
+    if balancing:
+        biases = [value for key, value in params[0].items() if key.endswith("expert_bias")]
+        assert biases and any(b.abs().max() > 0 for b in biases)
 
 
 @pytest.mark.slow
