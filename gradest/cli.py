@@ -545,9 +545,13 @@ def resume_run(resume: Path, settings: dict, model: dict, synthetic: dict,
                            f"{', '.join(changed)}; with --resume only --steps and --device may be given (to change "
                            f"the others, start a new run with another --out)")
     trainer = Trainer.resume(resume, settings.get("steps"), settings.get("device"), state)
-    if trainer.step >= trainer.config.steps:  # writes nothing
-        click.echo(f"{resume}/ is complete ({trainer.step} of {trainer.config.steps} steps): nothing to do; "
-                   f"extend it with --steps N, N > {trainer.step}")
+    if trainer.complete:  # writes nothing
+        if trainer.plateaued():
+            click.echo(f"{resume}/ is complete (it stopped at a plateau, step {trainer.step} of "
+                       f"{trainer.config.steps}): nothing to do")
+        else:
+            click.echo(f"{resume}/ is complete ({trainer.step} of {trainer.config.steps} steps): nothing to do; "
+                       f"extend it with --steps N, N > {trainer.step}")
         trainer.close()
         return None
     return trainer

@@ -451,6 +451,8 @@ class Trainer:
             remove_stale_temporaries(self.out)
             self.write_config(command)
         steps = range(self.step, min(self.config.steps, until or self.config.steps))
+        if self.plateaued():  # a run stopped early is complete
+            steps = range(0)
         bar = progress(steps) if progress and self.rank == 0 else steps
         with stop_signals(handle_signals) as received:
             for _ in bar:
@@ -460,6 +462,7 @@ class Trainer:
                     with self.divergence(self.step):
                         row["val_loss"] = self.evaluate()
                     row["val_ppl"] = math.exp(row["val_loss"]) if row["val_loss"] < 700 else math.inf
+                    last = last or self.plateaued(row)
                 if last:
                     row.update(self.task.final_metrics(self.model))
                 self.rows.append(row)
@@ -474,7 +477,27 @@ class Trainer:
                     if self.saved_step != self.step:
                         self.save()
                     raise Interrupted(self.step, signum)
+                if last:
+                    break
         return pd.DataFrame(self.rows)
+
+    def plateaued(self, row: dict | None = None) -> bool:
+        """Whether the run stops here by `plateau` (given the row of the step just evaluated, not yet in `rows`;
+        else the last logged row): its validation loss is less than `plateau` below the one `plateau_window` steps
+        earlier. Decided from the logged rows alone, so a resumed run stops where the uninterrupted one did."""
+        if self.config.plateau is None:
+            return False
+        row = row if row is not None else self.rows[-1] if self.rows else None
+        if row is None or "val_loss" not in row or not math.isfinite(row.get("val_loss", math.nan)):
+            return False
+        earlier = [r["val_loss"] for r in self.rows if r["step"] == row["step"] - self.config.plateau_window
+                   and "val_loss" in r]
+        return bool(earlier) and earlier[0] - row["val_loss"] < self.config.plateau
+
+    @property
+    def complete(self) -> bool:
+        """All its steps trained, or stopped early by `plateau`."""
+        return self.step >= self.config.steps or self.plateaued()
 
     def evaluation_line(self, row: dict, elapsed: float) -> str:
         """The line printed at every evaluation (`gradest run`, and each cell of `gradest study run`), on stdout

@@ -488,3 +488,30 @@ def test_help_gives_each_experts_default():
     assert "only --steps and --device" in text
     assert f"[default 2 for poly, {ProblemConfig.experts} otherwise]" in " ".join(cli("compare", "--help")
                                                                                 .output.split())
+
+
+@pytest.mark.slow
+def test_plateau_stops_early_and_a_resume_stops_at_the_same_step(tmp_path):
+    """--plateau: the run ends at the first evaluation whose validation loss is less than `plateau` below the one
+    `plateau_window` steps before (here a threshold so large that the first comparison, at step 20, stops it);
+    the stopped run is complete, and one interrupted at step 10 and resumed stops at the same step with the same
+    rows."""
+    settings = dict(steps=60, eval_interval=10, plateau=10.0, plateau_window=10, checkpoint_interval=10)
+    metrics = tiny(tmp_path / "one", **settings).run()
+    assert metrics["step"].iloc[-1] == 20
+    val = metrics["val_loss"].dropna().to_numpy()
+    assert len(val) == 2 and val[0] - val[1] < 10.0
+    assert Trainer.resume(tmp_path / "one").complete
+
+    tiny(tmp_path / "two", **settings).run(until=10)
+    again = Trainer.resume(tmp_path / "two").run()
+    pd.testing.assert_frame_equal(again.drop(columns=TIMING), metrics.drop(columns=TIMING))
+
+    never = tiny(tmp_path / "three", steps=30, eval_interval=10, plateau=1e-9, plateau_window=10).run()
+    assert never["step"].iloc[-1] == 30  # still improving: trained to --steps
+
+
+def test_plateau_window_must_be_a_multiple_of_the_eval_interval():
+    with pytest.raises(GradestError, match="plateau_window=150 is not a multiple of eval_interval=100"):
+        TrainConfig(plateau=0.005, plateau_window=150)
+    TrainConfig(plateau_window=150)  # without --plateau the window is unused
