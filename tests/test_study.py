@@ -151,6 +151,24 @@ def test_committed_cells_are_cells_of_a_study_at_a_clean_commit():
         assert git["dirty"] is False and len(git["commit"]) == 40, f"{done.parent}: {git}"
 
 
+TRAIN_REPORTS = sorted(path.stem for path in STUDIES.glob("*.toml")
+                       if load_study(path).kind == "train" and (REPO / "reports" / path.stem / "report.json").is_file())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TRAIN_REPORTS)
+def test_committed_training_report_rebuilds_from_committed_cells(name, tmp_path, monkeypatch):
+    """`gradest report` over the committed cell store (GRADEST_RESULTS=studies/cells) writes every committed
+    training report again, byte for byte: its numbers (results.csv, curves.csv, summary.csv) and its README."""
+    assert {"lm-convergence", "balance", "top2", "translation", "ablations"} <= set(TRAIN_REPORTS)
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("GRADEST_RESULTS", str(CELL_STORE))
+    result = cli("report", f"studies/{name}.toml", "--out", str(tmp_path / name))
+    assert result.exit_code == 0, result.output
+    for file in ("results.csv", "curves.csv", "summary.csv", "README.md"):
+        assert (tmp_path / name / file).read_bytes() == (REPO / "reports" / name / file).read_bytes(), file
+
+
 @pytest.mark.parametrize("text, message", [
     ("[study]\nname='x'\nkind='compare'\n[grid]\nexpertz=[2]\n", "unknown key 'expertz' in [grid]"),
     ("[study]\nname='x'\nkind='nope'\n", "unknown study kind 'nope'"),
