@@ -269,7 +269,7 @@ def test_a_killed_task_leaves_no_half_cell_and_the_next_submission_runs_only_it(
     status = cli("study", "status", spec, "--results", results)
     assert status.output.splitlines()[0] == ("study killable (profile base): 2 of 3 cells done, 0 failed, 1 queued, "
                                              "0 to run")
-    assert f"1 queued cell(s) are in no job still queued or running (killed" in status.output
+    assert "1 queued cell(s) are in no job still queued or running (killed" in status.output
     assert status.output.rstrip().endswith(killed)
 
     before = {c.hash: (c.directory / "done.json").read_bytes() for c in finished}

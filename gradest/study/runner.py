@@ -107,7 +107,6 @@ class RunSummary:
     job: str = ""  # the submission's job (array) ids
     logs: str = ""  # where the submission's logs go
     unfinished: list = field(default_factory=list)  # (hash, message): its task ended without finishing it
-    notes: list = field(default_factory=list)  # lines to print after the summary
 
     def text(self, name: str, profile: str | None) -> str:
         line = f"study {name} (profile {profile or 'base'}): {self.total} cells, {self.skipped} already done"
@@ -125,7 +124,7 @@ class RunSummary:
             line += f"\n  not finished {digest}: {message}"
         if self.logs:
             line += f"\nlogs in {self.logs}"
-        return "\n".join([line, *self.notes])
+        return line
 
 
 @contextlib.contextmanager

@@ -110,7 +110,8 @@ GPUS = ExecutorOption("gpus_per_task", positive_int("gpus_per_task", 0), 0,
                       "GPUs of each task (a cell on device cuda needs one) [default: 0]",
                       metavar="N")
 TIME = ExecutorOption("time", slurm_minutes, 60, "time limit of each task, minutes or "
-                      "[D-]HH:MM[:SS]; a task out of time leaves its cell unfinished [default: 60]", metavar="TIME")
+                      "[D-]HH:MM[:SS]; a cell still running then is recorded as failed (timed out) and runs again "
+                      "on the next submission [default: 60]", metavar="TIME")
 PARTITION = ExecutorOption("partition", slurm_name("partition"), None, "the partition", metavar="NAME")
 ACCOUNT = ExecutorOption("account", slurm_name("account"), None, "the account charged", metavar="NAME")
 QOS = ExecutorOption("qos", slurm_name("qos"), None, "the quality of service", metavar="NAME")
@@ -255,8 +256,12 @@ def _wait(pairs: list, summary: RunSummary, label: str, progress: bool):
                     error = cell.directory / "error.json"
                     record(cell, "failed", json.loads(error.read_text(encoding="utf-8")).get("error", ""))
                 else:
-                    record(cell, "unfinished", f"its task (job {job.job_id}) ended without finishing it; its log: "
-                                               f"{job.paths.stderr}")
+                    try:
+                        busy = job.result() == "busy"
+                    except Exception:  # noqa: BLE001 - killed, out of time: no result
+                        busy = False
+                    record(cell, "unfinished", f"another process is running it (task {job.job_id} left it)" if busy
+                           else f"its task (job {job.job_id}) ended without finishing it; its log: {job.paths.stderr}")
             if pairs and not ended:
                 time.sleep(0.5)
 
