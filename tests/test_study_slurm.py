@@ -16,7 +16,6 @@ import signal
 import stat
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -26,23 +25,9 @@ from gradest.io import atomic_write, atomic_write_text
 from gradest.study import (EXECUTORS, Executor, ExecutorOption, execute, load_study, register_executor, run_study,
                            unregister_executor)
 from gradest.study.runner import RunSummary
-from helpers import REPO, assert_one_line_error, cli
+from helpers import REPO, SMALL, assert_one_line_error, cli, write_spec
 
 submitit = pytest.importorskip("submitit")
-
-SPEC = """
-[study]
-name = "small"
-kind = "compare"
-[grid]
-estimator = ["switch", "st:tau=0.5"]
-seed = [0, 1, 2]
-[settings]
-problem = "moe-regression"
-experts = 3
-tokens = 4
-samples = 20
-"""
 
 FAKE_SBATCH = """#!/bin/sh
 # a fake sbatch: keeps the script it is given, answers as sbatch does (or refuses, as $FAKE_SLURM/refuse says)
@@ -55,12 +40,6 @@ FAKE_SQUEUE = """#!/bin/sh
 # a fake squeue: the jobs listed in $FAKE_SLURM/queue are still queued or running
 cat "$FAKE_SLURM/queue" 2>/dev/null
 """
-
-
-def write_spec(tmp_path, text=SPEC, name="small.toml") -> Path:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
 
 
 @pytest.fixture
@@ -205,19 +184,9 @@ def test_no_submitit_no_sbatch_or_a_refusing_sbatch_are_one_line(tmp_path, fake_
 
 
 # -------------------------------------------------------------------------------- submitit's local cluster
-COINS = """
-[study]
-name = "killable"
-kind = "compare"
-[grid]
-seed = [0, 1, 2]
-[settings]
-estimator = "switch"
-problem = "moe-regression"
-experts = 3
-tokens = 4
-samples = 20
-"""
+# SMALL's switch arm only: three cells, one task each
+THREE = SMALL.replace('estimator = ["switch", "st:tau=0.5"]\n', "").replace(
+    "[settings]\n", '[settings]\nestimator = "switch"\n')
 
 
 def killable(config, directory):
@@ -252,7 +221,7 @@ def test_a_killed_task_leaves_no_half_cell_and_the_next_submission_runs_only_it(
     log = tmp_path / "log"
     monkeypatch.setenv("GRADEST_TEST_LOG", str(log))
     (tmp_path / "kill-1").write_text("")
-    spec, results = write_spec(tmp_path, COINS, "killable.toml"), tmp_path / "res"
+    spec, results = write_spec(tmp_path, THREE), tmp_path / "res"
     study = load_study(spec)
     summary = run_study(study, results=results, executor="submitit-local", runner=killable, progress=False,
                         options={"cpus_per_task": 2, "wait": True, "time": 5})
@@ -267,7 +236,7 @@ def test_a_killed_task_leaves_no_half_cell_and_the_next_submission_runs_only_it(
     finished = [c for c in cells.values() if c.done]
     assert {json.loads((c.directory / "done.json").read_text())["environment"]["threads"] for c in finished} == {2}
     status = cli("study", "status", spec, "--results", results)
-    assert status.output.splitlines()[0] == ("study killable (profile base): 2 of 3 cells done, 0 failed, 1 queued, "
+    assert status.output.splitlines()[0] == ("study small (profile base): 2 of 3 cells done, 0 failed, 1 queued, "
                                              "0 to run")
     assert "1 queued cell(s) are in no job still queued or running (killed" in status.output
     assert status.output.rstrip().endswith(killed)
@@ -283,7 +252,7 @@ def test_a_killed_task_leaves_no_half_cell_and_the_next_submission_runs_only_it(
     assert {c.hash: (c.directory / "done.json").read_bytes() for c in finished} == before
     assert (cell.directory / "results.csv").read_text() == "x\n1\n"
     status = cli("study", "status", spec, "--results", results)
-    assert status.output.splitlines()[0] == "study killable (profile base): 3 of 3 cells done, 0 failed, 0 to run"
+    assert status.output.splitlines()[0] == "study small (profile base): 3 of 3 cells done, 0 failed, 0 to run"
 
 
 # ---------------------------------------------------------------------------------------------- the registry
