@@ -667,32 +667,65 @@ def study():
     """Declarative studies (studies/*.toml): grids of cells, each run once and cached."""
 
 
-@study.command("run")
+def executor_option(option, executors: list[str]) -> click.Option:
+    """The `gradest study run` option of an executor's option (`gradest.study.executor`), its help led by the
+    executors that have it: its value as given (text, None or an empty tuple when not given), parsed and checked
+    by the library."""
+    text = f"{', '.join(executors)}: {option.help}"
+    if option.switch:
+        return click.Option([option.flag, option.name], is_flag=True, default=False, help=text)
+    return click.Option([option.flag, option.name], multiple=option.multiple, default=None, metavar=option.metavar,
+                        help=text)
+
+
+class StudyRunCommand(click.Command):
+    """`gradest study run`: its own options, then one per option of every executor (gradest.study.EXECUTORS), read
+    from the registry whenever the command runs, so that an executor declares its options with nothing else to
+    edit."""
+
+    def get_params(self, ctx):
+        from gradest.study.executor import EXECUTORS, all_options
+        help_option = self.get_help_option(ctx)
+        own = [p for p in super().get_params(ctx) if p is not help_option]
+        for param in own:
+            if param.name == "executor":
+                param.help = "where the cells run: " + "; ".join(f"{name}: {executor.description}"
+                                                                for name, executor in EXECUTORS.items())
+        return own + [executor_option(option, names) for option, names in all_options().values()] + (
+            [help_option] if help_option else [])
+
+
+@study.command("run", cls=StudyRunCommand)
 @click.argument("spec", type=SPEC)
 @PROFILE_OPTION
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
-              help="cells run in parallel, each in its own process with one torch thread")
+@click.option("--executor", default="local", show_default=True, metavar="NAME")
 @click.option("--shard", "shard_spec", metavar="i/N", default=None,
-              help="run only the cells whose index in the hash-sorted list is i mod N (0 <= i < N), e.g. for a "
-                   "Slurm array")
-@click.option("--threads", "cell_threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="run only the cells whose index in the hash-sorted list is i mod N (0 <= i < N)")
+@click.option("--threads", "cell_threads", type=click.IntRange(min=1), default=None,
               help="torch threads of each cell, however many run at once; recorded in each cell's done.json (the "
-                   "thread count changes the last bits of a run's numbers)")
+                   "thread count changes the last bits of a run's numbers) [default: 1 locally, --cpus-per-task "
+                   "on Slurm]")
 @RESULTS_OPTION
-def study_run(spec, profile, jobs, shard_spec, cell_threads, results):
+def study_run(spec, profile, executor, shard_spec, cell_threads, results, **options):
     """Run every unfinished cell of SPEC; finished cells (results cached by a hash of their configuration) are
     skipped, failed ones are recorded and retried on the next run. Every cell of the profile is checked (each
-    setting's type and value, the devices) before the first one runs. Ctrl-C stops the workers at once: finished
-    cells stay, the interrupted ones run again next time."""
+    setting's type and value, the devices), and the executor's options, before anything runs or is submitted.
+    Locally (the default) Ctrl-C stops the workers at once: finished cells stay, the interrupted ones run again
+    next time. `--executor slurm` submits the unfinished cells as a Slurm job array, a cell per task (`gradest
+    study status` shows them queued); submitting again submits only the cells neither finished nor still queued."""
     from gradest.study import load_study, results_root, run_study
     spec_ = load_study(spec)
     profile = spec_.resolve_profile(profile)
-    summary = run_study(spec_, profile, results, jobs, shard_spec, command=command_line(), threads=cell_threads)
+    summary = run_study(spec_, profile, results, None, shard_spec, command=command_line(), threads=cell_threads,
+                        executor=executor, options=options)
     click.echo(summary.text(spec_.name, profile))
     click.echo(f"results in {results_root(results) / spec_.kind}/ (cells shared by every study)")
-    if summary.failed:
-        raise click.ClickException(f"{len(summary.failed)} cell(s) failed (error.json in each); the others are "
-                                   f"done; run the study again to retry them")
+    if summary.failed or summary.unfinished:
+        raise click.ClickException(f"{len(summary.failed)} cell(s) failed (error.json in each)"
+                                   + (f", {len(summary.unfinished)} not finished" if summary.unfinished else "")
+                                   + "; the others are done; run the study again to retry them")
+    if not summary.ran and summary.submitted:
+        click.echo(f"`gradest study status {spec}` shows how far the array is")
 
 
 @study.command("status")

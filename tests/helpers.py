@@ -1,6 +1,7 @@
 """What several test modules share: the repository's root, running the CLI and checking its one-line errors;
-prepared random draws."""
+a small study spec; prepared random draws."""
 
+import textwrap
 from pathlib import Path
 
 import torch
@@ -24,6 +25,31 @@ def assert_one_line_error(result, *words):
     assert "Traceback" not in result.output
     for word in words:
         assert word in lines[0], lines[0]
+
+
+# a study of six fast compare cells (two arms, three seeds)
+SMALL = """
+[study]
+name = "small"
+kind = "compare"
+description = "a test study"
+
+[grid]
+estimator = ["switch", "st:tau=0.5"]
+seed = [0, 1, 2]
+
+[settings]
+problem = "moe-regression"
+experts = 3
+tokens = 4
+samples = 20
+"""
+
+
+def write_spec(tmp_path, text=SMALL, name="small.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
 
 
 class Drawn(torch.Tensor):

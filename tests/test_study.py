@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -22,32 +21,9 @@ from gradest.cli import main
 from gradest.errors import GradestError
 from gradest.io import atomic_write_text
 from gradest.study import finished, load_study, parse_study, regenerate, run_study, write_report
-from helpers import REPO
+from helpers import REPO, SMALL, write_spec
 
 STUDIES = REPO / "studies"
-
-SMALL = """
-[study]
-name = "small"
-kind = "compare"
-description = "a test study"
-
-[grid]
-estimator = ["switch", "st:tau=0.5"]
-seed = [0, 1, 2]
-
-[settings]
-problem = "moe-regression"
-experts = 3
-tokens = 4
-samples = 20
-"""
-
-
-def write_spec(tmp_path, text=SMALL, name="small.toml") -> Path:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
 
 
 class Counter:
