@@ -183,15 +183,20 @@ class TitanBlock(engines.PatchedBlock):
 
     def forward_dense(self, x_BLD: Tensor) -> Tensor:
         """The block's forward for a dense estimator: every expert on every token through torchtitan's grouped
-        experts (n groups of all T tokens), mixed with the estimator's dense gates."""
+        experts (n groups of all T tokens), mixed with the estimator's dense gates (in inference, which routes the
+        arg-max experts, torchtitan's dispatch)."""
         block = self.block
         if expert_parallel(block):
             raise dense_under_ep(self.patch.estimator, self.name)
-        gates_BLM, _, _ = block.router(x_BLD, block.expert_bias_E)
+        gates_BLM, experts_BLM, _ = block.router(x_BLD, block.expert_bias_E)
         B, L, D = x_BLD.shape
         T = B * L
         if self.routing is None:  # zero-output pass
             return self.shared(x_BLD, torch.zeros_like(x_BLD))
+        if self.routing.experts is not None:  # inference routes the arg-max experts: torchtitan's dispatch
+            counts = torch.bincount(experts_BLM.reshape(-1), minlength=self.n)
+            self.count(experts_BLM)
+            return self.shared(x_BLD, block.routed_experts(x_BLD, gates_BLM, experts_BLM, counts))
         x_TD = x_BLD.reshape(T, D)
         counts = torch.full((self.n,), T, dtype=torch.long, device=x_BLD.device)
         out = block.routed_experts.inner_experts(x_TD.repeat(self.n, 1), counts).reshape(self.n, T, D)
