@@ -380,7 +380,7 @@ torch.set_num_threads(1)
 m = build_model(qwen3_moe_config(top_k=1, vocab=80), dtype=torch.float32, seed=0)
 patched = titan.patch(m, "sparsemixer")
 # each token's uniforms from its own logits: the same draws however the batch is split
-patched.noise = lambda name, z: (z[:, :1].detach() * 1e4).frac().abs()
+patched.noise = lambda name, z: (z[:, :2].detach() * 1e4).frac().abs()
 if world > 1:
     for layer in m.layers.values():
         fully_shard(layer)
