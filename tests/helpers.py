@@ -3,10 +3,12 @@ prepared random draws."""
 
 from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 
 from gradest.cli import main
+from gradest.errors import GradestError
 
 REPO = Path(__file__).resolve().parents[1]  # tests run in a temporary working directory (conftest.py)
 
@@ -24,6 +26,17 @@ def assert_one_line_error(result, *words):
     assert "Traceback" not in result.output
     for word in words:
         assert word in lines[0], lines[0]
+
+
+def one_line_error(call, *words) -> str:
+    """`call()` raises a GradestError whose message is one line naming `words`; returns the message."""
+    with pytest.raises(GradestError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, message
+    return message
 
 
 class Drawn(torch.Tensor):

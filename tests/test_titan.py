@@ -24,12 +24,12 @@ import torch.nn.functional as F
 
 pytest.importorskip("torchtitan")
 
-from gradest import GradestError  # noqa: E402
 from gradest import titan  # noqa: E402
 from gradest.estimators import GATED, REGISTRY, get_estimator, trainable  # noqa: E402
 from gradest.moe import MoE as GradestMoE  # noqa: E402
 from gradest.titan.converter import GradestRouting, ScoreFunctionLoss, gradest_routing  # noqa: E402
 from gradest.titan.models import build_model, forward, qwen3_moe_config  # noqa: E402
+from helpers import one_line_error  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 warnings.filterwarnings("ignore", message="In CPU autocast")  # torchtitan's router asks for float32 autocast
@@ -62,14 +62,6 @@ def close(a, b, rel=REL):
     return (a - b).abs().max().item() <= rel * scale
 
 
-def one_line_error(call, *words):
-    with pytest.raises(GradestError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message
-    for word in words:
-        assert word in message, message
-    return message
 
 
 # ------------------------------------------------------------------------------------------------ equivalence
