@@ -4,10 +4,12 @@ a small study spec; prepared random draws."""
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 
 from gradest.cli import main
+from gradest.errors import GradestError
 
 REPO = Path(__file__).resolve().parents[1]  # tests run in a temporary working directory (conftest.py)
 
@@ -50,6 +52,17 @@ def write_spec(tmp_path, text=SMALL, name="small.toml") -> Path:
     path = tmp_path / name
     path.write_text(textwrap.dedent(text))
     return path
+
+
+def one_line_error(call, *words) -> str:
+    """`call()` raises a GradestError whose message is one line naming `words`; returns the message."""
+    with pytest.raises(GradestError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, message
+    return message
 
 
 class Drawn(torch.Tensor):
