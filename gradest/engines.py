@@ -166,9 +166,10 @@ class PatchedBlock:
         return {name[len(STATE_PREFIX):]: getattr(self.block, name) for name in self._buffers}
 
     # -- routing
-    def decide(self, z: Tensor, training: bool) -> tuple[Routing | None, Tensor, Tensor]:
+    def decide(self, z: Tensor, training: bool, bias: Tensor | None = None) -> tuple[Routing | None, Tensor, Tensor]:
         """The estimator's routing of the block's logits z (T, n), in the routing dtype: (routing, index, gates)
         with `index` (T, m) the experts each token's gates weigh (all n for a dense estimator) and `gates` (T, m).
+        `bias` (n,): a selection bias (auxiliary-loss-free balancing) for an estimator with `selection_bias`.
         In the zero-output pass (`Patched.zero_output`) nothing is drawn: routing None, each token's arg-max
         experts with gates 0, and the sampled log-probability is kept."""
         estimator, patch = self.patch.estimator, self.patch
@@ -177,7 +178,7 @@ class PatchedBlock:
             index = z.detach().topk(self.k, -1).indices
             return None, index, z.new_zeros(index.shape)
         noise = patch.noise(self.name, z) if training and patch.noise is not None else None
-        routing = estimator.route(z, kind=GATED, training=training, noise=noise, state=self.state())
+        routing = estimator.route(z, kind=GATED, training=training, noise=noise, state=self.state(), bias=bias)
         gates = routing.gates[:, 0]
         if routing.experts is None:  # dense: every expert, with the estimator's dense gates
             index = torch.arange(self.n, device=z.device).expand(z.shape[0], self.n)

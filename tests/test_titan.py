@@ -197,16 +197,30 @@ def test_stateful_state_is_buffers_initialised_by_torchtitan_and_saved():
 
 # ---------------------------------------------------------------------------- balancing bias, sigmoid, EP
 def test_expert_bias_steers_selection_and_the_counts():
-    """expert_bias_E is a logit offset: a large bias on expert 3 makes `topk` (k=1) and `sparsemixer` select it for
-    every token, and torchtitan's count `tokens_per_expert_E` (which drives the bias update) sees it."""
-    for name in ("topk", "sparsemixer"):
+    """A large expert_bias_E on expert 3 makes `topk` (k=1), `sparsemixer` and `reinforce` select it for every
+    token, and torchtitan's count `tokens_per_expert_E` (which drives the bias update) sees it. For the estimators
+    with a selection rule (topk, sparsemixer) the gate stays softmax(z)_3 of the UNBIASED logits (sparsemixer: times
+    its coin-flip scale, 1/2 or 1, without its sparsity mask, which relative to z + b would keep expert 3 alone and
+    make the gate 1 * scale; topk without renormalising, which at k = 1 would make every gate 1); reinforce,
+    which has none, routes z + b, so its gate is about 1."""
+    for name in ("topk:renormalize=false", "sparsemixer:mask=none", "reinforce"):
         block = model(top_k=1, dtype=torch.float32).layers["0"].moe
         block.expert_bias_E.copy_(torch.tensor([0.0, 0.0, 0.0, 50.0]))
         block.tokens_per_expert_E.zero_()
+        x = torch.randn(BATCH, SEQ, block.router.gate.weight.shape[1])
         with titan.patch(block, name) as handle:
-            block(torch.randn(BATCH, SEQ, block.router.gate.weight.shape[1]))
+            block(x)
             assert torch.equal(handle.blocks[0].routed[1], torch.full((BATCH * SEQ, 1), 3))
-        assert block.tokens_per_expert_E.tolist() == [0, 0, 0, BATCH * SEQ]
+            gates, _, _ = block.router(x, block.expert_bias_E)
+        assert block.tokens_per_expert_E.tolist() == [0, 0, 0, BATCH * SEQ]  # the router call alone counts none
+        p3 = block.router.gate(x).float().softmax(-1)[..., 3:]
+        if name == "reinforce":
+            torch.testing.assert_close(gates, torch.ones_like(gates), rtol=0, atol=1e-6)
+        elif name.startswith("topk"):
+            torch.testing.assert_close(gates, p3)
+        else:
+            scale = gates / p3
+            assert bool(((scale - 1).abs() < 1e-5).logical_or((scale - 0.5).abs() < 1e-5).all())
 
 
 def test_sigmoid_routers_are_refused_or_converted():

@@ -58,13 +58,16 @@ Estimators, by capability (the flags of docs/adding-an-estimator.md):
 
 Auxiliary-loss-free balancing (`expert_bias_E`, DeepSeek-V3's bias, updated by torchtitan's optimizer hook from
 `tokens_per_expert_E`): kept working. torchtitan adds the bias to the SCORES for selection only; gradest's
-estimators are defined on a softmax of logits, so the bias enters as a logit offset: the estimator routes
-z + expert_bias_E. The bias is a buffer without gradient, so every estimator's gradient with respect to z keeps its
-form; the bias steers which experts are selected. For `topk` this selects the top-k of z + b (not torchtitan's
-top-k of softmax(z) + b; both favour experts with a larger b, the counts still drive the same sign update), and
-for a sampling estimator it multiplies expert i's sampling odds by e^{b_i}: selection is steered. The gates are
-the estimator's gates of the routing it sampled, i.e. of softmax(z + b): the bias is not corrected out of them.
-With b = 0 (the initial value, and `load_balance_coeff` None) the rule is the plain one.
+estimators are defined on a softmax of logits, so the bias enters the LOGITS. An estimator with the capability
+`selection_bias` (topk, switch, first-order, sparsemixer, sparsemixer-v2, sparsemixer-v2*) gets it as its selection
+bias, gradest's own rule for auxiliary-loss-free balancing (docs/estimators.md §5.1): the experts are chosen from
+z + b (a sampling estimator DRAWS from the (masked) softmax of z + b, so expert i's odds are multiplied by e^{b_i}),
+while the gates, and their gradient, stay those of the unbiased z at the chosen experts: the bias steers selection,
+not gates. For `topk` this is the top-k of z + b, not torchtitan's top-k of softmax(z) + b (both favour experts
+with a larger b and the counts drive the same sign update; with b = 0 the two agree exactly). The other sparse
+estimators (default-moe, reinforce) have no selection rule: for them the bias is a logit offset, routing z + b,
+so it moves their gates too (their gradient with respect to z keeps its form: b has none). With b = 0 (the initial
+value, and `load_balance_coeff` None) every rule is the plain one.
 
 Sigmoid-scored routers (torchtitan's DeepSeek-V3): the estimators are defined on a softmax, so `patch` refuses
 them in one line unless `sigmoid="softmax"` is given, which converts with the rule gradest.hf uses for DeepSeek-V3
@@ -161,9 +164,13 @@ class TitanBlock(engines.PatchedBlock):
             logits = router.gate(x_BLD)
         z = logits.reshape(-1, self.n)
         z = z.to(engines.routing_dtype(z.dtype))
+        bias = None
         if expert_bias_E is not None:
-            z = z + expert_bias_E.to(z.dtype)
-        _, index, gates = self.decide(z, router.training)
+            if self.patch.estimator.selection_bias:  # selection only: the gates and their gradient stay z's
+                bias = expert_bias_E.to(z.dtype)
+            else:  # a logit offset: selection and gates both of z + b
+                z = z + expert_bias_E.to(z.dtype)
+        _, index, gates = self.decide(z, router.training, bias)
         if router.route_scale != 1:
             gates = gates * router.route_scale
         lead = x_BLD.shape[:-1]
