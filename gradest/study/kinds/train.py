@@ -388,11 +388,15 @@ def _render_train(study: Study, finals: pd.DataFrame, curves: pd.DataFrame, out:
         if baseline:
             columns[f"FLOPs vs {baseline}"] = "flops_ratio"
     columns["total s"] = "seconds"
+    def values_of(r, metric) -> int:  # a partial study's paired differences can be fewer than its seeds
+        runs = finals[_in_group(finals, {k: r[k] for k in group_keys}) & (finals["label"] == r["label"]).to_numpy()]
+        return int(np.isfinite(runs[metric].to_numpy(float)).sum())
+
     tables, ranked = [], []
     for group in group_rows:
         rows = summary[_in_group(summary, group)]
         table = pd.DataFrame({"run": rows["label"], "seeds": rows["seeds"],
-                              **{name: [plus_minus(r[m], r[f"{m}_lo"], r[f"{m}_hi"], r["seeds"])
+                              **{name: [plus_minus(r[m], r[f"{m}_lo"], r[f"{m}_hi"], values_of(r, m))
                                         for _, r in rows.iterrows()] for name, m in columns.items()}})
         if convergence:
             table.insert(4, f"steps to {baseline}'s final loss (ratio, per seed)", rows["steps_ratio"].tolist())
@@ -483,7 +487,8 @@ def _tests(finals: pd.DataFrame, group_rows: list[dict], group_keys: list[str], 
         table = pd.DataFrame({
             "group": family["group"], "comparison": family["comparison"], "seeds": family["seeds"].astype(int),
             "mean difference": [plus_minus(r["mean"], r["lo"], r["hi"], r["seeds"]) if np.isfinite(r["lo"])
-                                else f"{r['mean']:+.4g}" for _, r in family.iterrows()],
+                                else f"{r['mean']:+.4g}" if np.isfinite(r["mean"]) else "-"
+                                for _, r in family.iterrows()],
             "lower in": [f"{int(r['lower'])} of {int(r['seeds'])}" if np.isfinite(r["lower"]) else "-"
                          for _, r in family.iterrows()],
             "sign test p": [p_text(p) for p in family["sign_p"]], "t-test p": [p_text(p) for p in family["p"]],
