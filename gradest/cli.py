@@ -44,7 +44,8 @@ from gradest.train import Interrupted, Trainer, load_checkpoint
 
 SWITCH_PROBLEMS = {problem: task for task, problem in TASK_PROBLEM.items()}  # switch-lm -> lm, switch-mt -> mt
 HF_PROBLEM = "hf"  # the router-gradient probe on a Hugging Face causal LM (gradest.hf.probe)
-ALL_PROBLEMS = [*PROBLEMS, *SWITCH_PROBLEMS, HF_PROBLEM]
+TITAN_PROBLEM = "titan"  # the router-gradient probe on gradest.titan's torchtitan Qwen3-MoE (gradest.titan.probe)
+ALL_PROBLEMS = [*PROBLEMS, *SWITCH_PROBLEMS, HF_PROBLEM, TITAN_PROBLEM]
 DEFAULT_SAMPLES = 2000  # the no-argument `gradest compare` (3 problems, every estimator) takes a few seconds
 
 
@@ -260,7 +261,8 @@ def list_estimators():
 @click.option("--problem", "problems", type=CommaList(click.STRING, "PROBLEM"), default=",".join(PROBLEMS),
               show_default=True, help=f"problems to measure on, comma-separated; valid: {', '.join(ALL_PROBLEMS)} "
                                       f"(switch-*: the router-gradient probe on a Switch Transformer; hf: on a "
-                                      f"Hugging Face MoE model, see --hf)")
+                                      f"Hugging Face MoE model, see --hf; titan: on a small torchtitan Qwen3-MoE, "
+                                      f"k experts per token from --top-k [default 2])")
 @click.option("--estimators", default="all", show_default=True,
               help="'all' (every estimator that applies, with its variants) or a comma list of NAME[:KEY=VALUE..], "
                    "e.g. st:tau=0.5,reinforce:baseline=mean")
@@ -272,14 +274,14 @@ def list_estimators():
               help="switch-*: probe the model of this `gradest run` directory instead of a tiny model at "
                    "initialisation")
 @click.option("--layer", type=click.IntRange(min=0), default=0, show_default=True,
-              help="switch-*: which MoE layer to probe (0 = the first)")
+              help="switch-*, hf, titan: which MoE layer to probe (0 = the first)")
 @click.option("--draws", type=click.IntRange(min=3), default=64, show_default=True,
-              help="switch-*, hf: draws S of the Rao-Blackwellised reference (when enumeration is too large)")
+              help="switch-*, hf, titan: draws S of the Rao-Blackwellised reference (when enumeration is too large)")
 @hf_model_options("hf: ", "; k experts per token from --top-k [default 2], seeded by --seed", seq2seq=True)
 @click.option("--batch-size", "hf_batch", type=click.IntRange(min=1), default=2, show_default=True,
-              help="hf: sequences in the fixed batch of the bundled tiny-shakespeare")
+              help="hf, titan: sequences in the fixed batch of the bundled tiny-shakespeare")
 @click.option("--seq-len", "hf_seq", type=click.IntRange(min=1), default=8, show_default=True,
-              help="hf: tokens per sequence")
+              help="hf, titan: tokens per sequence")
 @config_options(lists=True)
 def compare(problems, estimators, samples, wrt, checkpoint, layer, draws, hf_name, hf_config, hf_model, hf_batch,
             hf_seq, experts, tokens, dim, top_k, sharpness, seed, settings, out):
@@ -300,6 +302,12 @@ def compare(problems, estimators, samples, wrt, checkpoint, layer, draws, hf_nam
             raise GradestError(f"{unread[0]} applies to the synthetic problems ({', '.join(PROBLEMS)})"
                                + (", and --experts to switch-*" if unread[0] == "--experts" else "")
                                + f", not to --problem {','.join(problems)}")
+    if TITAN_PROBLEM in problems:  # before any work
+        if wrt == "all":
+            raise GradestError("--wrt all is not measured on titan; valid: logits, router")
+        if checkpoint is not None and not any(name in SWITCH_PROBLEMS for name in problems):
+            raise GradestError("--checkpoint applies to switch-* only, not to --problem titan (its model is built at "
+                               "random initialisation)")
     out = output_directory(out, Path("runs/compare"), "summary.csv")
     hparams = hyper_parameters(settings)
     synthetic = [name for name in problems if name in PROBLEMS]
@@ -324,6 +332,12 @@ def compare(problems, estimators, samples, wrt, checkpoint, layer, draws, hf_nam
             frames.append(hf_probe_command(hf_name, hf_config, hf_model, layer=layer, batch_size=hf_batch,
                                            seq_len=hf_seq, top_k=k, estimators=chosen, samples=samples, seed=seed,
                                            draws=draws, wrt=wrt, settings=hparams, progress=progress))
+    if TITAN_PROBLEM in problems:
+        from gradest.titan.probe import titan_probe_command
+        for k in (top_k or [None]):
+            frames.append(titan_probe_command(layer=layer, batch_size=hf_batch, seq_len=hf_seq, top_k=k,
+                                              estimators=chosen, samples=samples, seed=seed, draws=draws, wrt=wrt,
+                                              settings=hparams, progress=progress))
     results = pd.concat(frames, ignore_index=True)
     with report_errors(out):
         write_compare_report(results, out, {

@@ -430,3 +430,85 @@ def test_fsdp_on_two_processes_equals_one_process(tmp_path):
         assert (a["params"][name] - b["params"][name]).abs().max().item() <= tolerance, name
     router = "layers.0.moe.router.gate.weight"
     assert a["grads"][router].abs().max() > 0
+
+
+# --------------------------------------------------------------------- the launcher's check, before the trainer
+def tiny_trainer_config(estimator=None, ep=1, **routing):
+    """The trainer config `--config gradest_qwen3_moe_tiny` parses to, with gradest's routing override and the EP
+    degree set (what torchtitan's config manager would make of the command line)."""
+    from gradest.titan.config_registry import gradest_qwen3_moe_tiny
+    from gradest.titan.train import ROUTING_OVERRIDE
+    config = gradest_qwen3_moe_tiny()
+    if estimator is not None:
+        config.override.imports = [(ROUTING_OVERRIDE, {"estimator": estimator, **routing})]
+    config.parallelism.expert_parallel_degree = ep
+    return config
+
+
+def test_the_launcher_checks_gradests_settings_against_the_model_and_ep():
+    """`check_settings` refuses, in one line, what would otherwise fail inside torchtitan's trainer (the converter
+    or parallelize raising under torchrun): it reads the model flavour's routers (top_k 1, 4 experts, softmax) and
+    the EP degree from the parsed config."""
+    from gradest.titan.models import torchtitan_moe
+    from gradest.titan.train import check_settings
+    valid_k1 = ", ".join(trainable(GATED, 1))
+    assert check_settings(tiny_trainer_config()) == []  # gradest not selected: nothing to check
+    assert check_settings(tiny_trainer_config("sparsemixer", ep=2)) == ["sparsemixer"]
+    one_line_error(lambda: check_settings(tiny_trainer_config("exact")), "exact", "enumerates", valid_k1)
+    one_line_error(lambda: check_settings(tiny_trainer_config("nope")), "unknown estimator 'nope'")
+    one_line_error(lambda: check_settings(tiny_trainer_config("topk:k=2")), "k=2", "top_k=1")
+    one_line_error(lambda: check_settings(tiny_trainer_config("topk", extra=1)), "'extra'", "estimator, sigmoid")
+    one_line_error(lambda: check_settings(tiny_trainer_config("densemixer", ep=2)), "densemixer", "dense",
+                   "expert parallelism", "sparsemixer")
+    assert check_settings(tiny_trainer_config("densemixer", ep=1)) == ["densemixer"]
+    config = tiny_trainer_config("topk")
+    for _, router, _, _ in config.model_spec.model.traverse(torchtitan_moe().TokenChoiceTopKRouter.Config):
+        router.score_func = "sigmoid"
+    one_line_error(lambda: check_settings(config), "sigmoid", "softmax")
+    config.override.imports[0][1]["sigmoid"] = "softmax"
+    assert check_settings(config) == ["topk"]
+    # a converter in the config function (model_registry(..., converters=[...])): its blocks are checked too
+    config = tiny_trainer_config()
+    config.model_spec.model = GradestRouting.Config(estimator="exact").build().convert(config.model_spec.model)
+    one_line_error(lambda: check_settings(config), "exact", "enumerates")
+
+
+def launcher(*args, code=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    argv = ["-c", code] if code else ["-m", "gradest.titan.train"]
+    return subprocess.run([sys.executable, *argv, "--module", "gradest.titan", "--config", "gradest_qwen3_moe_tiny",
+                           *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_the_launcher_refuses_a_bad_estimator_in_one_line_before_the_trainer(tmp_path):
+    """`python -m gradest.titan.train` with `exact`: one line on stderr, exit 2, nothing started (no dump folder)."""
+    result = launcher("--override.imports", 'gradest.titan.converter.gradest_routing={"estimator": "exact"}',
+                      "--dump_folder", str(tmp_path / "run"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "'exact'" in lines[0], result.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_the_launcher_refusals_under_torchrun_and_without_torchtitan(tmp_path):
+    """Under torchrun (2 ranks, EP degree 2) a dense estimator is refused by the pre-check in each worker: exit 2,
+    the one line printed once (rank 0), no traceback from gradest or torchtitan's trainer (torchrun's own summary of
+    the failed workers follows it). Without torchtitan the launcher says which extra to install, in one line."""
+    result = torchrun("--nproc-per-node", "2", "-m", "gradest.titan.train", "--module", "gradest.titan", "--config",
+                      "gradest_qwen3_moe_tiny", "--override.imports",
+                      'gradest.titan.converter.gradest_routing={"estimator": "reinmax"}',
+                      "--parallelism.expert_parallel_degree", "2", "--training.disable_cuda_graphs",
+                      "--dump_folder", str(tmp_path / "run"), timeout=300)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "'reinmax' is dense" in errors[0], log[-3000:]
+    assert "gradest/titan" not in log and "trainer.py" not in log, log[-3000:]
+    assert "exitcode: 2" in log or "exitcode : 2" in log, log[-3000:]
+    assert not (tmp_path / "run").exists()
+    missing = launcher(code="import sys; sys.modules['torchtitan'] = None; sys.argv[0] = 'train'; "
+                            "from gradest.titan.train import main; main()")
+    assert missing.returncode == 2
+    lines = missing.stderr.strip().splitlines()
+    assert len(lines) == 1 and "gradest[titan]" in lines[0], missing.stderr[-2000:]

@@ -7,7 +7,8 @@ Modules: `patching` (patch, score_loss, routing_log_prob; its docstring says wha
 replaces it, and what is supported and refused), `converter` (the model converter and the --override.imports
 entries that turn gradest on in torchtitan's trainer; the score-function loss), `models` (torchtitan's MoE layout
 check, small Qwen3-MoE models), `data` (tiny-shakespeare for torchtitan's trainer), `config_registry` (trainer
-configs, `--module gradest.titan`), `train` (torchtitan's trainer entry point on a CPU-only machine). Every module
+configs, `--module gradest.titan`), `train` (torchtitan's trainer entry point on a CPU-only machine, its settings checked first), `probe`
+(the router-gradient probe on one torchtitan MoE layer, `gradest compare --problem titan`). Every module
 imports torchtitan; the core package never imports this one.
 """
 

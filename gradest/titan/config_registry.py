@@ -46,6 +46,7 @@ def gradest_qwen3_moe_tiny() -> Trainer.Config:
         optimizer=default_adamw(lr=3e-3),
         lr_scheduler=LRSchedulersContainer.Config(warmup_steps=2),
         training=TrainingConfig(local_batch_size=16, seq_len=64, steps=40, max_norm=1.0),
-        checkpoint=CheckpointManager.Config(enable=True, interval=20, last_save_model_only=False),
+        checkpoint=CheckpointManager.Config(enable=True, interval=20, last_save_model_only=False,
+                                           initial_load_model_only=False),  # (no initial load: silences its warning)
         activation_checkpoint=None,
     )

@@ -249,9 +249,43 @@ class TitanBlock(engines.PatchedBlock):
         return self.shared(x_BLD, y.to(x_BLD.dtype).reshape(B, L, D))
 
 
-def native_hparams(router: nn.Module, cls: type[Estimator]) -> dict:
-    """Hyper-parameters of estimator class `cls` that a torchtitan router fixes: `renormalize` = `route_norm`."""
+def native_hparams(router, cls: type[Estimator]) -> dict:
+    """Hyper-parameters of estimator class `cls` that a torchtitan router (or its config) fixes: `renormalize` =
+    `route_norm`."""
     return {"renormalize": bool(router.route_norm)} if "renormalize" in cls.params else {}
+
+
+def router_estimator(estimator: str | Estimator, routers: list, *, k: int | None = None, sigmoid: str = "refuse",
+                     expert_parallel: bool = False, **hparams) -> Estimator:
+    """The estimator that routes these torchtitan routers ((name, router) pairs; a router module or its config:
+    both have top_k, num_experts, score_func and route_norm), or a one-line GradestError: a sigmoid-scored router
+    without a rule, routers of different top_k, an estimator that cannot route them (`exact`, another k than
+    top_k, too few experts), a dense estimator under expert parallelism. `patch` and the trainer launcher's
+    pre-check (`gradest.titan.train`) both use it."""
+    if sigmoid not in SIGMOID_RULES:
+        raise GradestError(f"sigmoid must be one of {', '.join(SIGMOID_RULES)}, got {sigmoid!r}")
+    for name, router in routers:
+        if router.score_func != "softmax" and sigmoid == "refuse":
+            raise GradestError(f"{name or 'the block'} scores experts with {router.score_func} (DeepSeek-V3 "
+                               f"style); gradest's estimators are defined on a softmax; valid: sigmoid='softmax' "
+                               f"(route the same logits by softmax over all experts, groups dropped) or a "
+                               f"softmax-scored model such as Qwen3-MoE")
+    native_ks = {int(router.top_k) for _, router in routers}
+    if len(native_ks) > 1:
+        raise GradestError(f"the MoE blocks route different numbers of experts ({sorted(native_ks)}); gradest.titan "
+                           f"routes one k")
+    native_k = native_ks.pop()
+    first = routers[0][1]
+    built = engines.build_estimator(estimator, k, native_k, lambda cls: native_hparams(first, cls),
+                                    "torchtitan model", hparams, "gradest.titan", "top_k", other_k=False)
+    if built.k != native_k:
+        raise GradestError(f"k={built.k} but the torchtitan routers route top_k={native_k} and its token dispatcher "
+                           f"is built for that; valid: k={native_k} (change the model's top_k for another)")
+    for name, router in routers:
+        built.check(int(router.num_experts), GATED)
+        if built.dense and expert_parallel:
+            raise dense_under_ep(built, name)
+    return built
 
 
 def patch(model: nn.Module, estimator: str | Estimator, *, k: int | None = None, sigmoid: str = "refuse",
@@ -263,8 +297,6 @@ def patch(model: nn.Module, estimator: str | Estimator, *, k: int | None = None,
     estimator's hyper-parameters. Raises a one-line GradestError for a model without a torchtitan MoE block, a
     torchtitan whose layout differs, an estimator that cannot route a block (`exact`; dense under expert
     parallelism; sigmoid scores without a rule)."""
-    if sigmoid not in SIGMOID_RULES:
-        raise GradestError(f"sigmoid must be one of {', '.join(SIGMOID_RULES)}, got {sigmoid!r}")
     found = moe_blocks(model)
     for name, block in found:
         if "_gradest_patch" in block.__dict__:
@@ -272,28 +304,12 @@ def patch(model: nn.Module, estimator: str | Estimator, *, k: int | None = None,
         if "forward" in block.router.__dict__:
             raise GradestError(f"{name or 'the block'}'s router forward is already wrapped (torchtitan's "
                                f"parallelize, or another patch); valid: patch before parallelizing the model")
-        if block.router.score_func != "softmax" and sigmoid == "refuse":
-            raise GradestError(f"{name or 'the block'} scores experts with {block.router.score_func} (DeepSeek-V3 "
-                               f"style); gradest's estimators are defined on a softmax; valid: sigmoid='softmax' "
-                               f"(route the same logits by softmax over all experts, groups dropped) or a "
-                               f"softmax-scored model such as Qwen3-MoE")
-    native_ks = {int(block.router.top_k) for _, block in found}
-    if len(native_ks) > 1:
-        raise GradestError(f"the MoE blocks route different numbers of experts ({sorted(native_ks)}); gradest.titan "
-                           f"routes one k")
-    native_k = native_ks.pop()
-    first = found[0][1].router
-    built = engines.build_estimator(estimator, k, native_k, lambda cls: native_hparams(first, cls),
-                                    "torchtitan model", hparams, "gradest.titan", "top_k", other_k=False)
-    if built.k != native_k:
-        raise GradestError(f"k={built.k} but the torchtitan routers route top_k={native_k} and its token dispatcher "
-                           f"is built for that; valid: k={native_k} (change the model's top_k for another)")
+    built = router_estimator(estimator, [(name, block.router) for name, block in found], k=k, sigmoid=sigmoid,
+                             **hparams)
     patched = Patched(model, built)
     for name, block in found:
-        n = int(block.router.num_experts)
-        built.check(n, GATED)
-        patched.blocks.append(TitanBlock(name, f"torchtitan-{block.router.score_func}", built.k, n, block, patched,
-                                         block.router))
+        patched.blocks.append(TitanBlock(name, f"torchtitan-{block.router.score_func}", built.k,
+                                         int(block.router.num_experts), block, patched, block.router))
     for block in patched.blocks:
         block.install()
     return patched
