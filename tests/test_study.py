@@ -1062,3 +1062,35 @@ def test_train_report_groups_by_preset_with_todays_defaults_as_a_labelled_arm(tm
     assert summary.loc[("none", "sparsemixer"), "val_loss_diff"] == pytest.approx(-0.1)
     text = (out / "README.md").read_text()
     assert "### preset=none\n" in text and "### preset=sparsemixer-reference\n" in text
+
+
+def test_lead_over_training_compares_the_lead_at_the_common_horizon_with_the_final_one(tmp_path):
+    """Runs stopped at different steps (a plateau rule): the 'over training' family holds, per arm, the paired
+    difference at S = the last step every run reached, and the final difference minus it, computed here by hand."""
+    from gradest.study.kinds.train import _tests
+    finals, curves = [], []
+    # seed s: switch stops at 300 + 100 s, sparsemixer at 400; at step 300 the lead is -0.01 (s + 1) (switch's
+    # seed-0 run ends there at 1.9: its lead -0.01 + (1.9 - 2.0)), at the end -0.03 (s + 1)
+    for seed in range(3):
+        for label, steps, at_300, final in (("switch", 300 + 100 * seed, 2.0, 1.9),
+                                            ("sparsemixer", 400, 2.0 - 0.01 * (seed + 1), 1.9 - 0.03 * (seed + 1))):
+            cell = f"{label}-{seed}"
+            finals.append({"label": label, "seed": seed, "cell": cell, "steps": steps, "val_loss": final})
+            curves.append({"cell": cell, "step": 300, "val_loss": at_300 if steps > 300 else final, "label": label,
+                           "seed": seed})
+            if steps > 300:
+                curves.append({"cell": cell, "step": steps, "val_loss": final, "label": label, "seed": seed})
+    finals = pd.DataFrame(finals)
+    finals["val_loss_diff"] = finals["val_loss"] - finals["seed"].map(
+        finals[finals["label"] == "switch"].set_index("seed")["val_loss"])
+    text = _tests(finals, pd.DataFrame(curves), [{}], [], "switch", tmp_path)
+    assert "#### Tests: over training" in text
+    tests = pd.read_csv(tmp_path / "tests.csv")
+    over = tests[tests["family"] == "over training"].set_index("comparison")
+    at = over.loc["sparsemixer - switch at step 300"]
+    change = over.loc["(sparsemixer - switch) final minus at step 300"]
+    early = [-0.01 + 0.1, -0.02, -0.03]  # seed 0: sparsemixer 1.99 at step 300 against switch's final 1.9
+    final = [-0.03, -0.06, -0.09]
+    assert at["mean"] == pytest.approx(sum(early) / 3) and at["seeds"] == 3 and at["lower"] == 2
+    assert change["mean"] == pytest.approx((sum(final) - sum(early)) / 3) and change["lower"] == 3
+    assert change["holm_p"] >= change["p"] and at["holm_p"] >= at["p"]
