@@ -84,6 +84,21 @@ def main():
             report["speed"].append({"estimator": name, "K": K, "gpu_vectorised_s": vec, "gpu_loop_s_est": loop,
                                     "cpu_vectorised_s": host})
             print(f"{name:<14} {K:>6} {vec:>10.4f} {loop:>11.3f} {loop / vec:>8.0f}x {host:>10.4f}")
+    # 4. gradest.titan on the GPU (needs the titan extra): a torchtitan Qwen3-MoE training step under bf16 autocast,
+    # grouped experts (torch._grouped_mm), patched against native; targets topk <= 1.03x, sparsemixer <= 1.05x
+    try:
+        import importlib
+        bench_titan = importlib.import_module("bench_titan")
+    except ImportError as error:
+        print(f"gradest.titan: skipped ({error})")
+    else:
+        titan_args = argparse.Namespace(dim=1024, layers=4, experts=8, seq=1024, batch=8, vocab=32000, repeats=15,
+                                        warmup=3, device="cuda", dtype="bfloat16")
+        report["titan"] = []
+        for name, k in (("topk", 2), ("sparsemixer", 1)):
+            row = bench_titan.measure(titan_args, name, k)
+            report["titan"].append(row)
+            print(f"gradest.titan {name} k={k}: {row['ratio']:.3f}x native, {row['tokens_per_s']:,.0f} tokens/s (bf16)")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(report, fh, indent=1)

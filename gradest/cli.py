@@ -45,7 +45,8 @@ from gradest.train import RUN_FILES, Interrupted, Trainer, config_of, load_check
 
 SWITCH_PROBLEMS = {problem: task for task, problem in TASK_PROBLEM.items()}  # switch-lm -> lm, switch-mt -> mt
 HF_PROBLEM = "hf"  # the router-gradient probe on a Hugging Face causal LM (gradest.hf.probe)
-ALL_PROBLEMS = [*PROBLEMS, *SWITCH_PROBLEMS, HF_PROBLEM]
+TITAN_PROBLEM = "titan"  # the router-gradient probe on gradest.titan's torchtitan Qwen3-MoE (gradest.titan.probe)
+ALL_PROBLEMS = [*PROBLEMS, *SWITCH_PROBLEMS, HF_PROBLEM, TITAN_PROBLEM]
 DEFAULT_SAMPLES = 2000  # the no-argument `gradest compare` (3 problems, every estimator) takes a few seconds
 
 
@@ -306,9 +307,10 @@ def list_estimators():
 PROBLEM_SCOPED = {
     "experts": ("--experts", (*PROBLEMS, *SWITCH_PROBLEMS)), "tokens": ("--tokens", tuple(PROBLEMS)),
     "dim": ("--dim", tuple(PROBLEMS)), "sharpness": ("--sharpness", tuple(PROBLEMS)),
-    "checkpoint": ("--checkpoint", tuple(SWITCH_PROBLEMS)), "layer": ("--layer", (*SWITCH_PROBLEMS, HF_PROBLEM)),
-    "draws": ("--draws", (*SWITCH_PROBLEMS, HF_PROBLEM)), "hf_batch": ("--batch-size", (HF_PROBLEM,)),
-    "hf_seq": ("--seq-len", (HF_PROBLEM,)),
+    "checkpoint": ("--checkpoint", tuple(SWITCH_PROBLEMS)),
+    "layer": ("--layer", (*SWITCH_PROBLEMS, HF_PROBLEM, TITAN_PROBLEM)),
+    "draws": ("--draws", (*SWITCH_PROBLEMS, HF_PROBLEM, TITAN_PROBLEM)),
+    "hf_batch": ("--batch-size", (HF_PROBLEM, TITAN_PROBLEM)), "hf_seq": ("--seq-len", (HF_PROBLEM, TITAN_PROBLEM)),
 }
 
 
@@ -329,7 +331,8 @@ def refuse_unread_options(ctx: click.Context, problems: list[str]) -> None:
 @click.option("--problem", "problems", type=CommaList(click.STRING, "PROBLEM"), default=",".join(PROBLEMS),
               show_default=True, help=f"problems to measure on, comma-separated; valid: {', '.join(ALL_PROBLEMS)} "
                                       f"(switch-*: the router-gradient probe on a Switch Transformer; hf: on a "
-                                      f"Hugging Face MoE model, see --hf)")
+                                      f"Hugging Face MoE model, see --hf; titan: on a small torchtitan Qwen3-MoE, "
+                                      f"k experts per token from --top-k [default 2])")
 @click.option("--estimators", default="all", show_default=True,
               help="'all' (every estimator that applies, with its variants) or a comma list of NAME[:KEY=VALUE..], "
                    "e.g. st:tau=0.5,reinforce:baseline=mean")
@@ -341,14 +344,14 @@ def refuse_unread_options(ctx: click.Context, problems: list[str]) -> None:
               help="switch-*: probe the model of this `gradest run` directory instead of a tiny model at "
                    "initialisation")
 @click.option("--layer", type=at_least(0), default=0, show_default=True,
-              help="switch-*: which MoE layer to probe (0 = the first)")
+              help="switch-*, hf, titan: which MoE layer to probe (0 = the first)")
 @click.option("--draws", type=at_least(3), default=64, show_default=True,
-              help="switch-*, hf: draws S of the Rao-Blackwellised reference (when enumeration is too large)")
+              help="switch-*, hf, titan: draws S of the Rao-Blackwellised reference (when enumeration is too large)")
 @hf_model_options("hf: ", "; k experts per token from --top-k [default 2], seeded by --seed", seq2seq=True)
 @click.option("--batch-size", "hf_batch", type=at_least(1), default=2, show_default=True,
-              help="hf: sequences in the fixed batch of the bundled tiny-shakespeare")
+              help="hf, titan: sequences in the fixed batch of the bundled tiny-shakespeare")
 @click.option("--seq-len", "hf_seq", type=at_least(1), default=8, show_default=True,
-              help="hf: tokens per sequence")
+              help="hf, titan: tokens per sequence")
 @config_options(lists=True)
 def compare(problems, estimators, samples, wrt, checkpoint, layer, draws, hf_name, hf_config, hf_model, hf_batch,
             hf_seq, experts, tokens, dim, top_k, sharpness, seed, settings, out):
@@ -362,6 +365,8 @@ def compare(problems, estimators, samples, wrt, checkpoint, layer, draws, hf_nam
     if hf_given and HF_PROBLEM not in problems:
         raise GradestError(f"{hf_given[0]} applies to --problem hf only")
     refuse_unread_options(click.get_current_context(), problems)
+    if TITAN_PROBLEM in problems and wrt == "all":  # before any work
+        raise GradestError("--wrt all is not measured on titan; valid: logits, router")
     out = output_directory(out, Path("runs/compare"), "summary.csv")
     hparams = hyper_parameters(settings)
     synthetic = [name for name in problems if name in PROBLEMS]
@@ -386,6 +391,12 @@ def compare(problems, estimators, samples, wrt, checkpoint, layer, draws, hf_nam
             frames.append(hf_probe_command(hf_name, hf_config, hf_model, layer=layer, batch_size=hf_batch,
                                            seq_len=hf_seq, top_k=k, estimators=chosen, samples=samples, seed=seed,
                                            draws=draws, wrt=wrt, settings=hparams, progress=progress))
+    if TITAN_PROBLEM in problems:
+        from gradest.titan.probe import titan_probe_command
+        for k in (top_k or [None]):
+            frames.append(titan_probe_command(layer=layer, batch_size=hf_batch, seq_len=hf_seq, top_k=k,
+                                              estimators=chosen, samples=samples, seed=seed, draws=draws, wrt=wrt,
+                                              settings=hparams, progress=progress))
     results = pd.concat(frames, ignore_index=True)
     with written_whole(out):
         write_compare_report(results, out, {
@@ -610,9 +621,13 @@ def resume_run(resume: Path, settings: dict, model: dict, synthetic: dict,
                            f"{', '.join(changed)}; with --resume only --steps and --device may be given (to change "
                            f"the others, start a new run with another --out)")
     trainer = Trainer.resume(resume, settings.get("steps"), settings.get("device"), state)
-    if trainer.step >= trainer.config.steps:  # writes nothing
-        click.echo(f"{resume}/ is complete ({trainer.step} of {trainer.config.steps} steps): nothing to do; "
-                   f"extend it with --steps N, N > {trainer.step}")
+    if trainer.complete:  # writes nothing
+        if trainer.plateaued():
+            click.echo(f"{resume}/ is complete (it stopped at a plateau, step {trainer.step} of "
+                       f"{trainer.config.steps}): nothing to do")
+        else:
+            click.echo(f"{resume}/ is complete ({trainer.step} of {trainer.config.steps} steps): nothing to do; "
+                       f"extend it with --steps N, N > {trainer.step}")
         trainer.close()
         return None
     return trainer
@@ -777,33 +792,67 @@ def study():
     """Declarative studies (studies/*.toml): grids of cells, each run once and cached."""
 
 
-@study.command("run")
+def executor_option(option, executors: list[str]) -> click.Option:
+    """The `gradest study run` option of an executor's option (`gradest.study.executor`), its help led by the
+    executors that have it: its value as given (text, None or an empty tuple when not given), parsed and checked
+    by the library."""
+    text = f"{', '.join(executors)}: {option.help}"
+    if option.switch:
+        return click.Option([option.flag, option.name], is_flag=True, default=False, help=text)
+    return click.Option([option.flag, option.name], multiple=option.multiple, default=None, metavar=option.metavar,
+                        help=text)
+
+
+class StudyRunCommand(click.Command):
+    """`gradest study run`: its own options, then one per option of every executor (gradest.study.EXECUTORS), read
+    from the registry whenever the command runs, so that an executor declares its options with nothing else to
+    edit."""
+
+    def get_params(self, ctx):
+        from gradest.study.executor import EXECUTORS, all_options
+        help_option = self.get_help_option(ctx)
+        own = [p for p in super().get_params(ctx) if p is not help_option]
+        for param in own:
+            if param.name == "executor":
+                param.help = "where the cells run: " + "; ".join(f"{name}: {executor.description}"
+                                                                for name, executor in EXECUTORS.items())
+        return own + [executor_option(option, names) for option, names in all_options().values()] + (
+            [help_option] if help_option else [])
+
+
+@study.command("run", cls=StudyRunCommand)
 @click.argument("spec", type=SPEC)
 @PROFILE_OPTION
-@click.option("--jobs", type=THREADS, default=1, show_default=True,
-              help="cells run in parallel, each in its own process with one torch thread")
+@click.option("--executor", default="local", show_default=True, metavar="NAME")
 @click.option("--shard", "shard_spec", metavar="i/N", default=None,
-              help="run only the cells whose index in the hash-sorted list is i mod N (0 <= i < N), e.g. for a "
-                   "Slurm array")
-@click.option("--threads", "cell_threads", type=THREADS, default=1, show_default=True,
+              help="run only the cells whose index in the hash-sorted list is i mod N (0 <= i < N)")
+@click.option("--threads", "cell_threads", type=THREADS, default=None,
               help="torch threads of each cell, however many run at once; recorded in each cell's done.json (the "
-                   "thread count changes the last bits of a run's numbers)")
+                   "thread count changes the last bits of a run's numbers) [default: 1 locally, --cpus-per-task "
+                   "on Slurm]")
 @RESULTS_OPTION
-def study_run(spec, profile, jobs, shard_spec, cell_threads, results):
+def study_run(spec, profile, executor, shard_spec, cell_threads, results, **options):
     """Run every unfinished cell of SPEC; finished cells (results cached by a hash of their configuration) are
     skipped, failed ones are recorded and retried on the next run. Every cell of the profile is checked (each
-    setting's type and value, the devices) before the first one runs. Ctrl-C stops the workers at once: finished
-    cells stay, the interrupted ones run again next time."""
+    setting's type and value, the devices), and the executor's options, before anything runs or is submitted.
+    Locally (the default) Ctrl-C stops the workers at once: finished cells stay, the interrupted ones run again
+    next time. `--executor slurm` submits the unfinished cells as a Slurm job array, a cell per task (`gradest
+    study status` shows them queued); submitting again submits only the cells neither finished nor still queued."""
     from gradest.study import load_study, results_root, run_study
     spec_ = load_study(spec)
     profile = spec_.resolve_profile(profile)
-    check_study_memory(spec_, profile, results)
-    summary = run_study(spec_, profile, results, jobs, shard_spec, command=command_line(), threads=cell_threads)
+    if executor == "local":  # (cells another machine runs are sized for that machine)
+        check_study_memory(spec_, profile, results)
+    summary = run_study(spec_, profile, results, None, shard_spec, command=command_line(), threads=cell_threads,
+                        executor=executor, options=options)
     click.echo(summary.text(spec_.name, profile))
     click.echo(f"results in {results_root(results) / spec_.kind}/ (cells shared by every study)")
-    if summary.failed:
-        raise click.ClickException(f"{len(summary.failed)} cell(s) failed (error.json in each); the others are "
-                                   f"done; run the study again to retry them")
+    if summary.failed or summary.unfinished:
+        raise click.ClickException(f"{len(summary.failed)} cell(s) failed (error.json in each)"
+                                   + (f", {len(summary.unfinished)} not finished" if summary.unfinished else "")
+                                   + "; the others are done; run the study again to retry them")
+    if not summary.ran and summary.submitted:
+        click.echo(f"`gradest study status {spec}` shows how far the array is")
 
 
 def check_study_memory(spec, profile: str | None, results) -> None:

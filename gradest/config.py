@@ -152,6 +152,11 @@ for _setting in (
     RunSetting("weight_decay", 0.1, nonnegative, "AdamW's weight decay (matrices only)", float),
     RunSetting("grad_clip", 1.0, optional(positive, "no clipping"), "clip the gradient norm at this value", float),
     RunSetting("eval_interval", 100, integer_at_least(1), "steps between validation losses", int),
+    RunSetting("plateau", None, optional(positive, "train to --steps"), "stop early once the validation loss has "
+               "improved by less than this over the last --plateau-window steps (--steps stays the cap)", float,
+               stored="set"),
+    RunSetting("plateau_window", 1000, integer_at_least(1), "the steps --plateau looks back over (a multiple of "
+               "--eval-interval)", int, stored="set"),
     RunSetting("eval_batches", 8, integer_at_least(1), "batches of each validation loss", int),
     RunSetting("checkpoint_interval", 100, integer_at_least(1), "steps between checkpoints", int),
     RunSetting("seed", 0, seed_value, "seeds the model, the data order and the routing noise", int),
@@ -220,6 +225,10 @@ class TrainConfig:
                 self.top_k = 1
         check_settings("run", {name: getattr(self, name) for name in RUN_SETTINGS},
                        {name: setting.check for name, setting in RUN_SETTINGS.items()})
+        if self.plateau is not None and self.plateau_window % self.eval_interval:
+            raise GradestError(f"plateau_window={self.plateau_window} is not a multiple of eval_interval="
+                               f"{self.eval_interval}: the validation loss it compares with must have been "
+                               f"evaluated; valid: a multiple of {self.eval_interval}")
         if self.is_hf:
             return
         if not isinstance(self.model, SwitchConfig):

@@ -23,7 +23,7 @@ from gradest.errors import GradestError
 from gradest.estimators import Estimator
 from gradest.estimators.base import (Constraint, boolean, check_settings, coefficient, integer_at_least, one_of,
                                      optional, positive_at_most, unit_interval)
-from gradest.moe import ACTIVATIONS, BALANCE_PROBS, MoE
+from gradest.moe import ACTIVATIONS, BALANCE_PROBS, BIAS_UPDATES, MoE
 
 
 @dataclass
@@ -58,6 +58,10 @@ class SwitchConfig:
     positions: str = "learned"  # "learned" or "sinusoidal" (fairseq's SinusoidalPositionalEmbedding)
     embed_scale: bool = False  # token embeddings times sqrt(d_model) (fairseq's embed_scale)
     init: str = "gpt2"  # "gpt2": N(0, 0.02) weights; "fairseq": the reference's layers' own initialisations
+    # auxiliary-loss-free balancing (DeepSeek-V3): the rate gamma of each MoE layer's selection-bias update, 0 off;
+    # "sign" (DeepSeek-V3) or "centered" (torchtitan: minus the update's mean); gradest.moe.MoE
+    balance_bias_rate: float = 0.0
+    balance_bias_update: str = "sign"
 
     def __post_init__(self):
         check_settings("model", dataclasses.asdict(self), MODEL_SETTINGS)
@@ -84,6 +88,7 @@ MODEL_SETTINGS = {
     "pad_id": Constraint(lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
     "activation": one_of(*ACTIVATIONS), "expert_bias": boolean, "dense_activation_dropout": unit_interval,
     "positions": one_of("learned", "sinusoidal"), "embed_scale": boolean, "init": one_of("gpt2", "fairseq"),
+    "balance_bias_rate": coefficient, "balance_bias_update": one_of(*BIAS_UPDATES),
 }
 
 
@@ -137,7 +142,8 @@ class Block(nn.Module):
                         balance_coef=config.balance_coef, balance_probs=config.balance_probs,
                         z_loss_coef=config.z_loss_coef, capacity_factor=config.capacity_factor,
                         expert_dropout=config.expert_dropout, router_bias=config.router_bias,
-                        bias=config.expert_bias, activation=config.activation)
+                        bias=config.expert_bias, activation=config.activation,
+                        bias_rate=config.balance_bias_rate, bias_update=config.balance_bias_update)
                     if config.is_moe(layer) else FeedForward(config))
         self.norms = nn.ModuleList(nn.LayerNorm(config.d_model) for _ in range(3 if cross else 2))
         self.drop = nn.Dropout(config.dropout)
@@ -303,6 +309,12 @@ class SwitchModel(nn.Module):
     def routing_stats(self) -> list[dict]:
         """Each MoE layer's routing in the last forward (`MoEAux.stats`)."""
         return [m.aux.stats for m in self.moe_layers()]
+
+    def update_expert_bias(self, total=None) -> None:
+        """Every MoE layer's auxiliary-loss-free balancing step (`MoE.update_expert_bias`), after an optimiser
+        step; `total` sums a tensor over data-parallel ranks."""
+        for m in self.moe_layers():
+            m.update_expert_bias(total)
 
     def zero_moe(self, zero: bool):
         """Make every MoE layer output 0 (REINFORCE's zero-output baseline f(0) costs one such pass)."""

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradest.errors import GradestError
-from gradest.estimators import GATED, Estimator, Routing, trainable
+from gradest.estimators import GATED, REGISTRY, Estimator, Routing, trainable
 from gradest.estimators.base import (check_settings, coefficient, integer_at_least, one_of, optional,
                                      positive_at_most, unit_interval)
 
@@ -29,10 +29,13 @@ from gradest.estimators.base import (check_settings, coefficient, integer_at_lea
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
 # where the balance loss's P_i comes from: see `MoE.balance_distribution`
 BALANCE_PROBS = ("softmax", "sampled", "routed")
+# auxiliary-loss-free balancing's update of the selection bias: see `MoE.update_expert_bias`
+BIAS_UPDATES = ("sign", "centered")
 LAYER_SETTINGS = {"d_model": integer_at_least(1), "d_ff": integer_at_least(1), "experts": integer_at_least(2),
                   "balance_coef": coefficient, "balance_probs": one_of(*BALANCE_PROBS),
                   "z_loss_coef": coefficient, "capacity_factor": optional(positive_at_most(1e6), "no token dropping"),
-                  "expert_dropout": unit_interval, "activation": one_of(*ACTIVATIONS)}
+                  "expert_dropout": unit_interval, "activation": one_of(*ACTIVATIONS),
+                  "bias_rate": coefficient, "bias_update": one_of(*BIAS_UPDATES)}
 
 
 @dataclass
@@ -70,25 +73,40 @@ class MoE(nn.Module):
     those tokens); `expert_dropout` on the experts' hidden activations in training; `activation` "gelu" or
     "relu"; `bias` gives the experts' linear maps biases. Attribute `zero_output`:
     while True the layer outputs 0 (for REINFORCE's f(0) baseline pass).
+
+    Auxiliary-loss-free balancing (DeepSeek-V3, Wang et al. 2024 "Auxiliary-Loss-Free Load Balancing"): with
+    `bias_rate` gamma > 0 the layer keeps a per-expert selection bias b, the buffer `expert_bias` (saved in
+    checkpoints, no gradient), and routes with `estimator.route(z, bias=b)`: the experts are chosen from z + b (a
+    sampling estimator draws from the distribution of z + b), the gates and their gradient stay the unbiased z's
+    (`Estimator.selection_bias`). The trainer calls `update_expert_bias` after each optimiser step:
+    b_i += gamma * sign(mean(c) - c_i), c_i the token-choices routed to expert i in that step ("sign", DeepSeek-V3);
+    "centered" then subtracts the mean of the update (torchtitan's). No balance loss is implied: set balance_coef.
     """
 
     def __init__(self, d_model: int, d_ff: int, experts: int, estimator: Estimator, *, omega: bool | None = None,
                  balance_coef: float = 0.01, balance_probs: str = "softmax", z_loss_coef: float = 0.0,
                  capacity_factor: float | None = None, expert_dropout: float = 0.0, bias: bool = False,
-                 router_bias: bool = False, activation: str = "gelu"):
+                 router_bias: bool = False, activation: str = "gelu", bias_rate: float = 0.0,
+                 bias_update: str = "sign"):
         super().__init__()
         check_settings("MoE", {"d_model": d_model, "d_ff": d_ff, "experts": experts, "balance_coef": balance_coef,
                                "balance_probs": balance_probs, "z_loss_coef": z_loss_coef,
                                "capacity_factor": capacity_factor, "expert_dropout": expert_dropout,
-                               "activation": activation},
+                               "activation": activation, "bias_rate": bias_rate, "bias_update": bias_update},
                        LAYER_SETTINGS)
         estimator.check(experts, GATED)
         self.d_model, self.d_ff, self.experts = d_model, d_ff, experts
         self.balance_coef, self.balance_probs, self.z_loss_coef = balance_coef, balance_probs, z_loss_coef
         self.capacity_factor, self.expert_dropout = capacity_factor, expert_dropout
         self.activation = activation
+        self.bias_rate, self.bias_update = bias_rate, bias_update
 
         self.router = nn.Linear(d_model, experts, bias=router_bias)
+        # only a balancing layer has the buffer: other layers' checkpoints stay as they were
+        if bias_rate > 0:
+            self.register_buffer("expert_bias", torch.zeros(experts))
+        else:
+            self.expert_bias = None
         self.hold(estimator)
         self.w_in = nn.Parameter(torch.empty(experts, d_model, d_ff))
         self.w_out = nn.Parameter(torch.empty(experts, d_ff, d_model))
@@ -105,12 +123,17 @@ class MoE(nn.Module):
         # fail at construction, not at the first training step, if the estimator enumerates branches (exact)
         probe = torch.zeros(1, experts)
         self.check_routing(estimator.route(probe, noise=torch.full((1, estimator.noise_dim(experts)), 0.5),
-                                           state=self.estimator_state()))
+                                           state=self.estimator_state(), bias=self.expert_bias))
 
     def hold(self, estimator: Estimator) -> None:
         """Route with `estimator` from now on. A stateful estimator's state becomes buffers of this layer
         (`state_<name>`): they move with it, are saved in its state_dict (checkpoints) and restored on resume."""
         estimator.check(self.experts, GATED)
+        if self.bias_rate > 0 and not estimator.selection_bias:
+            names = ", ".join(name for name in trainable(GATED, estimator.k)
+                              if REGISTRY[name].selection_bias)
+            raise GradestError(f"estimator '{estimator.name}' cannot route with a selection bias, which "
+                               f"auxiliary-loss-free balancing (bias_rate={self.bias_rate:g}) needs; valid: {names}")
         self.estimator, self.k = estimator, estimator.k
         for key, value in estimator.init_state(self.experts, self.d_model).items():
             if not hasattr(self, f"state_{key}"):
@@ -150,7 +173,24 @@ class MoE(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_ff={self.d_ff}, experts={self.experts}, k={self.k}, "
                 f"estimator={self.estimator.label}, omega={self.omega is not None}, "
-                f"capacity_factor={self.capacity_factor}")
+                f"capacity_factor={self.capacity_factor}"
+                + (f", bias_rate={self.bias_rate:g} ({self.bias_update})" if self.bias_rate > 0 else ""))
+
+    @torch.no_grad()
+    def update_expert_bias(self, total=None) -> None:
+        """Auxiliary-loss-free balancing's step, after each optimiser step: b_i += gamma * sign(mean(c) - c_i)
+        ("centered": minus the update's mean), c the token-choices routed to each expert by the last training
+        forward (before capacity), summed over data-parallel ranks by `total` (an all-reduce; None: one process).
+        Does nothing when bias_rate is 0."""
+        if self.expert_bias is None:
+            return
+        c = torch.tensor(self.aux.stats["tokens_per_expert"], dtype=torch.float64, device=self.expert_bias.device)
+        if total is not None:
+            c = total(c)
+        delta = self.bias_rate * torch.sign(c.mean() - c)
+        if self.bias_update == "centered":
+            delta = delta - delta.mean()
+        self.expert_bias += delta.to(self.expert_bias.dtype)
 
     def check_routing(self, routing: Routing) -> None:
         if routing.branch_prob is not None:
@@ -205,7 +245,7 @@ class MoE(nn.Module):
         T = tokens.shape[0]
         logits = self.router_logits(tokens)
         state = self.estimator_state()
-        routing = self.estimator.route(logits, training=self.training, state=state)
+        routing = self.estimator.route(logits, training=self.training, state=state, bias=self.expert_bias)
         self.check_routing(routing)
         gates = routing.gates[:, 0]  # one branch per token: (T, k), or (T, n) for a dense estimator
         # the experts each token's forward value uses; a dense estimator's gates are onehot(D) * p_D in value
@@ -218,7 +258,8 @@ class MoE(nn.Module):
         log_p = logits - lse
         p = log_p.exp()
         with torch.no_grad():
-            top = logits.topk(choice.shape[-1], dim=-1).indices
+            chooser = logits if self.expert_bias is None else logits + self.expert_bias.to(logits.dtype)
+            top = chooser.topk(choice.shape[-1], dim=-1).indices
             argmax_hits = (choice.unsqueeze(-1) == top.unsqueeze(-2)).any(-1).sum()
             entropy = -(p * log_p).sum(-1).mean()
             # one host transfer for everything the dispatch and the stats need (a GPU sync costs the same for n+2)

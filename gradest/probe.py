@@ -100,6 +100,15 @@ class _ProbeRouting(Estimator):
         return 0
 
 
+def unbiased(bias) -> None:
+    """The probe measures the router's own objective: a layer that selects with an auxiliary-loss-free balancing
+    bias is another objective, which it does not enumerate."""
+    if bias is not None:
+        raise GradestError("the router probe measures MoE layers without a selection bias; this model was trained "
+                           "with auxiliary-loss-free balancing (balance_bias_rate > 0); valid: a model trained "
+                           "without it")
+
+
 class ForcedRouting(_ProbeRouting):
     """Routes token t to the given experts `experts[t]` (tokens, k), with gates p^(j)_{D_j} from the objective's
     sequential (masked) softmax, with autograd (docs/estimators.md §2): the layer then computes L(D) for a chosen
@@ -119,7 +128,8 @@ class ForcedRouting(_ProbeRouting):
     def objective(self) -> Objective:
         return self.obj
 
-    def route(self, logits, *, kind=GATED, training=True, noise=None, state=None) -> Routing:
+    def route(self, logits, *, kind=GATED, training=True, noise=None, state=None, bias=None) -> Routing:
+        unbiased(bias)
         self.check(logits.shape[-1], kind)
         if self.experts.shape != (*logits.shape[:-1], self.k):
             raise GradestError(f"forced routing got experts of shape {tuple(self.experts.shape)} for logits of "
@@ -145,7 +155,8 @@ class _Sampled(_ProbeRouting):
     def k(self) -> int:
         return self.estimator.k
 
-    def route(self, logits, *, kind=GATED, training=True, noise=None, state=None) -> Routing:
+    def route(self, logits, *, kind=GATED, training=True, noise=None, state=None, bias=None) -> Routing:
+        unbiased(bias)
         z = self.capture(logits)
         return self.estimator.route(z, kind=kind, training=True, noise=self.noise.to(z.dtype), state=self.state)
 

@@ -35,7 +35,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import pandas as pd
 import torch
@@ -240,6 +240,10 @@ class TrainableModel(Protocol):
     def zero_moe(self, zero: bool) -> None:
         """Make every MoE layer output 0 (REINFORCE's zero-output baseline) until called with False."""
 
+    def update_expert_bias(self, total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """After each optimiser step: auxiliary-loss-free balancing's update of the selection biases from the last
+        forward's loads, summed over ranks by `total` (nothing to do for a model without it)."""
+
     def routing_stats(self) -> list[dict]:
         """Each MoE layer's routing in the last forward: tokens_per_expert, argmax_fraction, router_entropy."""
 
@@ -372,6 +376,7 @@ class Trainer:
                 raise self.diverged(self.step + 1, f"{name.replace('_', ' ')} {row[name]}")
         self.optimizer.step()
         self.scheduler.step()
+        self.model.update_expert_bias(self.sum_over_ranks if self.world > 1 else None)
         self.step += 1
         self.seconds += time.perf_counter() - start
         tokens = batch[-1].numel() * self.world
@@ -391,6 +396,12 @@ class Trainer:
             loss = self.loss(batch, forward_model=self.model)[0]
             torch.autograd.grad(loss, parameters, allow_unused=True)
         return int(counter.get_total_flops()) * self.world
+
+    def sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """A tensor summed over the ranks (each rank's loads of its share of the batch)."""
+        values = values.to(self.config.device)
+        dist.all_reduce(values)
+        return values
 
     def mean_over_ranks(self, values: dict) -> dict:
         """Each logged number averaged over the ranks (each saw its share of the batch)."""
@@ -532,6 +543,8 @@ class Trainer:
             remove_stale_temporaries(self.out)
             self.write_config(command)
         steps = range(self.step, min(self.config.steps, until or self.config.steps))
+        if self.plateaued():  # a run stopped early is complete
+            steps = range(0)
         bar = progress(steps) if progress and self.rank == 0 else steps
         first = self.step
 
@@ -547,6 +560,7 @@ class Trainer:
                     with self.divergence(self.step):
                         row["val_loss"] = self.evaluate()
                     row["val_ppl"] = math.exp(row["val_loss"]) if row["val_loss"] < 700 else math.inf
+                    last = last or self.plateaued(row)
                 if last:
                     row.update(self.task.final_metrics(self.model))
                 self.rows.append(row)
@@ -561,7 +575,27 @@ class Trainer:
                     if self.saved_step != self.step:
                         self.save()
                     raise Interrupted(self.step, signum)
+                if last:
+                    break
         return pd.DataFrame(self.rows)
+
+    def plateaued(self, row: dict | None = None) -> bool:
+        """Whether the run stops here by `plateau` (given the row of the step just evaluated, not yet in `rows`;
+        else the last logged row): its validation loss is less than `plateau` below the one `plateau_window` steps
+        earlier. Decided from the logged rows alone, so a resumed run stops where the uninterrupted one did."""
+        if self.config.plateau is None:
+            return False
+        row = row if row is not None else self.rows[-1] if self.rows else None
+        if row is None or "val_loss" not in row or not math.isfinite(row.get("val_loss", math.nan)):
+            return False
+        earlier = [r["val_loss"] for r in self.rows if r["step"] == row["step"] - self.config.plateau_window
+                   and "val_loss" in r]
+        return bool(earlier) and earlier[0] - row["val_loss"] < self.config.plateau
+
+    @property
+    def complete(self) -> bool:
+        """All its steps trained, or stopped early by `plateau`."""
+        return self.step >= self.config.steps or self.plateaued()
 
     def evaluation_line(self, row: dict, elapsed: float) -> str:
         """The line printed at every evaluation (`gradest run`, and each cell of `gradest study run`), on stdout

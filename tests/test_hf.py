@@ -23,7 +23,7 @@ from transformers.models.phimoe import modeling_phimoe  # noqa: E402
 
 from gradest import GradestError  # noqa: E402
 from gradest import hf  # noqa: E402
-from helpers import Drawn  # noqa: E402
+from helpers import Drawn, one_line_error  # noqa: E402
 from gradest.estimators import GATED, get_estimator, trainable  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -453,14 +453,6 @@ def test_score_loss_adds_the_score_term_and_zero_baseline_uses_zero_output():
 
 
 # ---------------------------------------------------------------------------------------------------- errors
-def one_line_error(call, *words):
-    with pytest.raises(GradestError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message
-    for word in words:
-        assert word in message, message
-    return message
 
 
 def test_unknown_architecture_lists_the_supported_ones():

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -22,32 +21,9 @@ from gradest.cli import main
 from gradest.errors import GradestError
 from gradest.io import atomic_write_text
 from gradest.study import finished, load_study, parse_study, regenerate, run_study, write_report
-from helpers import REPO
+from helpers import REPO, SMALL, write_spec
 
 STUDIES = REPO / "studies"
-
-SMALL = """
-[study]
-name = "small"
-kind = "compare"
-description = "a test study"
-
-[grid]
-estimator = ["switch", "st:tau=0.5"]
-seed = [0, 1, 2]
-
-[settings]
-problem = "moe-regression"
-experts = 3
-tokens = 4
-samples = 20
-"""
-
-
-def write_spec(tmp_path, text=SMALL, name="small.toml") -> Path:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
 
 
 class Counter:
@@ -149,6 +125,24 @@ def test_committed_cells_are_cells_of_a_study_at_a_clean_commit():
         assert (done.parent / "run" / "metrics.csv").is_file()
         git = json.loads(done.read_text())["git"]
         assert git["dirty"] is False and len(git["commit"]) == 40, f"{done.parent}: {git}"
+
+
+TRAIN_REPORTS = sorted(path.stem for path in STUDIES.glob("*.toml")
+                       if load_study(path).kind == "train" and (REPO / "reports" / path.stem / "report.json").is_file())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TRAIN_REPORTS)
+def test_committed_training_report_rebuilds_from_committed_cells(name, tmp_path, monkeypatch):
+    """`gradest report` over the committed cell store (GRADEST_RESULTS=studies/cells) writes every committed
+    training report again, byte for byte: its numbers (results.csv, curves.csv, summary.csv) and its README."""
+    assert {"lm-convergence", "balance", "top2", "translation", "ablations"} <= set(TRAIN_REPORTS)
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("GRADEST_RESULTS", str(CELL_STORE))
+    result = cli("report", f"studies/{name}.toml", "--out", str(tmp_path / name))
+    assert result.exit_code == 0, result.output
+    for file in ("results.csv", "curves.csv", "summary.csv", "README.md"):
+        assert (tmp_path / name / file).read_bytes() == (REPO / "reports" / name / file).read_bytes(), file
 
 
 @pytest.mark.parametrize("text, message", [
@@ -1068,3 +1062,35 @@ def test_train_report_groups_by_preset_with_todays_defaults_as_a_labelled_arm(tm
     assert summary.loc[("none", "sparsemixer"), "val_loss_diff"] == pytest.approx(-0.1)
     text = (out / "README.md").read_text()
     assert "### preset=none\n" in text and "### preset=sparsemixer-reference\n" in text
+
+
+def test_lead_over_training_compares_the_lead_at_the_common_horizon_with_the_final_one(tmp_path):
+    """Runs stopped at different steps (a plateau rule): the 'over training' family holds, per arm, the paired
+    difference at S = the last step every run reached, and the final difference minus it, computed here by hand."""
+    from gradest.study.kinds.train import _tests
+    finals, curves = [], []
+    # seed s: switch stops at 300 + 100 s, sparsemixer at 400; at step 300 the lead is -0.01 (s + 1) (switch's
+    # seed-0 run ends there at 1.9: its lead -0.01 + (1.9 - 2.0)), at the end -0.03 (s + 1)
+    for seed in range(3):
+        for label, steps, at_300, final in (("switch", 300 + 100 * seed, 2.0, 1.9),
+                                            ("sparsemixer", 400, 2.0 - 0.01 * (seed + 1), 1.9 - 0.03 * (seed + 1))):
+            cell = f"{label}-{seed}"
+            finals.append({"label": label, "seed": seed, "cell": cell, "steps": steps, "val_loss": final})
+            curves.append({"cell": cell, "step": 300, "val_loss": at_300 if steps > 300 else final, "label": label,
+                           "seed": seed})
+            if steps > 300:
+                curves.append({"cell": cell, "step": steps, "val_loss": final, "label": label, "seed": seed})
+    finals = pd.DataFrame(finals)
+    finals["val_loss_diff"] = finals["val_loss"] - finals["seed"].map(
+        finals[finals["label"] == "switch"].set_index("seed")["val_loss"])
+    text = _tests(finals, pd.DataFrame(curves), [{}], [], "switch", tmp_path)
+    assert "#### Tests: over training" in text
+    tests = pd.read_csv(tmp_path / "tests.csv")
+    over = tests[tests["family"] == "over training"].set_index("comparison")
+    at = over.loc["sparsemixer - switch at step 300"]
+    change = over.loc["(sparsemixer - switch) final minus at step 300"]
+    early = [-0.01 + 0.1, -0.02, -0.03]  # seed 0: sparsemixer 1.99 at step 300 against switch's final 1.9
+    final = [-0.03, -0.06, -0.09]
+    assert at["mean"] == pytest.approx(sum(early) / 3) and at["seeds"] == 3 and at["lower"] == 2
+    assert change["mean"] == pytest.approx((sum(final) - sum(early)) / 3) and change["lower"] == 3
+    assert change["holm_p"] >= change["p"] and at["holm_p"] >= at["p"]

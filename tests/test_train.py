@@ -167,10 +167,12 @@ def test_bad_flags_give_one_line_and_exit_2(args, words):
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_equal_one_process(tmp_path):
+@pytest.mark.parametrize("balancing", [[], ["--model=balance_bias_rate=0.01"]], ids=["plain", "bias-balanced"])
+def test_two_gloo_processes_equal_one_process(tmp_path, balancing):
     """torchrun with 2 gloo processes on the CPU trains like one process on the same global batch: per-step
     losses, gradient norms and the final parameters agree to float32 rounding. (Deterministic routing and no
-    load-balancing loss, the two things computed per rank.)"""
+    load-balancing loss, the two things computed per rank.) With auxiliary-loss-free balancing the selection biases
+    (in the checkpoint) agree too: each rank's loads are summed over the ranks before the update."""
     import socket
     import subprocess
     import sys
@@ -178,7 +180,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
     args = ["run", "--estimator", "topk", "--steps", "4", "--batch-size", "8", "--experts", "4",
-            "--model=balance_coef=0"] + [f"--model={k}={v}" for k, v in TINY.items()]
+            "--model=balance_coef=0", *balancing] + [f"--model={k}={v}" for k, v in TINY.items()]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                           "--master-port", port, "-m", "gradest.cli", *args, "--out", str(tmp_path / "two")],
@@ -195,6 +197,9 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     params = [torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)["model"] for name in ("one", "two")]
     for key in params[0]:
         torch.testing.assert_close(params[0][key], params[1][key], rtol=1e-4, atol=1e-6, msg=key)
+    if balancing:
+        biases = [value for key, value in params[0].items() if key.endswith("expert_bias")]
+        assert biases and any(b.abs().max() > 0 for b in biases)
 
 
 @pytest.mark.slow
@@ -483,3 +488,30 @@ def test_help_gives_each_experts_default():
     assert "only --steps and --device" in text
     assert f"[default 2 for poly, {ProblemConfig.experts} otherwise]" in " ".join(cli("compare", "--help")
                                                                                 .output.split())
+
+
+@pytest.mark.slow
+def test_plateau_stops_early_and_a_resume_stops_at_the_same_step(tmp_path):
+    """--plateau: the run ends at the first evaluation whose validation loss is less than `plateau` below the one
+    `plateau_window` steps before (here a threshold so large that the first comparison, at step 20, stops it);
+    the stopped run is complete, and one interrupted at step 10 and resumed stops at the same step with the same
+    rows."""
+    settings = dict(steps=60, eval_interval=10, plateau=10.0, plateau_window=10, checkpoint_interval=10)
+    metrics = tiny(tmp_path / "one", **settings).run()
+    assert metrics["step"].iloc[-1] == 20
+    val = metrics["val_loss"].dropna().to_numpy()
+    assert len(val) == 2 and val[0] - val[1] < 10.0
+    assert Trainer.resume(tmp_path / "one").complete
+
+    tiny(tmp_path / "two", **settings).run(until=10)
+    again = Trainer.resume(tmp_path / "two").run()
+    pd.testing.assert_frame_equal(again.drop(columns=TIMING), metrics.drop(columns=TIMING))
+
+    never = tiny(tmp_path / "three", steps=30, eval_interval=10, plateau=1e-9, plateau_window=10).run()
+    assert never["step"].iloc[-1] == 30  # still improving: trained to --steps
+
+
+def test_plateau_window_must_be_a_multiple_of_the_eval_interval():
+    with pytest.raises(GradestError, match="plateau_window=150 is not a multiple of eval_interval=100"):
+        TrainConfig(plateau=0.005, plateau_window=150)
+    TrainConfig(plateau_window=150)  # without --plateau the window is unused

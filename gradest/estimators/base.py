@@ -197,28 +197,35 @@ def inverse_cdf(p: Tensor, u: Tensor) -> Tensor:
 
 
 def sequential_route(logits: Tensor, k: int, *, mask: str = "none", r: float = 0.0, temperature: float = 1.0,
-                     u: Tensor | None = None, experts: Tensor | None = None):
+                     u: Tensor | None = None, experts: Tensor | None = None, bias: Tensor | None = None):
     """GRIN's sequential top-k (Liu et al. 2024, Alg. 3) over a (masked) softmax of `logits / temperature`.
 
     Stage j picks D_j from p^(j), the softmax over the logits not yet chosen (masked relative to the largest of
     them). D_j is drawn by inverse CDF from uniforms `u[..., j]`, taken from `experts[..., j]` when given (to
     enumerate), or is the arg-max when neither is given (inference). Returns the experts (..., k), their gates
     p^(j)_{D_j} (..., k) with autograd through the softmax, and whether each was the arg-max of its stage.
+
+    `bias` (n,), a selection bias (auxiliary-loss-free balancing, `Estimator.selection_bias`): each stage draws
+    (and masks, and takes its arg-max) from the softmax of (z + b) / temperature instead, while the gates stay
+    p^(j)_{D_j} of the unbiased logits over the same kept experts.
     """
     z = logits / temperature if temperature != 1 else logits
+    chooser = z if bias is None else z + (bias / temperature if temperature != 1 else bias).to(z.dtype)
     removed = None  # experts already chosen (the first stage skips this bookkeeping: it is the hot path)
     chosen, gates, was_max = [], [], []
     for j in range(k):
         z_j = z if removed is None else z.masked_fill(removed, -math.inf)
-        z_star, top = z_j.detach().max(-1, keepdim=True)
-        keep = sparsity_mask(z.detach(), z_star, mask, r)
+        c_j = z_j if bias is None else chooser if removed is None else chooser.masked_fill(removed, -math.inf)
+        z_star, top = c_j.detach().max(-1, keepdim=True)
+        keep = sparsity_mask(chooser.detach(), z_star, mask, r)
         if removed is not None:
             keep = ~removed if keep is None else keep & ~removed
         p = softmax(z_j if keep is None else z_j.masked_fill(~keep, -math.inf))
+        drawn_from = p if bias is None else softmax(c_j if keep is None else c_j.masked_fill(~keep, -math.inf))
         if experts is not None:
             d = experts[..., j:j + 1]
         elif u is not None:
-            d = inverse_cdf(p.detach(), u[..., j:j + 1])
+            d = inverse_cdf(drawn_from.detach(), u[..., j:j + 1])
         else:
             d = top
         chosen.append(d)
@@ -268,10 +275,12 @@ class Objective:
             parts.append(f"mask={self.mask} r={self.r:g}")
         return f"exact({', '.join(parts)})"
 
-    def route(self, logits: Tensor, *, u: Tensor | None = None, experts: Tensor | None = None):
-        """`sequential_route` under this objective: drawn from uniforms `u`, forced to `experts`, or the arg-max."""
+    def route(self, logits: Tensor, *, u: Tensor | None = None, experts: Tensor | None = None,
+              bias: Tensor | None = None):
+        """`sequential_route` under this objective: drawn from uniforms `u`, forced to `experts`, or the arg-max;
+        chosen from z + `bias` when given (a selection bias)."""
         return sequential_route(logits, self.k, mask=self.mask, r=self.r, temperature=self.temperature, u=u,
-                                experts=experts)
+                                experts=experts, bias=bias)
 
     def probabilities(self, logits: Tensor) -> Tensor:
         """The distribution of the first expert (..., n): the masked softmax of z / temperature."""
@@ -323,7 +332,12 @@ class Estimator:
       min_batch         the fewest items `with_score`'s f may have (reinforce's leave-one-out mean needs 2);
       stateful          keeps state between steps in buffers the layer owns (`init_state`, `update_state`);
       applies_to        problem kinds it is defined for (GATED, CATEGORICAL);
-      supports_topk     whether k >= 2 is allowed (then it declares the hyper-parameter `k`).
+      supports_topk     whether k >= 2 is allowed (then it declares the hyper-parameter `k`);
+      selection_bias    routes with a selection bias b (n,) (auxiliary-loss-free balancing, DeepSeek-V3): its
+                        `sample` and `infer` take `bias=` and choose the experts from z + b (a sampling estimator
+                        draws from the distribution of z + b), while the gates, and so the backward, stay those
+                        of the unbiased z at the chosen experts. Its objective is then: D drawn by the rule from
+                        z + b, y = sum_j g_j(z) e_{D_j}.
     Defaults for users:
       variants          hyper-parameter settings that `--estimators all` measures as separate rows;
       omega             whether an MoE layer holding it scales its output by a learnable omega by default.
@@ -340,6 +354,7 @@ class Estimator:
     stateful: ClassVar[bool] = False
     applies_to: ClassVar[frozenset] = frozenset({GATED})
     supports_topk: ClassVar[bool] = False
+    selection_bias: ClassVar[bool] = False
     params: ClassVar[dict[str, Param]] = {}
     variants: ClassVar[tuple[dict, ...]] = ({},)
     omega: ClassVar[bool] = False
@@ -405,10 +420,20 @@ class Estimator:
         raise NotImplementedError
 
     def route(self, logits: Tensor, *, kind: str = GATED, training: bool = True, noise: Tensor | None = None,
-              state: dict[str, Tensor] | None = None) -> Routing:
+              state: dict[str, Tensor] | None = None, bias: Tensor | None = None) -> Routing:
         """Route tokens with logits (..., n). `noise` (..., noise_dim) fixes the randomness; drawn if None.
-        `state`: a stateful estimator's buffers (from `init_state`, owned by the layer); None for the others."""
+        `state`: a stateful estimator's buffers (from `init_state`, owned by the layer); None for the others.
+        `bias` (n,): a selection bias (see `selection_bias`), without gradient; None for none."""
         self.check(logits.shape[-1], kind)
+        if bias is not None:
+            if not self.selection_bias:
+                names = ", ".join(name for name, cls in REGISTRY.items() if cls.selection_bias)
+                raise GradestError(f"estimator '{self.name}' cannot route with a selection bias (auxiliary-loss-"
+                                   f"free balancing); valid: {names}")
+            if bias.shape != logits.shape[-1:]:
+                raise GradestError(f"a selection bias must have shape ({logits.shape[-1]},), one per expert; got "
+                                   f"{tuple(bias.shape)}")
+        biased = {} if bias is None else {"bias": bias.detach()}
         # On an accelerator this check would stall every layer of every step on a host sync; there the trainer's
         # check of the loss catches a NaN instead.
         if logits.device.type == "cpu" and not torch.isfinite(logits).all():
@@ -417,7 +442,7 @@ class Estimator:
             raise GradestError(f"estimator '{self.name}' keeps state: route it with the buffers of init_state "
                                f"(an MoE layer owns them)")
         if not training:
-            routing = self.infer(logits, kind)
+            routing = self.infer(logits, kind, **biased)
         else:
             m = self.noise_dim(logits.shape[-1])
             if noise is None:
@@ -425,7 +450,7 @@ class Estimator:
             elif noise.shape != (*logits.shape[:-1], m):
                 raise GradestError(f"noise for '{self.name}' must have shape {(*logits.shape[:-1], m)}, "
                                    f"got {tuple(noise.shape)}")
-            routing = self.sample(logits, noise, kind)
+            routing = self.sample(logits, noise, kind, **biased)
         return self.with_state(routing, logits, state, training) if self.stateful else routing
 
     def sample(self, logits: Tensor, noise: Tensor, kind: str) -> Routing:
@@ -438,10 +463,11 @@ class Estimator:
         estimator also sets `log_prob` (...,), with gradient."""
         raise NotImplementedError
 
-    def infer(self, logits: Tensor, kind: str) -> Routing:
+    def infer(self, logits: Tensor, kind: str, bias: Tensor | None = None) -> Routing:
         """Override only to change inference routing. Default: the arg-max expert(s) of the objective's (masked,
-        tempered) softmax, gates from that softmax; no jitter, no coin flips; one branch."""
-        experts, gates, _ = self.objective().route(logits)
+        tempered) softmax, gates from that softmax; no jitter, no coin flips; one branch. `bias` reaches it only
+        for an estimator with `selection_bias`: the arg-max of z + b, gates of z."""
+        experts, gates, _ = self.objective().route(logits, bias=bias)
         if kind == CATEGORICAL:
             gates = torch.ones_like(gates)
         return Routing(experts.unsqueeze(-2), gates.unsqueeze(-2))

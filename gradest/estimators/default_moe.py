@@ -25,6 +25,7 @@ class DefaultMoE(TopK):
     family = "dense backward"
     reference = "Panda et al. 2025, Dense Backpropagation Improves Training for Sparse MoE (arXiv:2504.12463)"
     stateful = True
+    selection_bias = False  # its defaults stand in for the experts off the top-k of z itself
     beta: float = hparam(0.9, unit_interval, "EMA decay of the default outputs")
     forward: str = hparam("substitute", one_of("substitute", "backward-only"),
                           "whether the default outputs enter the forward value or only the router's gradient")

@@ -22,6 +22,7 @@ class DenseMixer(TopK):
     family = "dense backward"
     reference = "Yao et al. 2025, DenseMixer: Improving MoE Post-Training with Precise Router Gradient"
     dense = True
+    selection_bias = False  # its dense backward is built around the top-k of z itself
 
     def sample(self, logits, noise, kind):
         p = softmax(logits)

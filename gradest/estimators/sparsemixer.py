@@ -25,9 +25,13 @@ class SparseMixerFamily(Estimator):
     def objective(self):
         return Objective(self.k, self.mask, self.jitter_eps, self.temperature)
 
-    def draw(self, logits, noise):
+    # a selection bias b: D is drawn from the masked softmax of z + b (coin flips: c = 1 on ITS arg-max), the gates
+    # are p_D of the masked softmax of z over the same kept experts, the backward the same multiple of their path
+    selection_bias = True
+
+    def draw(self, logits, noise, bias=None):
         """Sequential top-k from the masked softmax; the first k uniforms pick the experts."""
-        return self.objective().route(logits, u=noise[..., :self.k])
+        return self.objective().route(logits, u=noise[..., :self.k], bias=bias)
 
 
 def topk_param():
@@ -48,8 +52,8 @@ class FirstOrder(SparseMixerFamily):
     def noise_dim(self, n):
         return self.k
 
-    def sample(self, logits, noise, kind):
-        experts, p, _ = self.draw(logits, noise)
+    def sample(self, logits, noise, kind, bias=None):
+        experts, p, _ = self.draw(logits, noise, bias)
         return Routing(experts.unsqueeze(-2), value_with_gradient(p, 1.0, 2.0).unsqueeze(-2))
 
 
@@ -66,8 +70,8 @@ class SparseMixer(SparseMixerFamily):
     def noise_dim(self, n):
         return 2
 
-    def sample(self, logits, noise, kind):
-        experts, p, was_max = self.draw(logits, noise)
+    def sample(self, logits, noise, kind, bias=None):
+        experts, p, was_max = self.draw(logits, noise, bias)
         c = torch.where(was_max | (noise[..., 1:] > 0.5), 1.0, 0.5).to(p.dtype)
         return Routing(experts.unsqueeze(-2), value_with_gradient(p, c, 2.0).unsqueeze(-2))
 
@@ -84,8 +88,8 @@ class HeunFamily(SparseMixerFamily):
     def noise_dim(self, n):
         return 2 * self.k
 
-    def sample(self, logits, noise, kind):
-        experts, p, was_max = self.draw(logits, noise)
+    def sample(self, logits, noise, kind, bias=None):
+        experts, p, was_max = self.draw(logits, noise, bias)
         # the scale in p's own dtype: a float32 1/3 would be 3e-8 off in a float64 measurement
         s = torch.where(was_max | (noise[..., self.k:] < self.coin), p.new_tensor(1.0), p.new_tensor(1 / 3))
         return Routing(experts.unsqueeze(-2), value_with_gradient(p, s, self.grad_scale).unsqueeze(-2))

@@ -26,11 +26,13 @@ class Switch(Estimator):
     def noise_dim(self, n):
         return n
 
-    def sample(self, logits, noise, kind):
-        return self.infer(logits * (1 - self.jitter_eps + 2 * self.jitter_eps * noise), kind)
+    selection_bias = True  # D = argmax(z * u + b), gates p~_D: the bias steers selection only
 
-    def infer(self, logits, kind):
-        d = logits.detach().argmax(-1, keepdim=True)
+    def sample(self, logits, noise, kind, bias=None):
+        return self.infer(logits * (1 - self.jitter_eps + 2 * self.jitter_eps * noise), kind, bias)
+
+    def infer(self, logits, kind, bias=None):
+        d = (logits if bias is None else logits + bias.to(logits.dtype)).detach().argmax(-1, keepdim=True)
         p = softmax(logits)
         return Routing(d.unsqueeze(-2), p.gather(-1, d).unsqueeze(-2), probs=p.unsqueeze(-2))
 
@@ -53,11 +55,17 @@ class TopK(Estimator):
     def noise_dim(self, n):
         return 0
 
-    def sample(self, logits, noise, kind):
-        return self.infer(logits, kind)  # deterministic: training routes as inference does
+    selection_bias = True  # the k largest of z + b, gates g_i of z (DeepSeek-V3's rule on a softmax router)
 
-    def infer(self, logits, kind):
-        gates, experts = softmax(logits).topk(self.k, dim=-1)
+    def sample(self, logits, noise, kind, bias=None):
+        return self.infer(logits, kind, bias)  # deterministic: training routes as inference does
+
+    def infer(self, logits, kind, bias=None):
+        if bias is None:
+            gates, experts = softmax(logits).topk(self.k, dim=-1)
+        else:
+            experts = (logits + bias.to(logits.dtype)).detach().topk(self.k, dim=-1).indices
+            gates = softmax(logits).gather(-1, experts)
         if self.renormalize:
             gates = gates / gates.sum(-1, keepdim=True)
         return Routing(experts.unsqueeze(-2), gates.unsqueeze(-2))

@@ -8,13 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gradest.engines import routing_dtype
 from gradest.estimators import Estimator, Routing
 from gradest.estimators.sparsemixer import SparseMixerFamily
-
-
-def routing_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32, or the model's dtype when wider (gradest's routing precision)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------------ families

@@ -159,6 +159,10 @@ class HFCausalLM(torch.nn.Module):
     def zero_moe(self, zero: bool):
         self.patched.zeroed = zero
 
+    def update_expert_bias(self, total=None) -> None:
+        """Nothing to update: gradest's auxiliary-loss-free balancing is a setting of its own MoE layer (a model's
+        own correction bias, e.g. DeepSeek-V3's, is left as the model has it)."""
+
     def routing_stats(self) -> list[dict]:
         """Each patched block's routing of the last forward: tokens per expert, the fraction of chosen experts
         among the top k of the logits, the entropy of softmax(z)."""

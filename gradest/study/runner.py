@@ -8,20 +8,20 @@ and a probe of a trained model trains (or reuses) the `train` cell of its `train
 `cell.json`, the outputs, and `done.json`, written last: a cell is finished iff `done.json` exists. A failing cell
 writes `error.json` and is retried on the next run. Every file is written atomically and one process at a time
 runs a cell (a lock file), so a run killed at any moment leaves no half file, and re-running finishes each cell
-exactly once. Parallel cells run in worker processes that die with the runner's process, and Ctrl-C stops them at
-once (their cells stay unfinished).
+exactly once.
+
+Where the cells run is an executor (`gradest.study.executor`, one module of `executors/` each): `local` runs them
+here, in parallel worker processes that die with the runner's process (Ctrl-C stops them at once, their cells
+stay unfinished); `slurm` submits them as a job array, each task running its cell through `execute` as well, and
+records each submission in the cell (`queued.json`, see `Cell.submission`) for `gradest study status`.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
 import fcntl
 import json
-import multiprocessing
-import os
-import signal
 import sys
-import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -30,22 +30,27 @@ from typing import Callable
 
 from gradest.devices import check_device
 from gradest.errors import GradestError, one_line
+from gradest.study.executor import DEFAULT_EXECUTOR, get_executor, parse_options
 from gradest.study.kind import cell_kind
 from gradest.study.spec import FORMAT, Cell, Study, parse_shard, results_root, shard
 
 
-
 # ------------------------------------------------------------------------------------------------------ running
-def execute(cell: Cell, runner: Callable[[dict, Path], dict] | None = None, command=None) -> tuple[str, str]:
+def execute(cell: Cell, runner: Callable[[dict, Path], dict] | None = None, command=None,
+            wait: bool = True) -> tuple[str, str]:
     """Run one cell: cell.json, the runner's outputs, then done.json last (or error.json). ("done" | "failed",
     message). Only Exceptions are recorded: an interrupt (KeyboardInterrupt, a kill) leaves the cell unfinished,
-    to be run again."""
+    to be run again. Another process running the cell is waited for, then its result taken; with `wait=False`
+    the answer is ("busy", message) at once instead (a queued task, which should not hold its allocation idle)."""
     directory = cell.directory
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / ".lock", "w") as lock:
         # one process at a time runs a cell: a probe's training run may be wanted by several probe cells (and
         # shards on a shared disk); whoever comes second finds it done
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return "busy", f"another process is running cell {cell.hash} (it holds {directory}/.lock)"
         if cell.done:
             return "done", ""
         return _execute(cell, runner, command)
@@ -72,34 +77,6 @@ def _execute(cell: Cell, runner, command) -> tuple[str, str]:
     return "done", ""
 
 
-def _init_worker(parent: int, threads: int):
-    """A worker process: `threads` torch threads (the study's, see `run_study`); it dies with the study's process (else, that one killed, it would run
-    the queued cells and then wait forever), and leaves Ctrl-C to it (which stops the workers, `_stop_workers`)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        import ctypes
-        PR_SET_PDEATHSIG = 1  # <linux/prctl.h>: the kernel sends SIGTERM when the parent dies
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    else:  # elsewhere a watchdog thread notices the parent is gone (the worker is re-parented)
-        def watch():
-            while os.getppid() == parent:
-                time.sleep(0.5)
-            os._exit(1)
-        threading.Thread(target=watch, daemon=True).start()
-    if os.getppid() != parent:  # the parent died before the worker asked to die with it
-        os._exit(1)
-    import torch
-    torch.set_num_threads(threads)
-
-
-def _stop_workers(pool: concurrent.futures.ProcessPoolExecutor):
-    """Cancel the queued cells and end the running ones now, instead of waiting for them (as leaving the pool's
-    `with` would): their cells stay unfinished (no done.json), to be run again."""
-    for process in list((pool._processes or {}).values()):  # no public way before Python 3.14's terminate_workers
-        process.terminate()
-    pool.shutdown(wait=True, cancel_futures=True)
-
-
 def _check_devices(cells: list[Cell], where: str):
     """Every device the cells ask for (a train or probe cell's, its train table's) is on this machine: a paper
     profile's "cuda" on a laptop fails here, before any cell runs."""
@@ -124,67 +101,78 @@ class RunSummary:
     skipped: int
     done: list = field(default_factory=list)
     failed: list = field(default_factory=list)  # (hash, message)
+    ran: bool = True  # the cells were run to their end here (not only submitted)
+    queued: int = 0  # submitted before and still in the queue: not submitted again
+    submitted: list = field(default_factory=list)  # hashes of the cells submitted now
+    job: str = ""  # the submission's job (array) ids
+    logs: str = ""  # where the submission's logs go
+    unfinished: list = field(default_factory=list)  # (hash, message): its task ended without finishing it
 
     def text(self, name: str, profile: str | None) -> str:
-        line = (f"study {name} (profile {profile or 'base'}): {self.total} cells, {self.skipped} already done, "
-                f"{len(self.done)} run, {len(self.failed)} failed")
+        line = f"study {name} (profile {profile or 'base'}): {self.total} cells, {self.skipped} already done"
+        if self.queued:
+            line += f", {self.queued} already queued"
+        if self.job or self.submitted:
+            line += f", {len(self.submitted)} submitted" + (f" (job {self.job})" if self.job else "")
+        if self.ran:
+            line += f", {len(self.done)} run, {len(self.failed)} failed"
+            if self.unfinished:
+                line += f", {len(self.unfinished)} not finished"
         for digest, message in self.failed:
             line += f"\n  failed {digest}: {message}"
+        for digest, message in self.unfinished:
+            line += f"\n  not finished {digest}: {message}"
+        if self.logs:
+            line += f"\nlogs in {self.logs}"
         return line
 
 
-def run_study(study: Study, profile: str | None = None, results=None, jobs: int = 1, shard_spec: str | None = None,
-              runner: Callable[[dict, Path], dict] | None = None, progress: bool = True,
-              command=None, threads: int = 1) -> RunSummary:
-    """Run every unfinished cell of the profile (of this shard); finished cells are skipped. Every cell runs with
-    `threads` torch threads, however many run at once (`jobs`): the thread count changes a run's last bits (a sum
-    split over more threads is added in another order), so a study fixes it, and each cell records it
-    (`done.json`'s environment)."""
+@contextlib.contextmanager
+def cell_progress(summary: RunSummary, count: int, label: str, shown: bool = True):
+    """A progress bar over `count` cells and a function `record(cell, status, message)` that counts each one in
+    `summary` ("done", "failed", or "unfinished": its process ended without finishing it) and prints a line for it
+    (the bar is hidden off a terminal)."""
+    from tqdm import tqdm
+    bar = tqdm(total=count, desc=f"{label} cells", file=sys.stderr, disable=None if shown else True, leave=False,
+               dynamic_ncols=True)
+
+    def record(cell, status, message):
+        {"done": lambda: summary.done.append(cell.hash), "failed": lambda: summary.failed.append((cell.hash, message)),
+         "unfinished": lambda: summary.unfinished.append((cell.hash, message))}[status]()
+        bar.update(1)
+        bar.set_postfix(failed=len(summary.failed))
+        finished = len(summary.done) + len(summary.failed) + len(summary.unfinished)
+        with tqdm.external_write_mode():  # a line per cell: the bar is hidden off a terminal
+            print(f"[{finished}/{count}] cell {cell.hash} {status}" + (f": {message}" if message else ""), flush=True)
+
+    try:
+        yield record
+    finally:
+        bar.close()
+
+
+def run_study(study: Study, profile: str | None = None, results=None, jobs: int | None = None,
+              shard_spec: str | None = None, runner: Callable[[dict, Path], dict] | None = None,
+              progress: bool = True, command=None, threads: int | None = None, executor: str = DEFAULT_EXECUTOR,
+              options: dict | None = None) -> RunSummary:
+    """Run every unfinished cell of the profile (of this shard) with `executor` (`gradest.study.executor`; its
+    `options` by name, `jobs` being the local executor's); finished cells are skipped. Every cell runs with
+    `threads` torch threads (default: the executor's, 1 locally, --cpus-per-task on Slurm), however many run at
+    once: the thread count changes a run's last bits (a sum split over more threads is added in another order), so
+    a study fixes it, and each cell records it (`done.json`'s environment). Everything is checked (the options,
+    every cell) before anything runs, is submitted or is written."""
+    chosen = get_executor(executor)
+    options = parse_options(chosen, {**(options or {}), **({"jobs": jobs} if jobs is not None else {})})
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise GradestError(f"threads must be an integer >= 1, got {threads!r}")
     profile = study.resolve_profile(profile)
     index, count = parse_shard(shard_spec)
     cells = shard(study.cells(profile, results_root(results)), index, count)
     todo = [cell for cell in cells if not cell.done]
-    _check_devices(todo, f"study '{study.name}' (profile {profile or 'base'})")
-    summary = RunSummary(total=len(cells), skipped=len(cells) - len(todo))
-    from tqdm import tqdm
-    bar = tqdm(total=len(todo), desc=f"{study.name} cells", file=sys.stderr, disable=None if progress else True,
-               leave=False, dynamic_ncols=True)
-
-    def record(cell, status, message):
-        (summary.done.append(cell.hash) if status == "done" else summary.failed.append((cell.hash, message)))
-        bar.update(1)
-        bar.set_postfix(failed=len(summary.failed))
-        finished = len(summary.done) + len(summary.failed)
-        with tqdm.external_write_mode():  # a line per cell: the bar is hidden off a terminal
-            print(f"[{finished}/{len(todo)}] cell {cell.hash} {status}" + (f": {message}" if message else ""),
-                  flush=True)
-
-    try:
-        if jobs <= 1 or len(todo) <= 1:
-            import torch
-            previous = torch.get_num_threads()
-            torch.set_num_threads(threads)
-            try:
-                for cell in todo:
-                    record(cell, *execute(cell, runner, command))
-            finally:
-                torch.set_num_threads(previous)
-        else:
-            context = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
-                                                        initargs=(os.getpid(), threads)) as pool:
-                try:
-                    futures = {pool.submit(execute, cell, runner, command): cell for cell in todo}
-                    for future in concurrent.futures.as_completed(futures):
-                        record(futures[future], *future.result())
-                except BaseException:  # Ctrl-C (KeyboardInterrupt), a worker that died
-                    _stop_workers(pool)
-                    raise
-    except concurrent.futures.process.BrokenProcessPool:
-        raise GradestError("a worker process died (killed or out of memory); run the study again to finish "
-                           "the remaining cells") from None
-    finally:
-        bar.close()
+    summary = chosen.run(todo, options, threads or chosen.threads(options), runner=runner, command=command,
+                         progress=progress, where=f"study '{study.name}' (profile {profile or 'base'})",
+                         results=results_root(results), label=study.name)
+    summary.total, summary.skipped = len(cells), len(cells) - len(todo)
     return summary
 
 
@@ -199,30 +187,62 @@ def finished(study: Study, profile: str | None, results=None) -> tuple[list[Cell
 
 
 def status_text(study: Study, profile: str | None, results=None) -> str:
-    """`gradest study status`: how many of the profile's cells are done, failed and still to run, in all and per
-    arm (the variant's name, else its estimator, and the study's `group_by` values), and each failure's error."""
+    """`gradest study status`: how many of the profile's cells are done, failed, queued (submitted to a queue and
+    not finished since) and still to run, in all and per arm (the variant's name, else its estimator, and the
+    study's `group_by` values), each failure's error, and the jobs the queued cells are in (those whose job is no
+    longer queued or running, where the executor can tell: killed, or out of time)."""
     from tabulate import tabulate
     cells = study.cells(profile, results_root(results))
+    states = {cell.hash: "done" if cell.done else "queued" if cell.queued else "failed" if cell.failed else "to run"
+              for cell in cells}
+    columns = ["done", "failed", *(["queued"] if "queued" in states.values() else []), "to run"]
     arms = {}
     for cell in cells:
         arm = (cell.config.get("name") or cell.config.get("estimator") or cell.kind,
                *(_dotted(cell.config, key) for key in study.group_by))
-        state = "done" if cell.done else "failed" if cell.failed else "to run"
-        arms.setdefault(arm, {"done": 0, "failed": 0, "to run": 0})[state] += 1
-    failed = [cell for cell in cells if cell.failed]
-    done = sum(counts["done"] for counts in arms.values())
+        arms.setdefault(arm, dict.fromkeys(columns, 0))[states[cell.hash]] += 1
+    counts = {column: sum(arm[column] for arm in arms.values()) for column in columns}
 
     def group(item):  # numbers in order, then names
         return [(0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value)) for value in item[0][1:]]
     rows = sorted(arms.items(), key=group)  # by group; within one, the arms in the cells' order
     table = tabulate([[*arm, *counts.values()] for arm, counts in rows],
-                     headers=["arm", *study.group_by, "done", "failed", "to run"], tablefmt="simple")
-    lines = [f"study {study.name} (profile {profile or 'base'}): {done} of {len(cells)} cells done, "
-             f"{len(failed)} failed, {len(cells) - done - len(failed)} to run", table]
-    for cell in failed:
-        error = json.loads((cell.directory / "error.json").read_text()).get("error", "")
-        lines.append(f"failed {cell.hash}: {error}")
+                     headers=["arm", *study.group_by, *columns], tablefmt="simple")
+    queued = f"{counts['queued']} queued, " if "queued" in counts else ""
+    lines = [f"study {study.name} (profile {profile or 'base'}): {counts['done']} of {len(cells)} cells done, "
+             f"{counts['failed']} failed, {queued}{counts['to run']} to run", table]
+    for cell in cells:
+        if states[cell.hash] == "failed":
+            error = json.loads((cell.directory / "error.json").read_text()).get("error", "")
+            lines.append(f"failed {cell.hash}: {error}")
+    lines += _queued_lines([cell for cell in cells if states[cell.hash] == "queued"])
     return "\n".join(lines)
+
+
+def _queued_lines(cells: list[Cell]) -> list[str]:
+    """What `status_text` says of the queued cells: the jobs they were submitted in, and those no longer queued or
+    running (asked of each cell's executor)."""
+    jobs = {}
+    for cell in cells:
+        record = cell.submission
+        key = (record.get("executor", "?"), str(record.get("array", record.get("job", "?"))))
+        jobs.setdefault(key, []).append((cell, record))
+    lines, lost = [], []
+    for (name, array), queued in jobs.items():
+        record = queued[0][1]
+        lines.append(f"queued {len(queued)} cell(s) in job {array} (--executor {name}, submitted "
+                     f"{record.get('submitted', '?')}; logs in {record.get('logs', '?')})")
+        try:
+            active = get_executor(name).active([str(r.get("job")) for _, r in queued])
+        except GradestError:  # an executor this gradest does not have
+            active = None
+        if active is not None:
+            lost += [cell for cell, r in queued if str(r.get("job")) not in active]
+    if lost:
+        lines.append(f"{len(lost)} queued cell(s) are in no job still queued or running (killed, out of time or "
+                     f"memory? see the logs): `gradest study run` submits them again: "
+                     + ", ".join(cell.hash for cell in lost))
+    return lines
 
 
 def _dotted(config: dict, key: str):

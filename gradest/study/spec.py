@@ -36,6 +36,7 @@ FORMAT = 1  # bump when a cell's outputs change meaning: every cell is then run 
 PROFILES = ("quick", "full", "paper")
 DEFAULT_PROFILE = "full"
 RESULTS_ENV = "GRADEST_RESULTS"
+QUEUED = "queued.json"  # a cell's record of its submission to a queue (`Cell.submission`)
 TOP_KEYS = ("study", "grid", "settings", "profiles")
 # findings: what the numbers show, in words; baseline: the run label (train studies) that ratios are taken against;
 # group_by: the settings (`model.balance_coef` for a model setting) whose values group a train study's report
@@ -59,8 +60,30 @@ class Cell:
         return (self.directory / "done.json").is_file()
 
     @property
+    def submission(self) -> dict | None:
+        """The record of the cell's submission to a queue (`queued.json`, written by an executor such as slurm's),
+        while it stands: the cell is not finished, nor has it failed since it was submitted. None otherwise."""
+        if self.done:
+            return None
+        try:
+            record = json.loads((self.directory / QUEUED).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        error = self.directory / "error.json"
+        if not isinstance(record, dict):
+            return None
+        if error.is_file() and error.stat().st_mtime_ns >= record.get("submitted_ns", 0):  # it failed since
+            return None
+        return record
+
+    @property
+    def queued(self) -> bool:
+        """Submitted and not finished (nor failed) since: waiting in a queue, running, or lost with its job."""
+        return self.submission is not None
+
+    @property
     def failed(self) -> bool:
-        return not self.done and (self.directory / "error.json").is_file()
+        return not self.done and (self.directory / "error.json").is_file() and not self.queued
 
 
 @dataclass

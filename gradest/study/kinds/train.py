@@ -393,11 +393,15 @@ def _render_train(study: Study, finals: pd.DataFrame, curves: pd.DataFrame, out:
         if baseline:
             columns[f"FLOPs vs {baseline}"] = "flops_ratio"
     columns["total s"] = "seconds"
+    def values_of(r, metric) -> int:  # a partial study's paired differences can be fewer than its seeds
+        runs = finals[_in_group(finals, {k: r[k] for k in group_keys}) & (finals["label"] == r["label"]).to_numpy()]
+        return int(np.isfinite(runs[metric].to_numpy(float)).sum())
+
     tables, ranked = [], []
     for group in group_rows:
         rows = summary[_in_group(summary, group)]
         table = pd.DataFrame({"run": rows["label"], "seeds": rows["seeds"],
-                              **{name: [plus_minus(r[m], r[f"{m}_lo"], r[f"{m}_hi"], r["seeds"])
+                              **{name: [plus_minus(r[m], r[f"{m}_lo"], r[f"{m}_hi"], values_of(r, m))
                                         for _, r in rows.iterrows()] for name, m in columns.items()}})
         if convergence:
             table.insert(4, f"steps to {baseline}'s final loss (ratio, per seed)", rows["steps_ratio"].tolist())
@@ -433,19 +437,21 @@ def _render_train(study: Study, finals: pd.DataFrame, curves: pd.DataFrame, out:
             "- [curves.csv](curves.csv): validation (and train) loss at every evaluation of every run\n"
             "- [summary.csv](summary.csv): means over seeds with 95% t-intervals (`_lo`, `_hi`), the table's numbers")
     if convergence:
-        tables.append(_tests(finals, group_rows, group_keys, baseline, out))
+        tables.append(_tests(finals, curves, group_rows, group_keys, baseline, out))
         paragraph += (" The tests (below the tables) are paired by seed; each family of comparisons is corrected by "
                       "Holm's method over that family.")
         data += "\n- [tests.csv](tests.csv): every test of the Tests section, with its family and Holm-adjusted p"
     return paragraph, "\n\n".join(tables), figures, data
 
 
-def _tests(finals: pd.DataFrame, group_rows: list[dict], group_keys: list[str], baseline: str, out: Path) -> str:
-    """The tests a train study's findings may quote, in three families, each corrected by Holm's method over itself:
+def _tests(finals: pd.DataFrame, curves: pd.DataFrame, group_rows: list[dict], group_keys: list[str],
+           baseline: str, out: Path) -> str:
+    """The tests a train study's findings may quote, in families, each corrected by Holm's method over itself:
     every arm against the baseline in its group (paired t over seeds); every two other arms of a group (paired t of
-    their difference, seed by seed: is one lead larger than the other?); and an arm's lead over the baseline in two
-    groups that differ in one setting (Welch's t: does the lead change with that setting?). tests.csv holds them
-    all."""
+    their difference, seed by seed: is one lead larger than the other?); an arm's lead over the baseline in two
+    groups that differ in one setting (Welch's t: does the lead change with that setting?); and, where runs stop at
+    different steps (a plateau rule), each arm's lead at the last step every run reached against its lead at the
+    end (paired t of the change: does the lead persist, shrink or grow?). tests.csv holds them all."""
     rows = []
     diffs = {}  # (group index, label) -> {seed: val_loss_diff}
     for index, group in enumerate(group_rows):
@@ -477,6 +483,7 @@ def _tests(finals: pd.DataFrame, group_rows: list[dict], group_keys: list[str], 
                          "comparison": f"({label} - {baseline}) change", "mean": mean, "lo": np.nan, "hi": np.nan,
                          "seeds": min(len(later), len(earlier)), "lower": np.nan,
                          "p": welch_test(later, earlier), "sign_p": np.nan})
+    rows += _lead_over_training(finals, curves, group_rows, group_keys, baseline, diffs)
     tests = pd.DataFrame(rows, columns=["family", "group", "comparison", "mean", "lo", "hi", "seeds", "lower", "p",
                                         "sign_p"])
     tests["holm_p"] = np.nan
@@ -488,7 +495,8 @@ def _tests(finals: pd.DataFrame, group_rows: list[dict], group_keys: list[str], 
         table = pd.DataFrame({
             "group": family["group"], "comparison": family["comparison"], "seeds": family["seeds"].astype(int),
             "mean difference": [plus_minus(r["mean"], r["lo"], r["hi"], r["seeds"]) if np.isfinite(r["lo"])
-                                else f"{r['mean']:+.4g}" for _, r in family.iterrows()],
+                                else f"{r['mean']:+.4g}" if np.isfinite(r["mean"]) else "-"
+                                for _, r in family.iterrows()],
             "lower in": [f"{int(r['lower'])} of {int(r['seeds'])}" if np.isfinite(r["lower"]) else "-"
                          for _, r in family.iterrows()],
             "sign test p": [p_text(p) for p in family["sign_p"]], "t-test p": [p_text(p) for p in family["p"]],
@@ -499,10 +507,39 @@ def _tests(finals: pd.DataFrame, group_rows: list[dict], group_keys: list[str], 
                                 "(Student's t): is one effect larger than the other?",
                 "between groups": "an arm's mean difference from the baseline in one group minus that in another "
                                   "group that differs in one setting (Welch's t): does the effect change with that "
-                                  "setting?"}[name]
+                                  "setting?",
+                "over training": "each arm's difference from the baseline at the last evaluation every run reached "
+                                 "(\"at step S\"), and its final difference minus that one, paired by seed "
+                                 "(Student's t): does the lead persist (no change), shrink or grow by the end?"}[name]
         sections.append(f"#### Tests: {name}\n\n{what}; family: the {len(family)} tests of this table.\n\n"
                         + table.to_markdown(index=False))
     return "### Tests\n\n" + "\n\n".join(sections)
+
+
+def _lead_over_training(finals: pd.DataFrame, curves: pd.DataFrame, group_rows: list[dict], group_keys: list[str],
+                        baseline: str, diffs: dict) -> list[dict]:
+    """The "over training" family (runs of different lengths only): per arm, its paired difference from the
+    baseline at step S, the last evaluation every run of the study reached, and the change from there to the final
+    difference."""
+    if finals["steps"].nunique() < 2:
+        return []
+    horizon = int(finals["steps"].min())
+    at = curves[curves["step"] == horizon].set_index("cell")["val_loss"]
+    rows = []
+    for (index, label), final in diffs.items():
+        group = finals[_in_group(finals, group_rows[index])]
+        base = group[group["label"] == baseline].set_index("seed")["cell"]
+        arm = group[group["label"] == label].set_index("seed")["cell"]
+        seeds = [seed for seed in final if seed in base.index and seed in arm.index
+                 and arm[seed] in at.index and base[seed] in at.index]
+        early = {seed: float(at[arm[seed]] - at[base[seed]]) for seed in seeds}
+        name = _group_name(group_rows[index], group_keys)
+        rows.append({"family": "over training", "group": name, "comparison": f"{label} - {baseline} at step {horizon}",
+                     **paired_test(list(early.values()))})
+        rows.append({"family": "over training", "group": name,
+                     "comparison": f"({label} - {baseline}) final minus at step {horizon}",
+                     **paired_test([final[seed] - early[seed] for seed in seeds])})
+    return rows
 
 
 register_cell_kind(CellKind("train", defaults=defaults, resolve=resolve, run=run, report=report,
