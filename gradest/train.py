@@ -539,20 +539,21 @@ class Trainer:
         runner's) is ended by SIGTERM and must then die, not go on to its next queued task. `stop_now(signum)`: called
         (from another thread) on a signal that arrives before this process has finished a step, to end the process
         at once (see stop_signals)."""
-        if self.rank == 0:
-            remove_stale_temporaries(self.out)
-            self.write_config(command)
         steps = range(self.step, min(self.config.steps, until or self.config.steps))
         if self.plateaued():  # a run stopped early is complete
             steps = range(0)
-        bar = progress(steps) if progress and self.rank == 0 else steps
         first = self.step
 
         def at_once(signum):  # before the first step of this process ends: stop now, nothing to finish
             if self.step == first and self.world == 1 and signum in (signal.SIGINT, signal.SIGTERM):
                 stop_now(signum)
 
+        # (from before config.json is written: a signal while it is, git asked for its state, finds the handlers)
         with stop_signals(handle_signals, at_once=at_once if stop_now is not None else None) as received:
+            if self.rank == 0:
+                remove_stale_temporaries(self.out)
+                self.write_config(command)
+            bar = progress(steps) if progress and self.rank == 0 else steps
             for _ in bar:
                 row = self.train_step()
                 last = self.step == self.config.steps
