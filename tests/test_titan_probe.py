@@ -176,7 +176,7 @@ def test_cli_writes_summary(tmp_path):
     (["--layer", 7], ["layer", "0..1"]),
     (["--top-k", 9], ["--top-k 9", "4 experts"]),
     (["--wrt", "all"], ["--wrt all", "titan"]),
-    (["--checkpoint", "x"], ["--checkpoint", "switch-*"]),
+    (["--checkpoint", "x"], ["--checkpoint", "switch-lm", "titan"]),
     (["--hf", "mixtral"], ["--hf", "--problem hf"]),
     (["--dim", 4], ["--dim", "synthetic"]),
     (["--estimators", "default-moe"], ["default-moe", "stateful"]),
