@@ -24,6 +24,7 @@ experts; the rest is here, engine-neutral (this module imports neither transform
 from __future__ import annotations
 
 import contextlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -302,3 +303,51 @@ def blocks_log_prob(blocks: list[PatchedBlock], batch: int, *,
             log_prob = log_prob * attention_mask.to(log_prob.dtype)
         total = log_prob.sum(-1) if total is None else total + log_prob.sum(-1)
     return total
+
+
+# ----------------------------------------------------------------------------------------- the probe's site
+class BlockSlot:
+    """Stands in for gradest's `MoE` layer in gradest.probe's functions, for one engine block: assigning
+    `estimator` patches that block alone with it (`install`, the adapter's), assigning None restores the engine's
+    own routing. `k` is kept for `installed`, which saves and restores it; `aux.log_prob` is what a
+    score-function estimator left on the block."""
+
+    def __init__(self, block: nn.Module):
+        self.block = block
+        self.k = None
+        self.patched: Patched | None = None
+        self.aux = self  # `aux.log_prob`, as an MoE layer's aux has it
+
+    @property
+    def log_prob(self) -> Tensor | None:
+        return getattr(self.block, "gradest_log_prob", None)
+
+    @property
+    def estimator(self) -> Estimator | None:
+        return None if self.patched is None else self.patched.estimator
+
+    @estimator.setter
+    def estimator(self, value: Estimator | None) -> None:
+        if self.patched is not None:
+            self.patched.undo()
+            self.patched = None
+        if value is not None:
+            self.patched = self.install(value)
+
+    def install(self, estimator: Estimator) -> Patched:
+        """Override: patch this block, and no other, with `estimator`."""
+        raise NotImplementedError
+
+
+@contextmanager
+def frozen(model: nn.Module):
+    """The model's parameters need no gradient inside (the probe differentiates w.r.t. leaf logits only, so the
+    graph through the weights is dead weight); restored afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)

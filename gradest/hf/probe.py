@@ -39,12 +39,11 @@ so every token at layer L can change the loss (`relevant` is all true).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from gradest.engines import BlockSlot, Patched, frozen
 from gradest.errors import GradestError
 from gradest.estimators import Estimator
 from gradest.hf.families import routing_dtype
@@ -92,57 +91,20 @@ def model_batch(model: nn.Module, batch_size: int, seq_len: int, data_seed: int 
 
 
 # -------------------------------------------------------------------------------------------- the patched slot
-class _Aux:
-    def __init__(self, block: nn.Module):
-        self.block = block
-
-    @property
-    def log_prob(self) -> Tensor | None:
-        """The log-probability of the routing the patched block sampled (score-function estimators)."""
-        return getattr(self.block, "gradest_log_prob", None)
-
-
-class _BlockSlot:
-    """Stands in for gradest's `MoE` layer in probe.py's functions, for one HF block: assigning `estimator`
-    patches the block with it (and no other block), assigning None restores the block's native routing. `k`
-    is kept for `installed`, which saves and restores it; `aux.log_prob` is what a score-function estimator left."""
+class _BlockSlot(BlockSlot):
+    """`engines.BlockSlot` for one HF block of `model`."""
 
     def __init__(self, model: nn.Module, block: nn.Module):
-        self.model, self.block = model, block
-        self.k = None
-        self.patched = None
-        self.aux = _Aux(block)
+        super().__init__(block)
+        self.model = model
 
-    @property
-    def estimator(self) -> Estimator | None:
-        return None if self.patched is None else self.patched.estimator
-
-    @estimator.setter
-    def estimator(self, value: Estimator | None) -> None:
-        if self.patched is not None:
-            self.patched.undo()
-            self.patched = None
-        if value is not None:
-            patched = patch(self.model, value)
-            for b in patched.blocks:  # only this block is routed by gradest; the others keep their own rule
-                if b.block is not self.block:
-                    b.restore()
-            patched.blocks = [b for b in patched.blocks if b.block is self.block]
-            self.patched = patched
-
-
-@contextmanager
-def frozen(model: nn.Module):
-    """The model's parameters need no gradient inside (the probe differentiates w.r.t. leaf logits only, so the
-    graph through the weights is dead weight); restored afterwards."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+    def install(self, estimator: Estimator) -> Patched:
+        patched = patch(self.model, estimator)
+        for b in patched.blocks:  # only this block is routed by gradest; the others keep their own rule
+            if b.block is not self.block:
+                b.restore()
+        patched.blocks = [b for b in patched.blocks if b.block is self.block]
+        return patched
 
 
 # --------------------------------------------------------------------------------------------------- the site

@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from gradest.engines import routing_dtype
+from gradest.engines import BlockSlot, Patched, frozen, routing_dtype
 from gradest.errors import GradestError
 from gradest.estimators import Estimator
 from gradest.model import token_cross_entropy
@@ -54,57 +54,21 @@ VOCAB = 65  # tiny-shakespeare's characters: the probe model's vocabulary
 PROBE_MODEL = dict(dim=32, layers=2, heads=4, kv_heads=2, head_dim=8, hidden=48, experts=4)  # qwen3_moe_config's
 
 
-class _Aux:
-    def __init__(self, block: nn.Module):
-        self.block = block
-
-    @property
-    def log_prob(self) -> Tensor | None:
-        """The log-probability of the routing the patched block sampled (score-function estimators)."""
-        return getattr(self.block, "gradest_log_prob", None)
-
-
-class _TitanSlot:
-    """Stands in for gradest's `MoE` layer in probe.py's functions, for one torchtitan block: assigning `estimator`
-    patches the block alone with it, None restores torchtitan's routing. `k` is kept for `installed`."""
+class _TitanSlot(BlockSlot):
+    """`engines.BlockSlot` for one torchtitan block, patched alone (`gradest.titan.patch` of the block)."""
 
     def __init__(self, block: nn.Module, name: str):
-        self.block, self.name = block, name
-        self.k = None
-        self.patched = None
-        self.aux = _Aux(block)
+        super().__init__(block)
+        self.name = name
 
-    @property
-    def estimator(self) -> Estimator | None:
-        return None if self.patched is None else self.patched.estimator
-
-    @estimator.setter
-    def estimator(self, value: Estimator | None) -> None:
-        if self.patched is not None:
-            self.patched.undo()
-            self.patched = None
-        if value is not None:
-            patched = patch(self.block, value)
-            (routed,) = patched.blocks
-            routed.name = self.name
-            # the probe's sampled rule wraps the estimator: a dense one needs every expert on every token
-            if getattr(value, "estimator", value).dense and not value.dense:
-                routed.override(self.block, routed.forward_dense)
-            self.patched = patched
-
-
-def frozen_parameters(model: nn.Module):
-    """(parameter, requires_grad) of every parameter, each switched off (the probe differentiates w.r.t. leaf
-    logits only); give the list to `unfreeze`."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    return flags
-
-
-def unfreeze(flags) -> None:
-    for p, flag in flags:
-        p.requires_grad_(flag)
+    def install(self, estimator: Estimator) -> Patched:
+        patched = patch(self.block, estimator)
+        (routed,) = patched.blocks
+        routed.name = self.name
+        # the probe's sampled rule wraps the estimator: a dense one needs every expert on every token
+        if getattr(estimator, "estimator", estimator).dense and not estimator.dense:
+            routed.override(self.block, routed.forward_dense)
+        return patched
 
 
 class TitanSite(Site):
@@ -155,11 +119,8 @@ class TitanSite(Site):
     def losses(self, rows: Tensor) -> Tensor:
         """Each row's sequence loss (R,): the whole model on copies of those sequences, block L routed by what the
         slot holds, the other blocks natively."""
-        flags = frozen_parameters(self.model)
-        try:
+        with frozen(self.model):
             logits = forward(self.model, self.idx[rows])
-        finally:
-            unfreeze(flags)
         return token_cross_entropy(logits, self.targets[rows], self.ignore).sum(-1) / self.counts[rows]
 
     def zero_losses(self) -> Tensor:
