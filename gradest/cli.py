@@ -11,6 +11,7 @@ import dataclasses
 import errno
 import functools
 import itertools
+import logging
 import os
 import re
 import sys
@@ -34,6 +35,7 @@ from gradest.estimators import expand_estimators
 from gradest.hf.models import CAUSAL
 from gradest.measure import WRT, compare as compare_estimators
 from gradest.memory import check_probe, check_training, model_probe_peak
+from gradest.progress import log
 from gradest.model import SwitchConfig
 from gradest.presets import apply_preset
 from gradest.probe import TASK_PROBLEM, switch_probe
@@ -41,7 +43,8 @@ from gradest.problems import PROBLEM_DEFAULTS, PROBLEMS, ProblemConfig
 from gradest.figures import atomic_savefig, training_figure
 from gradest.report import summary_text, training_summary, write_compare_report, write_run_report
 from gradest.synthetic import SYNTHETIC_LR, SYNTHETIC_STEPS, train_synthetic
-from gradest.train import RUN_FILES, Interrupted, Trainer, config_of, load_checkpoint, remove_stale_temporaries
+from gradest.train import (RUN_FILES, Interrupted, Trainer, config_of, load_checkpoint, remove_stale_temporaries,
+                           stop_signals)
 
 SWITCH_PROBLEMS = {problem: task for task, problem in TASK_PROBLEM.items()}  # switch-lm -> lm, switch-mt -> mt
 HF_PROBLEM = "hf"  # the router-gradient probe on a Hugging Face causal LM (gradest.hf.probe)
@@ -197,6 +200,41 @@ def progress_bar(items, description: str = ""):
     return tqdm(items, desc=description, file=sys.stderr, disable=None, leave=False, dynamic_ncols=True)
 
 
+class EchoLines(logging.Handler):
+    """The library's progress (gradest.progress.log) as lines on stdout, written where stdout is
+    at the time (a test runner swaps it), around a progress bar if one is drawn: a captured log keeps them."""
+
+    def emit(self, record):
+        with tqdm.external_write_mode():
+            click.echo(self.format(record))
+
+
+def show_progress_lines():
+    if not any(isinstance(handler, EchoLines) for handler in log.handlers):
+        log.addHandler(EchoLines())
+    log.setLevel(logging.INFO)
+
+
+def progress_lines(items, what: str, describe=None):
+    """The items, with a line before each: `what i/n: item, s elapsed` (a long probe or check that prints
+    nothing until its table would look hung, and a log could not tell how far it got)."""
+    items, start = list(items), time.perf_counter()
+    for index, item in enumerate(items, 1):
+        log.info(f"{what} {index}/{len(items)}: {(describe or item_text)(item)}, "
+                 f"{time.perf_counter() - start:.0f} s elapsed")
+        yield item
+
+
+def item_text(item) -> str:
+    """An estimator by its label, a synthetic problem by its name and sizes, (problem, estimator) by both."""
+    if isinstance(item, tuple):
+        return ", ".join(item_text(part) for part in item)
+    config = getattr(item, "config", None)
+    if isinstance(config, ProblemConfig):
+        return f"{config.problem} (n={config.experts}, k={config.top_k})"
+    return str(getattr(item, "label", item))
+
+
 @contextlib.contextmanager
 def report_errors(out: Path):
     """A report that cannot be written (permissions, a file in the way, a full disk) is an error of the
@@ -280,6 +318,7 @@ def main(threads):
     """Gradient estimators for mixture-of-experts routing, measured against the exact gradient."""
     if threads is not None:
         torch.set_num_threads(threads)
+    show_progress_lines()
 
 
 @main.command("list")
@@ -373,7 +412,7 @@ def compare(problems, estimators, samples, wrt, checkpoint, layer, draws, hf_nam
     configs = problem_configs(synthetic, seed, varying={"experts": experts, "top_k": top_k, "sharpness": sharpness},
                               fixed={"tokens": tokens, "dim": dim})
     chosen = "all" if estimators.strip() == "all" else estimators.split(",")
-    progress = functools.partial(progress_bar, description="estimators")
+    progress = functools.partial(progress_lines, what="compare")
     frames = [compare_estimators(configs, chosen, samples=samples, wrt=wrt, seed=seed, settings=hparams,
                                  progress=progress)] if configs else []
     for name in (name for name in problems if name in SWITCH_PROBLEMS):
@@ -444,7 +483,7 @@ def doctor(hf_name, hf_config, hf_model, top_k, text_file, batches, batch_size, 
                 f"gradest doctor on {batches * batch_size} sequences of {seq_len} tokens")
     batch = doctor_batch(model.config.vocab_size, batches, batch_size, seq_len, text, data_seed=seed)
     result = diagnose(model, batch, draws=draws, seed=seed,
-                      progress=functools.partial(progress_bar, description="layers"))
+                      progress=functools.partial(progress_lines, what="doctor", describe=lambda i: f"layer {i}"))
     label = str(hf_model or hf_config or hf_name)
     with written_whole(out):
         write_doctor_report(result, out, {
@@ -579,7 +618,7 @@ def start_run(settings: dict, model: dict, out: Path | None) -> tuple[Trainer, P
     given = {**settings, **{key: value for key, value in model.items() if value is not None}}
     config = TrainConfig(**apply_preset(settings.get("preset"), given))
     check_device(config.device)  # a bad value is named before anything about the directory
-    check_training(config)  # a run that cannot fit in memory, before its model is built
+    memory = check_training(config)  # a run that cannot fit in memory, before its model is built
     if out is not None:
         refuse_a_run_in(out)
     trainer = Trainer(config, out or Path("runs"))  # (its model builds the estimator; nothing is written yet)
@@ -588,6 +627,9 @@ def start_run(settings: dict, model: dict, out: Path | None) -> tuple[Trainer, P
         out = trainer.out = Path("runs") / (f"{file_name(trainer.estimator.label)}-{what}-n{config.model.experts}-"
                                             f"k{config.top_k}-seed{config.seed}")
         refuse_a_run_in(out)
+    what = f"Hugging Face {config.hf_transformers_config.model_type}" if config.is_hf else config.task
+    log.info(f"{trainer.estimator.label} on {what}: {config.steps} steps of {config.batch_size} sequences of "
+             f"{config.model.block_size} tokens, peak memory {memory}")
     return trainer, out
 
 
@@ -645,20 +687,19 @@ def show(flag: str, value) -> str:
 def train(ctx: click.Context, trainer: Trainer, out: Path):
     """Run a trainer to its end with a line per evaluation, then its figure and summary; Ctrl-C or SIGTERM stop
     it after the step under way, printing how to resume."""
-    start = time.perf_counter()
-
-    def on_eval(row):
+    def on_line(line, row):
         with tqdm.external_write_mode():  # clears the bar (on a terminal) while the line is written
-            click.echo(trainer.evaluation_line(row, time.perf_counter() - start))
+            click.echo(line)
 
     # one process trains a run directory: a second `--out` the same one is refused before it writes anything
     made = not out.exists()  # (a run refused by the lock, another process's, removes nothing of that run)
-    with directory_lock(out) if trainer.rank == 0 else contextlib.nullcontext(), \
+    # a signal from here on, even before the run's own handlers are set, stops it the way they would
+    with stop_signals(), directory_lock(out) if trainer.rank == 0 else contextlib.nullcontext(), \
             NewRunKeptWhole(trainer, out, made) as kept:
         try:
             with report_errors(out):
                 metrics = trainer.run(progress=lambda steps: progress_bar(steps, trainer.estimator.label),
-                                      command=command_line(), on_eval=on_eval, handle_signals=True,
+                                      command=command_line(), on_line=on_line, handle_signals=True,
                                       stop_now=kept.stop_now)
         except Interrupted as stop:
             if trainer.rank == 0:
@@ -842,7 +883,7 @@ def study_run(spec, profile, executor, shard_spec, cell_threads, results, **opti
     spec_ = load_study(spec)
     profile = spec_.resolve_profile(profile)
     if executor == "local":  # (cells another machine runs are sized for that machine)
-        check_study_memory(spec_, profile, results)
+        check_study_memory(spec_, profile, results, shard_spec)
     summary = run_study(spec_, profile, results, None, shard_spec, command=command_line(), threads=cell_threads,
                         executor=executor, options=options)
     click.echo(summary.text(spec_.name, profile))
@@ -855,12 +896,14 @@ def study_run(spec, profile, executor, shard_spec, cell_threads, results, **opti
         click.echo(f"`gradest study status {spec}` shows how far the array is")
 
 
-def check_study_memory(spec, profile: str | None, results) -> None:
-    """Every cell still to run must fit in this machine's memory (each kind's estimate, gradest.memory): a cell
-    that cannot is refused, naming it, when the study starts, not recorded as failed after the others ran."""
+def check_study_memory(spec, profile: str | None, results, shard_spec: str | None = None) -> None:
+    """Every cell this machine will run (of its --shard) must fit in its memory (each kind's estimate,
+    gradest.memory): a cell that cannot is refused, naming it, when the study starts, not recorded as failed after
+    the others ran. Another shard's cells are another machine's to check."""
     from gradest.study import results_root
     from gradest.study.kind import cell_kind
-    for cell in spec.cells(profile, results_root(results)):
+    from gradest.study.spec import parse_shard, shard
+    for cell in shard(spec.cells(profile, results_root(results)), *parse_shard(shard_spec)):
         if not cell.done:
             try:
                 cell_kind(cell.kind).check_memory(cell.config)
@@ -908,6 +951,9 @@ def figures(reports_dir):
     results cache needed, and the data (report.json, results.csv, curves.csv) is left as it is. Recomputing the
     cells is `gradest study run` then `gradest report`."""
     from gradest.study import regenerate
+    if not reports_dir.is_dir():
+        raise GradestError(f"--reports {reports_dir} is not a directory; valid: a directory of reports (each "
+                           f"<study>/report.json), such as the repository's reports/")
     with report_errors(reports_dir):
         written, skipped = regenerate(reports_dir)
     for path in written:

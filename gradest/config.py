@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -287,8 +288,14 @@ class TrainConfig:
         if estimator.enumerates:
             raise GradestError(f"estimator '{estimator.name}' cannot train an MoE layer (it needs one pass of the "
                                f"layers above per expert tuple); valid: {', '.join(trainable(GATED, self.top_k))}")
-        if estimator.min_batch > self.batch_size:  # (checked with the other settings, before anything is written)
+        # (checked with the other settings, before anything is written); under torchrun each process scores its
+        # own share of the batch
+        world = os.environ.get("WORLD_SIZE", "1")
+        world = int(world) if world.isdigit() and int(world) > 0 else 1
+        if estimator.min_batch > self.batch_size // world:
+            share = f" over {world} processes ({self.batch_size // world} each)" if world > 1 else ""
             raise GradestError(f"estimator '{estimator.label}' needs a batch of at least {estimator.min_batch} "
-                               f"sequences, got batch_size={self.batch_size}; valid: batch_size >= "
-                               f"{estimator.min_batch} (--batch-size)")
+                               f"sequences{' in each process' if world > 1 else ''}, got batch_size="
+                               f"{self.batch_size}{share}; valid: batch_size >= {estimator.min_batch * world} "
+                               f"(--batch-size)")
         return estimator

@@ -55,12 +55,14 @@ def size_text(size: float) -> str:
     return f"{max(size, 0) / 2 ** 10:.3g} KB"
 
 
-def check_memory(peak: float, what: str, shrink: str, device: str = "cpu") -> None:
-    """Refuse `what` in one line when its estimated `peak` bytes exceed the memory available on `device`."""
+def check_memory(peak: float, what: str, shrink: str, device: str = "cpu") -> str:
+    """Refuse `what` in one line when its estimated `peak` bytes exceed the memory available on `device`; else
+    both, for people ("about 1.2 GB of the 20.9 GB available")."""
     available = available_bytes(device)
     if available is not None and peak > available:
         raise GradestError(f"{what} would need about {size_text(peak)} of memory at its peak, more than the "
                            f"{size_text(available)} available on this machine ({device}); {shrink}")
+    return f"about {size_text(peak)}" + ("" if available is None else f" of the {size_text(available)} available")
 
 
 # ------------------------------------------------------------------------------------------------------ training
@@ -129,10 +131,11 @@ def hf_training_peak(config) -> int:
                          config.model.block_size, layers, h, inter, heads, cfg.vocab_size, config.top_k)
 
 
-def check_training(config) -> None:
-    """Refuse a Switch or Hugging Face run (TrainConfig) that cannot fit in the memory of its device."""
+def check_training(config) -> str:
+    """Refuse a Switch or Hugging Face run (TrainConfig) that cannot fit in the memory of its device; else say
+    what it will need."""
     peak = hf_training_peak(config) if config.is_hf else switch_training_peak(config)
-    check_memory(peak, f"this run ({config.batch_size} sequences of {config.model.block_size} tokens a step)",
+    return check_memory(peak, f"this run ({config.batch_size} sequences of {config.model.block_size} tokens a step)",
                  "shrink --batch-size, --model block_size or the model (--model n_layer=, d_model=, d_ff=, "
                  "experts; --hf-set for a Hugging Face model)", config.device)
 

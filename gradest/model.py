@@ -69,6 +69,13 @@ class SwitchConfig:
             raise GradestError(f"invalid model setting n_head={self.n_head}: it must divide d_model={self.d_model}; "
                                f"valid: " + ", ".join(str(h) for h in range(1, self.d_model + 1)
                                                       if self.d_model % h == 0))
+        stacks = (self.n_layer, self.n_encoder_layer)
+        if self.moe_every > 0 and not any(self.is_moe(layer) for depth in stacks for layer in range(depth)):
+            # a model with no MoE layer would train dense while its run says an estimator routes it
+            raise GradestError(f"invalid model setting n_layer={self.n_layer}: with moe_every={self.moe_every} "
+                               f"(layers {self.moe_every - 1}, {2 * self.moe_every - 1}, ... are MoE) the model has "
+                               f"no MoE layer; valid: n_layer >= {self.moe_every}, moe_every=1 or moe_first=true "
+                               f"(moe_every=0 is the dense baseline)")
         if self.positions == "sinusoidal" and self.d_model < 4:  # the frequencies divide by d_model // 2 - 1
             raise GradestError(f"invalid model setting d_model={self.d_model} for positions=sinusoidal; valid: "
                                f"d_model >= 4")

@@ -69,6 +69,7 @@ from gradest.estimators import expand_estimators
 from gradest.measure import bias_variance, bias_variance_mc
 from gradest.model import SwitchConfig, SwitchLM, SwitchModel, SwitchSeq2Seq, token_cross_entropy
 from gradest.moe import MoE
+from gradest.progress import Pace
 
 REFERENCES = ("auto", "enumeration", "rao-blackwell")
 PROBE_WRT = ("router", "logits")
@@ -473,7 +474,8 @@ def enumerate_reference(site: Site, objective: Objective, max_elements: int = 2 
         experts[:, positions] = tuples[combos]
         pieces.append((b, experts))
     chunk = site.chunk_rows(max_elements)
-    rows = 0
+    rows, what = 0, f"exact reference for {objective.label} (enumeration)"
+    pace = Pace(sum(len(experts) for _, experts in pieces), f"sequences of {site.T} tokens")
     for b, experts in pieces:
         mask = site.relevant[b].expand(chunk, -1)
         for part in experts.split(chunk):
@@ -481,6 +483,7 @@ def enumerate_reference(site: Site, objective: Objective, max_elements: int = 2 
             grad[b] += forced_gradients(site, objective, sequences, part, mask[:len(part)],
                                         mask[:len(part)]).sum(0)
             rows += len(part)
+            pace.tick(rows, what)
     return Reference("enumeration", objective, grad, None, rows, time.perf_counter() - start)
 
 
@@ -506,6 +509,8 @@ def rao_blackwell_reference(site: Site, objective: Objective, draws: int = 64, s
     out = torch.zeros(draws * B, T, n, dtype=torch.float64, device=site.device)
     chunk = site.chunk_rows(max_elements)
     positions = torch.arange(T, device=site.device)
+    what = f"exact reference for {objective.label} (Rao-Blackwell, {draws} draws)"
+    pace = Pace(draws * V, f"sequences of {T} tokens")
     for first in range(0, draws * V, chunk):
         flat = torch.arange(first, min(first + chunk, draws * V), device=site.device)
         s, v = flat // V, flat % V
@@ -514,6 +519,7 @@ def rao_blackwell_reference(site: Site, objective: Objective, draws: int = 64, s
         experts[torch.arange(len(flat), device=site.device), t] = tuples[a]
         only_t = positions == t[:, None]
         out.index_add_(0, s * B + b, forced_gradients(site, objective, b, experts, only_t, only_t))
+        pace.tick(first + len(flat), what)
     per_draw = out.reshape(draws, B, T, n)
     return Reference("rao-blackwell", objective, per_draw.mean(0), per_draw, draws * V,
                      time.perf_counter() - start)
@@ -587,7 +593,7 @@ def layer_gradient_samples(site: Site, estimator: Estimator, samples: int, seed:
     seeds = sample_seeds(seed, 1 if deterministic else samples)
     per_chunk = max(1, site.chunk_rows(max_elements, dense=estimator.dense) // site.B)
     state = site.estimator_state(estimator)
-    out = []
+    out, pace = [], Pace(len(seeds), "samples")
     for first in range(0, len(seeds), per_chunk):
         part = seeds[first:first + per_chunk]
         K = len(part)
@@ -597,6 +603,7 @@ def layer_gradient_samples(site: Site, estimator: Estimator, samples: int, seed:
             losses = site.losses(rows).reshape(K, site.B)
             (grad,) = torch.autograd.grad(surrogate_loss(site, estimator, losses, score), sampled.logits)
         out.append(grad.reshape(K, site.B, site.T, site.n).double())
+        pace.tick(first + K, estimator.label)
     out = torch.cat(out)
     return out.expand(samples, -1, -1, -1) if deterministic else out
 

@@ -19,6 +19,7 @@ from gradest.errors import GradestError
 from gradest.estimators import Estimator, get_estimator
 from gradest.estimators.base import MAX_STEPS, NonFiniteLogits, check_settings, integer_between, learning_rate
 from gradest.problems import Problem, ProblemConfig, make_problem
+from gradest.progress import Pace
 
 SYNTHETIC_STEPS = 300  # `gradest run --problem P` defaults
 SYNTHETIC_LR = 0.05
@@ -81,7 +82,7 @@ def _train(problem: Problem, estimator: Estimator, steps: int, lr: float, seed: 
         history["seconds"].append(elapsed)
 
     record()
-    step_indices = range(steps)
+    step_indices, pace = range(steps), Pace(steps)
     for step in (progress(step_indices, estimator.label) if progress else step_indices):
         start = time.perf_counter()
         optimizer.zero_grad()
@@ -96,4 +97,5 @@ def _train(problem: Problem, estimator: Estimator, steps: int, lr: float, seed: 
             raise diverged(estimator, step + 1, lr, "parameters NaN or inf")
         elapsed += time.perf_counter() - start
         record()
+        pace.tick(step + 1, f"{estimator.label} on {problem.config.problem}")
     return history

@@ -48,6 +48,7 @@ from gradest.errors import GradestError
 from gradest.estimators import Estimator
 from gradest.estimators.base import NonFiniteLogits
 from gradest.io import atomic_write_bytes, atomic_write_text, run_metadata, write_json
+from gradest.progress import Pace
 from gradest.tasks import LanguageModelling, Translation
 
 
@@ -96,13 +97,17 @@ def stop_signals(enabled: bool = True, at_once=None):
     runs only when the main thread is back in Python, and a large model's first step is minutes inside torch. It
     may end the process there (os._exit), e.g. while no step has finished, when finishing one would keep nothing
     the checkpoint on disk does not hold; returning leaves the signal to the loop."""
-    received = []
+    # inside another stop_signals (`gradest run` holds one from before it locks the run's directory), share its
+    # list: a signal that came before these handlers were set is still seen
+    outer = getattr(signal.getsignal(signal.SIGTERM), "received", None)
+    received = outer if enabled and outer is not None else []
 
     def handle(signum, frame):
         if received:
             raise KeyboardInterrupt
         received.append(signum)
 
+    handle.received = received
     previous = {}
     watcher = None
     if enabled and threading.current_thread() is threading.main_thread():
@@ -529,10 +534,10 @@ class Trainer:
         write_json(path, metadata)
 
     # ------------------------------------------------------------------------------------------------ the loop
-    def run(self, progress=None, command: list[str] | None = None, until: int | None = None, on_eval=None,
+    def run(self, progress=None, command: list[str] | None = None, until: int | None = None, on_line=None,
             handle_signals: bool = False, stop_now=None) -> pd.DataFrame:
         """Train to config.steps (or stop after step `until`, as an interrupted run would, checkpoint saved).
-        `on_eval(row)` is called (on rank 0) with the row of every evaluated step.
+        `on_line(line, row)` is called (on rank 0) with each `progress_line` and the row of its step.
 
         `handle_signals` (`gradest run`): SIGINT or SIGTERM stop the run after the step under way, its checkpoint
         and metrics written, by raising Interrupted. The caller's choice, because a process pool's worker (the study
@@ -550,10 +555,13 @@ class Trainer:
 
         # (from before config.json is written: a signal while it is, git asked for its state, finds the handlers)
         with stop_signals(handle_signals, at_once=at_once if stop_now is not None else None) as received:
+            if received and stop_now is not None:  # a signal came before these handlers (see stop_signals)
+                at_once(received[0])
             if self.rank == 0:
                 remove_stale_temporaries(self.out)
                 self.write_config(command)
             bar = progress(steps) if progress and self.rank == 0 else steps
+            pace = Pace(len(steps))
             for _ in bar:
                 row = self.train_step()
                 last = self.step == self.config.steps
@@ -567,8 +575,9 @@ class Trainer:
                 self.rows.append(row)
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{row['train_loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-                if on_eval and self.rank == 0 and "val_loss" in row:
-                    on_eval(row)
+                line = self.progress_line(row, pace, self.step - first)
+                if line and on_line and self.rank == 0:
+                    on_line(line, row)
                 if self.step % self.config.checkpoint_interval == 0 or last or self.step == until:
                     self.save()
                 signum = self.stop_signal(received) if handle_signals else 0
@@ -598,13 +607,20 @@ class Trainer:
         """All its steps trained, or stopped early by `plateau`."""
         return self.step >= self.config.steps or self.plateaued()
 
-    def evaluation_line(self, row: dict, elapsed: float) -> str:
-        """The line printed at every evaluation (`gradest run`, and each cell of `gradest study run`), on stdout
-        whatever stderr is: a captured log (no terminal, so no progress bar) shows how a long run goes. Tokens/s:
-        the median over the steps since the last evaluation."""
-        recent = pd.Series([r["tokens_per_s"] for r in self.rows[-self.config.eval_interval:]])
-        return (f"step {row['step']}/{self.config.steps}: train loss {row['train_loss']:.4f}, val loss "
-                f"{row['val_loss']:.4f}, {recent.median():.0f} tokens/s, {elapsed:.0f} s elapsed")
+    def progress_line(self, row: dict, pace: Pace, done: int) -> str | None:
+        """The line printed after a step (`gradest run`, and each cell of `gradest study run`), on stdout whatever
+        stderr is, so that a captured log (no terminal, no progress bar) shows how a long run goes: one at every
+        evaluation, and between them `pace`'s remarks on the `done` steps of this process (what the rest will take
+        when it is long; a line when slow steps have printed nothing for a while)."""
+        head = f"step {row['step']}/{self.config.steps}: train loss {row['train_loss']:.4f}"
+        if "val_loss" in row:
+            pace.shown()
+            # tokens/s: the median over the steps since the last evaluation
+            recent = pd.Series([r["tokens_per_s"] for r in self.rows[-self.config.eval_interval:]])
+            return (f"{head}, val loss {row['val_loss']:.4f}, {recent.median():.0f} tokens/s, "
+                    f"{time.perf_counter() - pace.start:.0f} s elapsed")
+        remark = pace.remark(done)
+        return f"{head}, {remark}" if remark else None
 
     def close(self):
         """Leave the process group (torchrun); nothing to do in a single process."""

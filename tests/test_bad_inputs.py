@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from gradest.cli import main
+from gradest.errors import GradestError
 
 TINY_RUN = ["--steps", "2", "--batch-size", "2", "--model", "n_layer=2", "--model", "d_model=16", "--model",
             "d_ff=32", "--model", "n_head=2", "--model", "block_size=16"]
@@ -66,6 +67,8 @@ CASES = [
     (["run", "--estimator", "switch", "--experts", "4", "--model", "experts=16"], ["experts=4", "experts=16"],
      None),
     (["run", "--estimator", "switch", "--model", "nosuch=1"], ["nosuch", "n_layer"], None),
+    (["run", "--estimator", "switch", "--model", "n_layer=1"], ["n_layer=1", "moe_every=2", "no MoE layer"], None),
+    (["figures", "--reports", "nowhere"], ["--reports nowhere", "not a directory"], None),
     # devices
     (["run", "--estimator", "switch", "--device", "bogus", *TINY_RUN], ["bogus", "cpu"], None),
     (["run", "--estimator", "switch", "--device", "cuda:7", *TINY_RUN], ["cuda:7", "not available", "cpu"], None),
@@ -214,3 +217,41 @@ def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, monkeypatch, args
     for word in words:
         assert word in lines[0], (word, lines[0])
     assert snapshot(tmp_path) == files  # nothing written, nothing overwritten
+
+
+def test_a_leave_one_out_baseline_needs_two_sequences_in_each_process(monkeypatch):
+    """Under torchrun each process scores its own share of the batch: REINFORCE's leave-one-out mean needs two
+    sequences in every share, not in the whole batch."""
+    from gradest.config import TrainConfig
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(GradestError, match=r"at least 2 sequences in each process, got batch_size=4 over 4 "
+                                           r"processes \(1 each\); valid: batch_size >= 8"):
+        TrainConfig(estimator="reinforce:baseline=mean", batch_size=4).build_estimator()
+    assert TrainConfig(estimator="reinforce:baseline=mean", batch_size=8).build_estimator().min_batch == 2
+
+
+def test_the_study_memory_check_covers_this_shards_cells_only(tmp_path, monkeypatch):
+    """A cell too large for this machine is refused when this machine would run it, and not when another
+    shard (another machine) has it."""
+    from gradest.study import load_study
+    from gradest.study.spec import shard
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.toml").write_text(textwrap.dedent("""
+        [study]
+        name = "sizes"
+        kind = "compare"
+        description = "a small cell and one too large for any machine"
+        [grid]
+        samples = [20, 10000000000]
+        [settings]
+        problem = "moe-regression"
+        estimator = "switch"
+        """))
+    spec = load_study(tmp_path / "s.toml")
+    cells = spec.cells(None, tmp_path / "res")
+    small = next(i for i in range(2) if shard(cells, i, 2)[0].config["samples"] == 20)
+    refused = CliRunner().invoke(main, ["study", "run", "s.toml", "--results", "res", "--shard", f"{1 - small}/2"])
+    assert refused.exit_code == 2 and "memory" in refused.output and not (tmp_path / "res").exists(), refused.output
+    ran = CliRunner().invoke(main, ["study", "run", "s.toml", "--results", "res", "--shard", f"{small}/2"])
+    assert ran.exit_code == 0, ran.output
+    assert [cell.done for cell in spec.cells(None, tmp_path / "res")] == [i == small for i in range(2)]

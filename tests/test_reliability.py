@@ -115,7 +115,8 @@ def test_a_full_disk_during_compare_leaves_no_half_report(tmp_path, monkeypatch)
             tmp_path / "c"]
     result = cli(*args)
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
-    assert result.output.strip().splitlines() == [f"error: cannot write the report into {tmp_path / 'c'}/: No space "
+    # (stdout has the progress line of the one estimator measured)
+    assert result.stderr.strip().splitlines() == [f"error: cannot write the report into {tmp_path / 'c'}/: No space "
                                                   f"left on device"]
     assert not (tmp_path / "c").exists()
     monkeypatch.setattr(gradest.io, "atomic_write", real)
@@ -148,6 +149,34 @@ def test_a_signal_during_the_first_step_stops_at_once(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         trainer.run(handle_signals=True, stop_now=stop_now)
     assert stopped == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is before
+
+
+WINDOW = """
+import contextlib, signal, sys
+import gradest.cli
+lock = gradest.cli.directory_lock
+
+@contextlib.contextmanager
+def signalled_lock(path):  # SIGTERM the moment the run's directory is locked, before the run sets its handlers
+    with lock(path) as held:
+        signal.raise_signal(signal.SIGTERM)
+        yield held
+
+gradest.cli.directory_lock = signalled_lock
+gradest.cli.main(sys.argv[1:], prog_name="gradest")
+"""
+
+
+def test_sigterm_between_the_lock_and_the_runs_handlers_stops_it_and_leaves_nothing(tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-c", WINDOW, "--threads", "1", "run", "--estimator", "switch",
+                             "--steps", "2", "--batch-size", "2", "--model", "n_layer=2", "--model", "d_model=16",
+                             "--model", "d_ff=16", "--model", "n_head=2", "--model", "block_size=8", "--out",
+                             str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 143, result.stderr
+    assert result.stderr.strip().splitlines() == ["interrupted before the first step ended: nothing was kept; "
+                                                  "start the run again with the same command"]
+    assert not out.exists()
 
 
 @pytest.mark.slow

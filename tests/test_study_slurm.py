@@ -160,7 +160,8 @@ def test_a_cell_on_a_gpu_needs_gpus_per_task(tmp_path, fake_slurm):
     (["--executor", "slurm", "--jobs", "2"], ["--jobs is an option of --executor local", "not of --executor slurm"]),
     (["--partition", "gpu"], ["--partition is an option of --executor slurm", "not of --executor local"]),
     (["--executor", "submitit-local", "--qos", "high"], ["--qos is an option of --executor slurm"]),
-    (["--jobs", "0"], ["--jobs must be an integer >= 1, got '0'"]),
+    (["--jobs", "0"], ["--jobs must be an integer from 1 to 1,024, got '0'"]),
+    (["--jobs", str(2 ** 63)], ["--jobs must be an integer from 1 to 1,024"]),
 ])
 def test_bad_executor_options_are_one_line_and_nothing_is_submitted(tmp_path, fake_slurm, args, words):
     refused = cli("study", "run", write_spec(tmp_path), *args, "--results", tmp_path / "res")

@@ -128,14 +128,15 @@ def parse_options(executor: Executor, options: dict | None) -> dict:
 
 
 # ------------------------------------------------------------------------------------ options' parsers
-def positive_int(name: str, low: int = 1):
-    """An ExecutorOption's parse: an integer >= `low` (text from the command line, or an int)."""
+def positive_int(name: str, low: int = 1, high: int = 2 ** 63 - 1):
+    """An ExecutorOption's parse: an integer from `low` to `high` (text from the command line, or an int)."""
     def parse(value):
         try:
             number = int(value) if isinstance(value, str) else value
         except ValueError:
             number = None
-        if isinstance(number, bool) or not isinstance(number, int) or number < low:
-            raise GradestError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+        if isinstance(number, bool) or not isinstance(number, int) or not low <= number <= high:
+            valid = f">= {low} (below 2**63)" if high == 2 ** 63 - 1 else f"from {low} to {high:,}"
+            raise GradestError(f"--{name.replace('_', '-')} must be an integer {valid}, got {value!r}")
         return number
     return parse

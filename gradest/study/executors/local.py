@@ -16,7 +16,7 @@ from gradest.study.executor import Executor, ExecutorOption, positive_int, regis
 from gradest.study.runner import RunSummary, _check_devices, cell_progress, execute
 
 
-JOBS = ExecutorOption("jobs", positive_int("jobs"), 1, "cells run in parallel, each in its own process with "
+JOBS = ExecutorOption("jobs", positive_int("jobs", 1, 1024), 1, "cells run in parallel, each in its own process with "
                       "--threads torch threads [default: 1]", metavar="N")
 
 

@@ -9,7 +9,6 @@ settings the study varies.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -74,14 +73,13 @@ def run(config: dict, directory: Path) -> dict:
         trainer = Trainer.resume(out)
     else:
         trainer = Trainer(TrainConfig(**train_fields(config)), out)
-    start = time.perf_counter()
     name = f"cell {directory.name} ({config.get('name') or config['estimator']}, seed {config['seed']})"
 
-    def on_eval(row):  # one line per evaluation, as `gradest run` prints: a study's captured log shows each run go
-        print(f"{name} {trainer.evaluation_line(row, time.perf_counter() - start)}", flush=True)
+    def on_line(line, row):  # the lines `gradest run` prints: a study's captured log shows each run go
+        print(f"{name} {line}", flush=True)
 
     try:
-        metrics = trainer.run(on_eval=on_eval)
+        metrics = trainer.run(on_line=on_line)
     finally:
         trainer.close()
     final = metrics.iloc[-1]
