@@ -63,6 +63,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from gradest.engines import frozen
 from gradest.errors import GradestError
 from gradest.estimators import GATED, Estimator, Objective, Routing
 from gradest.estimators import expand_estimators
@@ -189,8 +190,9 @@ def probing(model: SwitchModel):
 # --------------------------------------------------------------------------------------------------- the site
 class Site(ABC):
     """Layer l of a model on a batch, as the probe's functions (`probe_site`, the references,
-    `layer_gradient_samples`, `surrogate_loss`) use it. Two implementations: `SwitchSite` (a gradest Switch
-    Transformer) and `gradest.hf.probe.HFSite` (a transformers model); both are built as `Site(model, batch, layer)`.
+    `layer_gradient_samples`, `surrogate_loss`) use it. Implementations: `SwitchSite` (a gradest Switch
+    Transformer), and the `EngineSite`s `gradest.hf.probe.HFSite` (a transformers model) and
+    `gradest.titan.probe.TitanSite` (a torchtitan model); each is built as `Site(model, batch, layer)`.
 
     Attributes: `model` (the functions put it in `probing` mode), `problem` (the rows' problem name), `index`
     (layer l among the model's MoE layers), `layer` (what holds layer l's routing rule: `installed` sets its
@@ -272,6 +274,46 @@ def captured_input(module: nn.Module, run: Callable[[], object]) -> Tensor:
     finally:
         handle.remove()
     return seen["x"]
+
+
+class EngineSite(Site):
+    """A `Site` whose layer l is an engine's MoE block patched through `gradest.engines.BlockSlot`
+    (`gradest.hf.probe.HFSite`, `gradest.titan.probe.TitanSite`): each implementation gives `forward(rows)`, the
+    model's logits on copies of those sequences, and `targets`, `ignore`, `counts`; the losses are shared. `engine`
+    names it in messages."""
+
+    engine: str
+    targets: Tensor
+    ignore: int
+    counts: Tensor
+    _zero_losses: Tensor | None = None
+
+    @abstractmethod
+    def forward(self, rows: Tensor) -> Tensor:
+        """The model's logits on copies of the sequences `rows`."""
+
+    def losses(self, rows: Tensor) -> Tensor:
+        """Each row's sequence loss (R,): the whole model on copies of those sequences, block l routed by what
+        the slot holds, the other blocks natively (their parameters frozen: only layer l's gradient is wanted)."""
+        with frozen(self.model):
+            logits = self.forward(rows)
+        return token_cross_entropy(logits, self.targets[rows], self.ignore).sum(-1) / self.counts[rows]
+
+    def zero_losses(self) -> Tensor:
+        """Each sequence's loss with block l's routed output zeroed (REINFORCE's f(0) baseline), (B,). Called while
+        the slot holds an estimator (inside `installed`)."""
+        if self._zero_losses is None:
+            if self.layer.patched is None:
+                raise GradestError("zero_losses needs block L patched")
+            with self.layer.patched.zero_output(), probing(self.model), torch.no_grad():
+                self._zero_losses = self.losses(torch.arange(self.B, device=self.device))
+        return self._zero_losses
+
+    def estimator_state(self, estimator: Estimator) -> None:
+        if estimator.stateful:
+            raise GradestError(f"estimator '{estimator.name}' is stateful: the {self.engine} probe does not seed "
+                               f"its state; probe it on --problem switch-lm")
+        return None
 
 
 class SwitchSite(Site):

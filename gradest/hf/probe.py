@@ -43,14 +43,13 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from gradest.engines import BlockSlot, Patched, frozen
+from gradest.engines import BlockSlot, Patched
 from gradest.errors import GradestError
 from gradest.estimators import Estimator
 from gradest.hf.families import routing_dtype
 from gradest.hf.models import NAMED, load_model, moe_blocks
 from gradest.hf.patching import patch
-from gradest.model import token_cross_entropy
-from gradest.probe import Site, captured_input, check_probe_options, probe_estimators, probe_site, probing
+from gradest.probe import EngineSite, captured_input, check_probe_options, probe_estimators, probe_site, probing
 
 IGNORE = -100  # no target is ignored (no padding); the value transformers uses
 
@@ -108,7 +107,7 @@ class _BlockSlot(BlockSlot):
 
 
 # --------------------------------------------------------------------------------------------------- the site
-class HFSite(Site):
+class HFSite(EngineSite):
     """MoE layer `layer` (an index into the model's MoE blocks, in model order: an encoder-decoder's encoder blocks
     first) of a transformers model on a batch (`model_batch`: (idx, targets), or (src, tgt_in, tgt_out) for an
     encoder-decoder), for probe.py's reference and sample functions. Besides `Site`'s attributes (`z0` in the
@@ -153,35 +152,13 @@ class HFSite(Site):
         self.relevant = torch.ones(B, T, dtype=torch.bool, device=self.device)
         self._zero_losses = None
 
+    engine = "HF"
+
     def forward(self, rows: Tensor) -> Tensor:
-        """The model's logits on copies of the sequences `rows`."""
         if "src" in self.inputs:
             return self.model(input_ids=self.inputs["src"][rows], decoder_input_ids=self.inputs["tgt_in"][rows],
                               use_cache=False).logits
         return self.model(input_ids=self.inputs["idx"][rows], use_cache=False).logits
-
-    def losses(self, rows: Tensor) -> Tensor:
-        """Each row's sequence loss (R,): the whole model on copies of those sequences, block L routed by what
-        the slot holds, the other blocks natively."""
-        with frozen(self.model):
-            logits = self.forward(rows)
-        return token_cross_entropy(logits, self.targets[rows], self.ignore).sum(-1) / self.counts[rows]
-
-    def zero_losses(self) -> Tensor:
-        """Each sequence's loss with block L's routed output zeroed (REINFORCE's f(0) baseline), (B,). Called while
-        the slot holds an estimator (inside `installed`)."""
-        if self._zero_losses is None:
-            if self.layer.patched is None:
-                raise GradestError("zero_losses needs block L patched")
-            with self.layer.patched.zero_output(), probing(self.model), torch.no_grad():
-                self._zero_losses = self.losses(torch.arange(self.B, device=self.device))
-        return self._zero_losses
-
-    def estimator_state(self, estimator: Estimator) -> None:
-        if estimator.stateful:
-            raise GradestError(f"estimator '{estimator.name}' is stateful: the HF probe does not seed its state; "
-                               "probe it on --problem switch-lm")
-        return None
 
     def chunk_rows(self, max_elements: int, dense: bool = True) -> int:
         """Rows per forward so that the activations kept for the backward hold about max_elements: the widest of

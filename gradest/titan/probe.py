@@ -41,11 +41,10 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from gradest.engines import BlockSlot, Patched, frozen, routing_dtype
+from gradest.engines import BlockSlot, Patched, routing_dtype
 from gradest.errors import GradestError
 from gradest.estimators import Estimator
-from gradest.model import token_cross_entropy
-from gradest.probe import Site, captured_input, check_probe_options, probe_estimators, probe_site, probing
+from gradest.probe import EngineSite, captured_input, check_probe_options, probe_estimators, probe_site, probing
 from gradest.titan.models import build_model, forward, moe_blocks, qwen3_moe_config
 from gradest.titan.patching import patch
 
@@ -71,10 +70,12 @@ class _TitanSlot(BlockSlot):
         return patched
 
 
-class TitanSite(Site):
+class TitanSite(EngineSite):
     """MoE layer `layer` (an index into the model's torchtitan MoE blocks, in model order) of a torchtitan language
     model on a batch (idx, targets), for probe.py's reference and sample functions. Besides `Site`'s attributes:
     `name`, `titan_block`, `router` and `native_k` (the router's top_k) of block L."""
+
+    engine = "torchtitan"
 
     def __init__(self, model: nn.Module, batch, layer: int = 0):
         found = moe_blocks(model)
@@ -116,28 +117,8 @@ class TitanSite(Site):
         self.relevant = torch.ones(B, T, dtype=torch.bool, device=self.device)
         self._zero_losses = None
 
-    def losses(self, rows: Tensor) -> Tensor:
-        """Each row's sequence loss (R,): the whole model on copies of those sequences, block L routed by what the
-        slot holds, the other blocks natively."""
-        with frozen(self.model):
-            logits = forward(self.model, self.idx[rows])
-        return token_cross_entropy(logits, self.targets[rows], self.ignore).sum(-1) / self.counts[rows]
-
-    def zero_losses(self) -> Tensor:
-        """Each sequence's loss with block L's routed output zeroed (REINFORCE's f(0) baseline), (B,). Called while
-        the slot holds an estimator (inside `installed`)."""
-        if self._zero_losses is None:
-            if self.layer.patched is None:
-                raise GradestError("zero_losses needs block L patched")
-            with self.layer.patched.zero_output(), probing(self.model), torch.no_grad():
-                self._zero_losses = self.losses(torch.arange(self.B, device=self.device))
-        return self._zero_losses
-
-    def estimator_state(self, estimator: Estimator) -> None:
-        if estimator.stateful:
-            raise GradestError(f"estimator '{estimator.name}' is stateful: the torchtitan probe does not seed its "
-                               f"state; probe it on --problem switch-lm")
-        return None
+    def forward(self, rows: Tensor) -> Tensor:
+        return forward(self.model, self.idx[rows])
 
     def chunk_rows(self, max_elements: int, dense: bool = True) -> int:
         """Rows per forward so that the activations kept for the backward hold about max_elements: the widest of
