@@ -1,6 +1,7 @@
 """What several test modules share: the repository's root, running the CLI and checking its one-line errors;
 a small study spec; prepared random draws."""
 
+import itertools
 import textwrap
 from pathlib import Path
 
@@ -76,3 +77,29 @@ class Drawn(torch.Tensor):
 
     def uniform_(self, *args, **kwargs):
         return self
+
+
+def brute_force_J(site, W, k: int) -> float:
+    """The probe's objective at an engine site (gradest.probe.EngineSite) by brute force: mean_b sum_D
+    prod_t P_t(D_t) L_b(D) over every assignment D of every sequence, P from softmax(W u) with the router weight
+    `W` as it is now (a finite-difference test moves it in place)."""
+    from gradest.estimators import Objective
+    from gradest.probe import ForcedRouting, installed, probing
+    with torch.no_grad():
+        p = torch.softmax(site.u @ W.T.to(site.u.dtype), -1)  # (B, T, n)
+    tuples = list(itertools.permutations(range(site.n), k))
+    total = 0.0
+    for b in range(site.B):
+        assignments = list(itertools.product(range(len(tuples)), repeat=site.T))
+        experts = torch.tensor([[tuples[a] for a in combo] for combo in assignments])  # (R, T, k)
+        prob = torch.ones(len(assignments), dtype=torch.float64)
+        for t in range(site.T):
+            first = p[b, t, experts[:, t, 0]]
+            prob = prob * first
+            if k == 2:
+                prob = prob * p[b, t, experts[:, t, 1]] / (1 - first)
+        forced = ForcedRouting(Objective(k), experts.reshape(-1, k), leaf=False)
+        with probing(site.model), installed(site.layer, forced), torch.no_grad():
+            losses = site.losses(torch.full((len(assignments),), b))
+        total += float((prob * losses).sum())
+    return total / site.B

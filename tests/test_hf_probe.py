@@ -25,7 +25,7 @@ from gradest.hf import load_model  # noqa: E402
 from gradest.hf.probe import HFSite, hf_probe, model_batch, text_batch  # noqa: E402
 from gradest.probe import (ForcedRouting, enumerate_reference, installed, layer_gradient_samples,  # noqa: E402
                            probing, sample_seeds)
-from helpers import REPO, assert_one_line_error, cli  # noqa: E402
+from helpers import REPO, assert_one_line_error, brute_force_J, cli  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,29 +33,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny(k: int):
     return load_model("mixtral", k=k, seed=0, dtype=torch.float64)
-
-
-def brute_force_J(site: HFSite, k: int) -> float:
-    """mean_b sum_D prod_t P_t(D_t) L_b(D), every assignment D of every sequence, P from softmax(W u) here."""
-    W = site.router.weight
-    with torch.no_grad():
-        p = torch.softmax(site.u @ W.T.to(site.u.dtype), -1)  # (B, T, n)
-    tuples = list(itertools.permutations(range(site.n), k))
-    total = 0.0
-    for b in range(site.B):
-        assignments = list(itertools.product(range(len(tuples)), repeat=site.T))
-        experts = torch.tensor([[tuples[a] for a in combo] for combo in assignments])  # (R, T, k)
-        prob = torch.ones(len(assignments), dtype=torch.float64)
-        for t in range(site.T):
-            first = p[b, t, experts[:, t, 0]]
-            prob = prob * first
-            if k == 2:
-                prob = prob * p[b, t, experts[:, t, 1]] / (1 - first)
-        forced = ForcedRouting(Objective(k), experts.reshape(-1, k), leaf=False)
-        with probing(site.model), installed(site.layer, forced), torch.no_grad():
-            losses = site.losses(torch.full((len(assignments),), b))
-        total += float((prob * losses).sum())
-    return total / site.B
 
 
 @pytest.mark.parametrize("k,T", [(1, 3), (2, 2)])
@@ -75,10 +52,10 @@ def test_enumeration_equals_finite_differences(k, T):
     for v in directions:
         with torch.no_grad():
             W += h * v
-        plus = brute_force_J(site, k)
+        plus = brute_force_J(site, W, k)
         with torch.no_grad():
             W -= 2 * h * v
-        minus = brute_force_J(site, k)
+        minus = brute_force_J(site, W, k)
         with torch.no_grad():
             W += h * v
         fd = (plus - minus) / (2 * h)

@@ -16,7 +16,6 @@ between the probed gates and the loss (a bf16 rounding flipped by a finite-diffe
 
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch
@@ -26,10 +25,10 @@ pytest.importorskip("torchtitan")
 
 from gradest.datasets import load_shakespeare  # noqa: E402
 from gradest.estimators import Objective, get_estimator  # noqa: E402
-from gradest.probe import ForcedRouting, enumerate_reference, installed, lm_probe_batch, probing  # noqa: E402
+from gradest.probe import enumerate_reference, lm_probe_batch, probing  # noqa: E402
 from gradest.titan.models import forward  # noqa: E402
 from gradest.titan.probe import TitanSite, probe_model, titan_probe  # noqa: E402
-from helpers import assert_one_line_error, cli, one_line_error  # noqa: E402
+from helpers import assert_one_line_error, brute_force_J, cli, one_line_error  # noqa: E402
 
 # torchtitan's router asks for float32 autocast, which the CPU's autocast declines (computing in the model's dtype)
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:In CPU autocast")]
@@ -41,29 +40,6 @@ def tiny(k: int, seq_len: int):
 
 def batch(seq_len: int, size: int = 2):
     return lm_probe_batch(load_shakespeare(), size, seq_len)
-
-
-def brute_force_J(site: TitanSite, k: int) -> float:
-    """mean_b sum_D prod_t P_t(D_t) L_b(D), every assignment D of every sequence, P from softmax(W u) here."""
-    W = site.router.gate.weight
-    with torch.no_grad():
-        p = torch.softmax(site.u @ W.T, -1)  # (B, T, n)
-    tuples = list(itertools.permutations(range(site.n), k))
-    total = 0.0
-    for b in range(site.B):
-        assignments = list(itertools.product(range(len(tuples)), repeat=site.T))
-        experts = torch.tensor([[tuples[a] for a in combo] for combo in assignments])  # (R, T, k)
-        prob = torch.ones(len(assignments), dtype=torch.float64)
-        for t in range(site.T):
-            first = p[b, t, experts[:, t, 0]]
-            prob = prob * first
-            if k == 2:
-                prob = prob * p[b, t, experts[:, t, 1]] / (1 - first)
-        forced = ForcedRouting(Objective(k), experts.reshape(-1, k), leaf=False)
-        with probing(site.model), installed(site.layer, forced), torch.no_grad():
-            losses = site.losses(torch.full((len(assignments),), b))
-        total += float((prob * losses).sum())
-    return total / site.B
 
 
 @pytest.mark.parametrize("k,T", [(1, 3), (2, 2)])
@@ -81,10 +57,10 @@ def test_enumeration_equals_finite_differences(k, T):
     for v in directions:
         with torch.no_grad():
             W += h * v
-        plus = brute_force_J(site, k)
+        plus = brute_force_J(site, W, k)
         with torch.no_grad():
             W -= 2 * h * v
-        minus = brute_force_J(site, k)
+        minus = brute_force_J(site, W, k)
         with torch.no_grad():
             W += h * v
         fd = (plus - minus) / (2 * h)
