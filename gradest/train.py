@@ -171,7 +171,8 @@ def load_checkpoint(out) -> dict:
     naming it and what to do, not torch's traceback."""
     path = Path(out) / "checkpoint.pt"
     if not path.is_file():
-        raise GradestError(f"no checkpoint to resume in {out}/ (expected {path})")
+        raise GradestError(f"no checkpoint in {out}/ (expected {path}: the directory of a `gradest run` of a Switch "
+                           f"Transformer or Hugging Face model)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception:  # noqa: BLE001 - torch.load raises many types (RuntimeError, UnpicklingError, EOFError, ..)
