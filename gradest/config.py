@@ -13,13 +13,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from gradest.devices import world_size
 from gradest.errors import GradestError
 from gradest.estimators import GATED, Estimator, expand_estimators, trainable
 from gradest.estimators.base import (MAX_STEPS, Constraint, check_settings, integer_at_least, integer_between,
@@ -290,8 +290,7 @@ class TrainConfig:
                                f"layers above per expert tuple); valid: {', '.join(trainable(GATED, self.top_k))}")
         # (checked with the other settings, before anything is written); under torchrun each process scores its
         # own share of the batch
-        world = os.environ.get("WORLD_SIZE", "1")
-        world = int(world) if world.isdigit() and int(world) > 0 else 1
+        world = world_size()
         if estimator.min_batch > self.batch_size // world:
             share = f" over {world} processes ({self.batch_size // world} each)" if world > 1 else ""
             raise GradestError(f"estimator '{estimator.label}' needs a batch of at least {estimator.min_batch} "

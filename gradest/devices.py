@@ -7,6 +7,8 @@ turns it into one line naming the devices there are.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from gradest.errors import GradestError
@@ -45,3 +47,9 @@ def check_device_type(name: str) -> str:
     if device is None or device.type not in DEVICE_TYPES:
         raise GradestError(f"unknown device '{name}'; valid: {', '.join(DEVICE_TYPES)}, cuda:N")
     return name
+
+
+def world_size() -> int:
+    """The processes of this run: torchrun's WORLD_SIZE, else 1 (also for a value that is no positive integer)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return int(world) if world.isdigit() and int(world) > 0 else 1

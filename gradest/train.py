@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from gradest.config import DTYPES, TrainConfig  # TrainConfig stays importable from here too
-from gradest.devices import check_device
+from gradest.devices import check_device, world_size
 from gradest.errors import GradestError
 from gradest.estimators import Estimator
 from gradest.estimators.base import NonFiniteLogits
@@ -56,7 +56,7 @@ from gradest.tasks import LanguageModelling, Translation
 def start_distributed(config: TrainConfig) -> tuple[int, int]:
     """(rank, world size). Under torchrun (WORLD_SIZE > 1) join the process group: nccl on CUDA, each local rank
     on its own GPU, gloo on the CPU. A plain process is rank 0 of 1."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = world_size()
     if world == 1:
         return 0, 1
     if config.batch_size % world:

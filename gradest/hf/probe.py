@@ -114,6 +114,8 @@ class HFSite(EngineSite):
     routing dtype, `relevant` all true, `layer` the `_BlockSlot`): `name`, `hf_block`, `arch`, `router` and
     `native_k` of block L, `where` encoder or decoder."""
 
+    engine = "HF"
+
     def __init__(self, model: nn.Module, batch, layer: int = 0):
         found = moe_blocks(model)
         if isinstance(layer, bool) or not isinstance(layer, int) or not -len(found) <= layer < len(found):
@@ -150,9 +152,6 @@ class HFSite(EngineSite):
             self.z0 = z.reshape(B, T, -1).to(routing_dtype(z.dtype))
         self.B, self.T, self.d, self.n = B, T, self.u.shape[-1], self.z0.shape[-1]
         self.relevant = torch.ones(B, T, dtype=torch.bool, device=self.device)
-        self._zero_losses = None
-
-    engine = "HF"
 
     def forward(self, rows: Tensor) -> Tensor:
         if "src" in self.inputs:

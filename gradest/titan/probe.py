@@ -115,7 +115,6 @@ class TitanSite(EngineSite):
             self.z0 = z.reshape(B, T, -1).to(routing_dtype(z.dtype))
         self.B, self.T, self.d, self.n = B, T, self.u.shape[-1], self.z0.shape[-1]
         self.relevant = torch.ones(B, T, dtype=torch.bool, device=self.device)
-        self._zero_losses = None
 
     def forward(self, rows: Tensor) -> Tensor:
         return forward(self.model, self.idx[rows])
