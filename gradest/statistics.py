@@ -61,15 +61,24 @@ def paired_test(differences) -> dict:
     return {"mean": mean, "lo": lo, "hi": hi, "seeds": n, "lower": lower, "p": p, "sign_p": sign}
 
 
-def welch_test(a, b) -> float:
-    """Two-sided p-value of Welch's t-test that two sets of values (e.g. one arm's paired differences in two groups)
-    have the same mean."""
+def welch_test(a, b) -> dict:
+    """Welch's unequal-variance t-test of mean(a) - mean(b) (e.g. one arm's paired differences in two groups): the
+    difference, its 95% interval (Welch-Satterthwaite degrees of freedom), the smaller sample's size as
+    `seeds`, and the two-sided p-value of "same mean". Non-finite values are left out; under 2 values a side, no
+    test (NaN interval and p)."""
     from scipy import stats
-    a = np.asarray([v for v in a if np.isfinite(v)], dtype=float)
-    b = np.asarray([v for v in b if np.isfinite(v)], dtype=float)
+    a = np.asarray([v for v in a if v is not None and np.isfinite(v)], dtype=float)
+    b = np.asarray([v for v in b if v is not None and np.isfinite(v)], dtype=float)
+    mean = float(a.mean() - b.mean()) if len(a) and len(b) else float("nan")
+    result = {"mean": mean, "lo": float("nan"), "hi": float("nan"), "seeds": min(len(a), len(b)), "p": float("nan")}
     if len(a) < 2 or len(b) < 2:
-        return float("nan")
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+        return result
+    if a.std() == 0 and b.std() == 0:  # no spread: t is undefined
+        return result
+    test = stats.ttest_ind(a, b, equal_var=False)
+    interval = test.confidence_interval(0.95)
+    result.update(lo=float(interval.low), hi=float(interval.high), p=float(test.pvalue))
+    return result
 
 
 def holm(pvalues) -> list[float]:

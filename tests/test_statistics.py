@@ -27,5 +27,14 @@ def test_paired_test_is_students_t_on_the_differences_and_the_sign_test():
 
 def test_welch_test_is_unequal_variance_t():
     a, b = [0.1, 0.2, 0.15, 0.3], [0.0, 0.05, -0.1, 0.02, 0.01]
-    assert math.isclose(welch_test(a, b), stats.ttest_ind(a, b, equal_var=False).pvalue)
-    assert math.isnan(welch_test([1.0], b))
+    result = welch_test(a, b)
+    assert math.isclose(result["p"], stats.ttest_ind(a, b, equal_var=False).pvalue)
+    assert math.isclose(result["mean"], np.mean(a) - np.mean(b)) and result["seeds"] == 4
+    # the interval is t(0.975, Welch-Satterthwaite dof) standard errors either side of the difference
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = stats.t.ppf(0.975, dof) * math.sqrt(va + vb)
+    assert math.isclose(result["hi"] - result["mean"], half) and math.isclose(result["mean"] - result["lo"], half)
+    # a NaN (a seed without its pair) is left out; one value a side is no test
+    assert math.isclose(welch_test(a + [float("nan")], b)["p"], result["p"])
+    assert math.isnan(welch_test([1.0], b)["p"]) and math.isnan(welch_test([1.0], b)["lo"])

@@ -13,9 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from scipy import stats
 
 from gradest.cli import main
 from gradest.errors import GradestError
@@ -1094,3 +1096,32 @@ def test_lead_over_training_compares_the_lead_at_the_common_horizon_with_the_fin
     assert at["mean"] == pytest.approx(sum(early) / 3) and at["seeds"] == 3 and at["lower"] == 2
     assert change["mean"] == pytest.approx((sum(final) - sum(early)) / 3) and change["lower"] == 3
     assert change["holm_p"] >= change["p"] and at["holm_p"] >= at["p"]
+
+
+def test_between_groups_compares_the_paired_leads_of_two_groups(tmp_path):
+    """The 'between groups' family: an arm's leads over the baseline in two groups that differ in one setting,
+    compared by Welch's t with its interval; a seed whose baseline run is missing (a report of unfinished cells)
+    has no lead and is left out, not turned into a NaN mean."""
+    from gradest.study.kinds.train import _tests
+    leads = {0: [-0.01, -0.02, -0.03, -0.02], 1: [-0.05, -0.04, -0.07, -0.06]}
+    finals = []
+    for group, values in leads.items():
+        for seed, lead in enumerate(values):
+            finals.append({"g": group, "label": "sparsemixer", "seed": seed, "cell": f"s{group}{seed}",
+                           "steps": 100, "val_loss": 2.0 + lead,
+                           "val_loss_diff": float("nan") if (group, seed) == (1, 3) else lead})
+            if (group, seed) != (1, 3):  # this seed's baseline run has not finished
+                finals.append({"g": group, "label": "switch", "seed": seed, "cell": f"b{group}{seed}",
+                               "steps": 100, "val_loss": 2.0, "val_loss_diff": 0.0})
+    _tests(pd.DataFrame(finals), pd.DataFrame(columns=["cell", "step", "val_loss"]), [{"g": 0}, {"g": 1}], ["g"],
+           "switch", tmp_path)
+    tests = pd.read_csv(tmp_path / "tests.csv").set_index("family")
+    against = tests.loc["against switch"]
+    assert list(against["seeds"]) == [4, 3]
+    change = tests.loc["between groups"]
+    later, earlier = leads[1][:3], leads[0]
+    welch = stats.ttest_ind(later, earlier, equal_var=False)
+    assert change["group"] == "g=1 vs g=0" and change["seeds"] == 3
+    assert change["mean"] == pytest.approx(np.mean(later) - np.mean(earlier))
+    assert change["p"] == pytest.approx(welch.pvalue)
+    assert (change["lo"], change["hi"]) == pytest.approx(tuple(welch.confidence_interval(0.95)))

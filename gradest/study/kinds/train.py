@@ -456,7 +456,8 @@ def _tests(finals: pd.DataFrame, curves: pd.DataFrame, group_rows: list[dict], g
         runs = finals[_in_group(finals, group)]
         for label, arm in runs.groupby("label", sort=False):
             if label != baseline:
-                diffs[(index, label)] = dict(zip(arm["seed"], arm["val_loss_diff"]))
+                diffs[(index, label)] = {seed: diff for seed, diff in zip(arm["seed"], arm["val_loss_diff"])
+                                         if np.isfinite(diff)}  # a seed whose baseline run is missing: no pair
     for (index, label), values in diffs.items():
         rows.append({"family": f"against {baseline}", "group": _group_name(group_rows[index], group_keys),
                      "comparison": f"{label} - {baseline}", **paired_test(list(values.values()))})
@@ -475,12 +476,9 @@ def _tests(finals: pd.DataFrame, curves: pd.DataFrame, group_rows: list[dict], g
             if following is None or len(changed) != 1:
                 continue
             names = f"{_group_name(group_rows[other], group_keys)} vs {_group_name(group_rows[index], group_keys)}"
-            later, earlier = list(following.values()), list(values.values())
-            mean = float(np.mean(later) - np.mean(earlier))
-            rows.append({"family": "between groups", "group": names,
-                         "comparison": f"({label} - {baseline}) change", "mean": mean, "lo": np.nan, "hi": np.nan,
-                         "seeds": min(len(later), len(earlier)), "lower": np.nan,
-                         "p": welch_test(later, earlier), "sign_p": np.nan})
+            rows.append({"family": "between groups", "group": names, "comparison": f"({label} - {baseline}) change",
+                         **welch_test(list(following.values()), list(values.values())),
+                         "lower": np.nan, "sign_p": np.nan})
     rows += _lead_over_training(finals, curves, group_rows, group_keys, baseline, diffs)
     tests = pd.DataFrame(rows, columns=["family", "group", "comparison", "mean", "lo", "hi", "seeds", "lower", "p",
                                         "sign_p"])
