@@ -1098,6 +1098,36 @@ def test_lead_over_training_compares_the_lead_at_the_common_horizon_with_the_fin
     assert change["holm_p"] >= change["p"] and at["holm_p"] >= at["p"]
 
 
+def test_lead_at_compares_the_lead_at_that_step_when_every_run_ends_at_the_same_step(tmp_path):
+    """Runs that all hit the step cap have no common horizon short of the end: `lead_at` names the step whose lead
+    the 'over training' family compares with the final one (by hand: leads -0.05 s at step 1500, -0.06 s at the end);
+    without it there is no such family."""
+    from gradest.study.kinds.train import _tests
+    finals, curves = [], []
+    for seed in (1, 2, 3):
+        for label, at_1500, final in (("switch", 2.2, 1.9), ("sparsemixer", 2.2 - 0.05 * seed, 1.9 - 0.06 * seed)):
+            cell = f"{label}-{seed}"
+            finals.append({"label": label, "seed": seed, "cell": cell, "steps": 8000, "val_loss": final,
+                           "val_loss_diff": final - 1.9})
+            curves += [{"cell": cell, "step": 1500, "val_loss": at_1500}, {"cell": cell, "step": 8000, "val_loss": final}]
+    finals, curves = pd.DataFrame(finals), pd.DataFrame(curves)
+    assert "over training" not in _tests(finals, curves, [{}], [], "switch", tmp_path)
+    text = _tests(finals, curves, [{}], [], "switch", tmp_path, lead_at=1500)
+    assert "#### Tests: over training" in text and "the spec's `lead_at`" in text
+    over = pd.read_csv(tmp_path / "tests.csv").set_index("comparison")
+    assert over.loc["sparsemixer - switch at step 1500", "mean"] == pytest.approx(-0.1)
+    assert over.loc["(sparsemixer - switch) final minus at step 1500", "mean"] == pytest.approx(-0.02)
+
+
+@pytest.mark.parametrize("value", [0, -5, 1.5, "1500", True])
+def test_lead_at_must_be_a_step(tmp_path, value):
+    spec = tmp_path / "s.toml"
+    spec.write_text(f'[study]\nname = "s"\nkind = "train"\nlead_at = {value!r}\n'.replace("'", '"').replace(
+        "True", "true") + '[grid]\nseed = [0]\n')
+    with pytest.raises(GradestError, match=r"\[study\] lead_at .*must be a step"):
+        load_study(spec)
+
+
 def test_between_groups_compares_the_paired_leads_of_two_groups(tmp_path):
     """The 'between groups' family: an arm's leads over the baseline in two groups that differ in one setting,
     compared by Welch's t with its interval; a seed whose baseline run is missing (a report of unfinished cells)

@@ -39,8 +39,9 @@ RESULTS_ENV = "GRADEST_RESULTS"
 QUEUED = "queued.json"  # a cell's record of its submission to a queue (`Cell.submission`)
 TOP_KEYS = ("study", "grid", "settings", "profiles")
 # findings: what the numbers show, in words; baseline: the run label (train studies) that ratios are taken against;
-# group_by: the settings (`model.balance_coef` for a model setting) whose values group a train study's report
-STUDY_KEYS = ("name", "kind", "description", "findings", "baseline", "group_by")
+# group_by: the settings (`model.balance_coef` for a model setting) whose values group a train study's report;
+# lead_at: the step at which a train study's report compares each arm's lead over the baseline with its final lead
+STUDY_KEYS = ("name", "kind", "description", "findings", "baseline", "group_by", "lead_at")
 LABEL_KEYS = ("name",)  # settings that only label a cell: not hashed
 PROFILE_KEYS = ("grid", "settings", "description")
 
@@ -100,6 +101,9 @@ class Study:
     # train studies: the settings whose values group the report's runs (the baseline is paired within a group);
     # empty: the grid's keys other than those that make arms (variant, seed, estimator, ...)
     group_by: list = dataclasses.field(default_factory=list)
+    # train studies: the step whose lead over the baseline the "over training" tests compare with the final one;
+    # None: the last evaluation every run reached, where runs stop at different steps (a plateau rule)
+    lead_at: int | None = None
 
     def resolve_profile(self, profile: str | None) -> str | None:
         """The profile to use: the one asked for (which must exist), else `full` if defined, else none."""
@@ -287,9 +291,12 @@ def parse_study(data: dict, path: Path | None = None) -> Study:
                                                  for key in group_by):
         raise GradestError(f"[study] group_by{source} must be a list of settings (`model.NAME` for a model "
                            f"setting), got {group_by!r}")
+    lead_at = study.get("lead_at")
+    if lead_at is not None and (isinstance(lead_at, bool) or not isinstance(lead_at, int) or lead_at < 1):
+        raise GradestError(f"[study] lead_at{source} must be a step (an integer >= 1), got {lead_at!r}")
     return Study(name=study["name"], kind=kind, description=study.get("description", ""), grid=grid,
                  settings=settings, profiles=profiles, path=path, findings=study.get("findings", ""),
-                 baseline=study.get("baseline", ""), group_by=group_by)
+                 baseline=study.get("baseline", ""), group_by=group_by, lead_at=lead_at)
 
 
 def results_root(results=None) -> Path:

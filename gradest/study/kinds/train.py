@@ -435,7 +435,7 @@ def _render_train(study: Study, finals: pd.DataFrame, curves: pd.DataFrame, out:
             "- [curves.csv](curves.csv): validation (and train) loss at every evaluation of every run\n"
             "- [summary.csv](summary.csv): means over seeds with 95% t-intervals (`_lo`, `_hi`), the table's numbers")
     if convergence:
-        tables.append(_tests(finals, curves, group_rows, group_keys, baseline, out))
+        tables.append(_tests(finals, curves, group_rows, group_keys, baseline, out, study.lead_at))
         paragraph += (" The tests (below the tables) are paired by seed; each family of comparisons is corrected by "
                       "Holm's method over that family.")
         data += "\n- [tests.csv](tests.csv): every test of the Tests section, with its family and Holm-adjusted p"
@@ -443,13 +443,14 @@ def _render_train(study: Study, finals: pd.DataFrame, curves: pd.DataFrame, out:
 
 
 def _tests(finals: pd.DataFrame, curves: pd.DataFrame, group_rows: list[dict], group_keys: list[str],
-           baseline: str, out: Path) -> str:
+           baseline: str, out: Path, lead_at: int | None = None) -> str:
     """The tests a train study's findings may quote, in families, each corrected by Holm's method over itself:
     every arm against the baseline in its group (paired t over seeds); every two other arms of a group (paired t of
     their difference, seed by seed: is one lead larger than the other?); an arm's lead over the baseline in two
-    groups that differ in one setting (Welch's t: does the lead change with that setting?); and, where runs stop at
-    different steps (a plateau rule), each arm's lead at the last step every run reached against its lead at the
-    end (paired t of the change: does the lead persist, shrink or grow?). tests.csv holds them all."""
+    groups that differ in one setting (Welch's t: does the lead change with that setting?); and each arm's lead at
+    step `lead_at` (by default, where runs stop at different steps (a plateau rule), the last step every run
+    reached) against its lead at the end (paired t of the change: does the lead persist, shrink or grow?).
+    tests.csv holds them all."""
     rows = []
     diffs = {}  # (group index, label) -> {seed: val_loss_diff}
     for index, group in enumerate(group_rows):
@@ -479,13 +480,14 @@ def _tests(finals: pd.DataFrame, curves: pd.DataFrame, group_rows: list[dict], g
             rows.append({"family": "between groups", "group": names, "comparison": f"({label} - {baseline}) change",
                          **welch_test(list(following.values()), list(values.values())),
                          "lower": np.nan, "sign_p": np.nan})
-    rows += _lead_over_training(finals, curves, group_rows, group_keys, baseline, diffs)
+    rows += _lead_over_training(finals, curves, group_rows, group_keys, baseline, diffs, lead_at)
     tests = pd.DataFrame(rows, columns=["family", "group", "comparison", "mean", "lo", "hi", "seeds", "lower", "p",
                                         "sign_p"])
     tests["holm_p"] = np.nan
     for _, family in tests.groupby("family", sort=False):
         tests.loc[family.index, "holm_p"] = holm(family["p"].to_numpy(float))
     atomic_write_text(out / "tests.csv", tests.to_csv(index=False))
+    lead_desc = "the spec's `lead_at`" if lead_at else "the last evaluation every run reached"
     sections = []
     for name, family in tests.groupby("family", sort=False):
         table = pd.DataFrame({
@@ -504,8 +506,8 @@ def _tests(finals: pd.DataFrame, curves: pd.DataFrame, group_rows: list[dict], g
                 "between groups": "an arm's mean difference from the baseline in one group minus that in another "
                                   "group that differs in one setting (Welch's t): does the effect change with that "
                                   "setting?",
-                "over training": "each arm's difference from the baseline at the last evaluation every run reached "
-                                 "(\"at step S\"), and its final difference minus that one, paired by seed "
+                "over training": f"each arm's difference from the baseline at step S ({lead_desc}), and its final "
+                                 "difference minus that one, paired by seed "
                                  "(Student's t): does the lead persist (no change), shrink or grow by the end?"}[name]
         sections.append(f"#### Tests: {name}\n\n{what}; family: the {len(family)} tests of this table.\n\n"
                         + table.to_markdown(index=False))
@@ -513,13 +515,13 @@ def _tests(finals: pd.DataFrame, curves: pd.DataFrame, group_rows: list[dict], g
 
 
 def _lead_over_training(finals: pd.DataFrame, curves: pd.DataFrame, group_rows: list[dict], group_keys: list[str],
-                        baseline: str, diffs: dict) -> list[dict]:
-    """The "over training" family (runs of different lengths only): per arm, its paired difference from the
-    baseline at step S, the last evaluation every run of the study reached, and the change from there to the final
-    difference."""
-    if finals["steps"].nunique() < 2:
+                        baseline: str, diffs: dict, lead_at: int | None = None) -> list[dict]:
+    """The "over training" family: per arm, its paired difference from the baseline at step S and the change from
+    there to the final difference. S is `lead_at`, else (runs of different lengths only) the last evaluation every
+    run of the study reached. A seed without an evaluation at S in both runs has no pair."""
+    if lead_at is None and finals["steps"].nunique() < 2:
         return []
-    horizon = int(finals["steps"].min())
+    horizon = lead_at or int(finals["steps"].min())
     at = curves[curves["step"] == horizon].set_index("cell")["val_loss"]
     rows = []
     for (index, label), final in diffs.items():
